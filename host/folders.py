@@ -1,0 +1,116 @@
+"""Model folders the pack uses, registered with ComfyUI's ``folder_paths`` (extension filtered).
+
+Layout under ComfyUI's ``models/``:
+
+- ``insightface/models/<pack>/*.onnx``: insightface model packs (shared with other face packs).
+- ``likeness/<kind>/``: the pack's own files (``fusion``, ``consistentid``, ``faceid``, ``parsing``,
+  ``identities``, ``embeds``).
+- ``loras/likeness/``: LoRAs the pack trains (loaded by the stock LoraLoader).
+
+Paths from ``extra_model_paths.yaml`` are kept: registration only adds the default folder and sets
+the extension filter.
+"""
+from __future__ import annotations
+
+import os
+
+from . import comfy_available
+
+WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".sft"}
+INSIGHTFACE_EXTENSIONS = {".onnx", ".pth", ".safetensors"}
+LIKENESS_EXTENSIONS = WEIGHT_EXTENSIONS | {".json"}
+
+# folder name -> (default path relative to models/, extensions)
+FOLDERS: dict[str, tuple[str, set[str]]] = {
+    "insightface": ("insightface", INSIGHTFACE_EXTENSIONS),
+    "likeness": ("likeness", LIKENESS_EXTENSIONS),
+}
+LIKENESS_KINDS = ("fusion", "consistentid", "faceid", "face_makeup", "parsing", "identities", "embeds")
+LORA_SUBFOLDER = "likeness"
+
+
+def register_model_folders() -> bool:
+    """Register the pack's folders with ``folder_paths``; returns False outside ComfyUI."""
+    if not comfy_available():
+        return False
+    import folder_paths
+
+    for name, (relative, extensions) in FOLDERS.items():
+        default = os.path.join(folder_paths.models_dir, relative)
+        if name in folder_paths.folder_names_and_paths:
+            paths, old_ext = folder_paths.folder_names_and_paths[name]
+            paths = list(paths)
+            if default not in paths:
+                paths.append(default)
+            merged = set(old_ext) | extensions if old_ext else set(extensions)
+            folder_paths.folder_names_and_paths[name] = (paths, merged)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([default], set(extensions))
+    return True
+
+
+def models_dir() -> str:
+    """ComfyUI's models directory, or ``$LIKENESS_MODELS_DIR`` / ``./models`` outside ComfyUI."""
+    env = os.environ.get("LIKENESS_MODELS_DIR")
+    if env:
+        return env
+    if comfy_available():
+        import folder_paths
+        return folder_paths.models_dir
+    return os.path.abspath("models")
+
+
+def folder_candidates(folder: str) -> list[str]:
+    """Every directory searched for ``folder`` (e.g. ``"insightface"``, ``"loras"``)."""
+    if comfy_available():
+        import folder_paths
+        if folder in folder_paths.folder_names_and_paths:
+            return folder_paths.get_folder_paths(folder)
+    return [os.path.join(models_dir(), FOLDERS.get(folder, (folder, None))[0])]
+
+
+def list_files(folder: str, subfolder: str = "", extensions: set[str] | None = None) -> list[str]:
+    """Relative file names under ``folder[/subfolder]`` (recursively), sorted, filtered by extension."""
+    extensions = extensions or FOLDERS.get(folder, (None, WEIGHT_EXTENSIONS))[1]
+    names: set[str] = set()
+    for base in folder_candidates(folder):
+        root = os.path.join(base, subfolder) if subfolder else base
+        if not os.path.isdir(root):
+            continue
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            for f in files:
+                if os.path.splitext(f)[1].lower() in extensions:
+                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def list_subdirs(folder: str, subfolder: str = "") -> list[str]:
+    """Immediate sub-directories of ``folder[/subfolder]`` in every search path, sorted."""
+    names: set[str] = set()
+    for base in folder_candidates(folder):
+        root = os.path.join(base, subfolder) if subfolder else base
+        if os.path.isdir(root):
+            names.update(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    return sorted(names)
+
+
+def resolve(folder: str, name: str, subfolder: str = "") -> str:
+    """Full path of ``name`` in ``folder[/subfolder]``; FileNotFoundError says where it was looked for."""
+    tried = []
+    for base in folder_candidates(folder):
+        path = os.path.join(base, subfolder, name) if subfolder else os.path.join(base, name)
+        tried.append(path)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"'{name}' was not found. Looked in: {', '.join(tried)}. "
+        f"Run `python <ComfyUI>/custom_nodes/<this pack> models verify` to see which files are missing and where they go.")
+
+
+def save_dir(folder: str, subfolder: str = "") -> str:
+    """The first search path of ``folder`` (plus subfolder), created if needed: where new files are written."""
+    path = folder_candidates(folder)[0]
+    if subfolder:
+        path = os.path.join(path, subfolder)
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,22 @@
+"""Shared bits for node classes: the category root and small input-spec helpers."""
+from __future__ import annotations
+
+CATEGORY = "Likeness"
+
+
+def category(sub: str) -> str:
+    return f"{CATEGORY}/{sub}" if sub else CATEGORY
+
+
+def float_input(default: float, lo: float, hi: float, step: float, tooltip: str) -> tuple:
+    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tooltip})
+
+
+def int_input(default: int, lo: int, hi: int, tooltip: str, step: int = 1) -> tuple:
+    return ("INT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tooltip})
+
+
+def percent_range_inputs(start_tip: str = "When the effect starts, as a fraction of the sampling schedule.",
+                         end_tip: str = "When the effect ends, as a fraction of the sampling schedule.") -> dict:
+    return {"start_at": float_input(0.0, 0.0, 1.0, 0.001, start_tip),
+            "end_at": float_input(1.0, 0.0, 1.0, 0.001, end_tip)}
