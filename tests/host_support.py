@@ -1,0 +1,486 @@
+"""Real-host test support: tiny ComfyUI models, the pack loaded as a custom node, in-process execution.
+
+Imported by ``tests/conftest.py`` only when ``COMFYUI_PATH`` is set: conftest calls
+:func:`prepare_comfy` first (before anything imports ``comfy``), then ``from host_support import *``
+to expose the fixtures. Host tests are marked ``@pytest.mark.host``.
+
+Fixtures
+    host_env        (session) the temporary ComfyUI base directory (models/, input/, output/, temp/)
+    comfy_ready     (session) ComfyUI's core nodes + comfy_extras loaded (no external custom nodes)
+    pack_loaded     (session) this pack loaded through ``nodes.load_custom_node``; its NODE_CLASS_MAPPINGS
+    host_test_nodes (session) the test-only nodes of ``tests/host_nodes`` (tiny MODEL/CLIP/VAE loaders)
+    execute_prompt  a function ``prompt -> ui outputs`` running ComfyUI's real executor in-process
+    tiny_sd15, tiny_sdxl               fresh ModelPatcher clones of session-cached tiny UNets
+    tiny_clip       a fresh clone of a tiny comfy.sd.CLIP (real SD1 tokenizer, width 64)
+    tiny_vae, tiny_clip_vision   shared comfy.sd.VAE / comfy.clip_vision.ClipVisionModel (do not mutate)
+
+Builders (for variants): :func:`build_tiny_sd15` (e.g. ``in_channels=9`` for an inpainting-shaped
+model), :func:`build_tiny_sdxl`, :func:`build_tiny_clip`, :func:`build_tiny_vae`,
+:func:`build_tiny_clip_vision`, :func:`conditioning`, :func:`sdxl_conditioning`,
+:func:`write_tiny_sd15_checkpoint` (a single-file checkpoint the stock CheckpointLoaderSimple loads).
+
+Every model is initialised explicitly and seeded (ComfyUI's default ops leave weights uninitialised):
+norm weights 1, biases 0, everything else N(0, 0.02).
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST_NODES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_nodes")
+
+COMFY_PATH: str | None = None
+BASE_DIR: str | None = None
+
+# Defaults of the tiny models: channels are multiples of 32 (GroupNorm(32)); context 64.
+TINY_CONTEXT_DIM = 64
+TINY_MODEL_CHANNELS = 32
+TINY_SDXL_POOLED_DIM = 1280  # fixed by model_base.SDXL.encode_adm (adm_in_channels 2816 = 1280 + 6*256)
+
+__all__ = [
+    "prepare_comfy", "host_env", "comfy_ready", "pack_loaded", "host_test_nodes", "execute_prompt",
+    "tiny_sd15", "tiny_sdxl", "tiny_clip", "tiny_vae", "tiny_clip_vision",
+    "build_tiny_sd15", "build_tiny_sdxl", "build_tiny_clip", "build_tiny_vae", "build_tiny_clip_vision",
+    "conditioning", "sdxl_conditioning", "init_weights", "write_tiny_sd15_checkpoint",
+    "cached_tiny_sd15_checkpoint", "HostEnv",
+    "ROOT", "HOST_NODES_DIR",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Process set-up
+
+
+def prepare_comfy(path: str) -> str:
+    """Put ComfyUI on ``sys.path`` and configure it for tests; return the temp base directory.
+
+    Sets ``--cpu --use-pytorch-cross-attention`` before ``comfy.model_management`` is imported (the
+    device and attention backend are fixed at its import), points ComfyUI's base directory at a temp
+    folder (``--base-directory`` semantics, so no test writes into the ComfyUI checkout), and turns off
+    tqdm bars. Idempotent.
+    """
+    global COMFY_PATH, BASE_DIR
+    if BASE_DIR is not None:
+        return BASE_DIR
+    path = os.path.abspath(path)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    if "comfy.model_management" in sys.modules or "folder_paths" in sys.modules:
+        raise RuntimeError("prepare_comfy must run before comfy.model_management / folder_paths are imported")
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.use_pytorch_cross_attention = True
+    args.disable_auto_launch = True
+    base = tempfile.mkdtemp(prefix="likeness-host-")
+    for sub in ("models", "input", "output", "temp", "user", "custom_nodes"):
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+    atexit.register(shutil.rmtree, base, True)
+    args.base_directory = base
+    import comfy.utils  # noqa: E402  (after the args: imports comfy.model_management)
+    import folder_paths  # noqa: E402
+    import utils.extra_config  # noqa: E402,F401  (as main.py: before `nodes` puts ComfyUI/comfy on sys.path)
+
+    assert folder_paths.models_dir == os.path.join(base, "models")
+    comfy.utils.set_progress_bar_enabled(False)
+    atexit.register(_release_models)
+    COMFY_PATH, BASE_DIR = path, base
+    return base
+
+
+def _release_models() -> None:
+    """Drop cached models while modules still exist (ModelPatcher.__del__ fails at interpreter teardown)."""
+    import gc
+
+    for cached in (_cached_sd15, _cached_sdxl, _cached_clip, build_tiny_vae, build_tiny_clip_vision):
+        cached.cache_clear()
+    try:
+        import comfy.model_management
+        comfy.model_management.unload_all_models()
+    except Exception:
+        pass
+    gc.collect()
+
+
+def _runner():
+    """The pack's runner module (single implementation of node loading and in-process execution)."""
+    from likeness.cli import runner
+    return runner
+
+
+@dataclass
+class HostEnv:
+    comfy_path: str
+    base: str
+    models: str
+    input: str
+    output: str
+    temp: str
+
+
+@pytest.fixture(scope="session")
+def host_env() -> HostEnv:
+    """The temp ComfyUI base directory of this test session (ComfyUI's folder_paths point here)."""
+    import folder_paths
+
+    assert BASE_DIR is not None, "prepare_comfy() was not called"
+    return HostEnv(COMFY_PATH, BASE_DIR, folder_paths.models_dir, folder_paths.get_input_directory(),
+                   folder_paths.get_output_directory(), folder_paths.get_temp_directory())
+
+
+@pytest.fixture(scope="session")
+def comfy_ready(host_env):
+    """Core nodes + comfy_extras (no external custom nodes, no API nodes), loaded once per session."""
+    import nodes
+
+    _runner().load_core_nodes(custom_nodes=False)
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="session")
+def pack_loaded(comfy_ready):
+    """This pack loaded as a ComfyUI custom node (``nodes.load_custom_node``); returns its module name."""
+    import nodes
+
+    report = _runner().load_host_nodes(ROOT, custom_nodes=False)
+    assert not report.pack_failed, "the pack failed to import into ComfyUI (see the log above)"
+    # load_custom_node registers a package folder under its path (dots escaped) as the module name
+    module = sys.modules.get(os.path.abspath(ROOT).replace(".", "_x_"))
+    assert module is not None, f"the pack was loaded from elsewhere: {report.pack_module}"
+    from likeness import NODE_CLASS_MAPPINGS as expected
+    missing = [name for name in expected if name not in nodes.NODE_CLASS_MAPPINGS]
+    assert not missing, f"pack nodes not registered in ComfyUI: {missing}"
+    return module
+
+
+@pytest.fixture(scope="session")
+def host_test_nodes(comfy_ready):
+    """Test-only nodes (``tests/host_nodes``): LikenessTestTinySD15Loader etc."""
+    import nodes
+
+    report = _runner().load_host_nodes(ROOT, extra_nodes=[HOST_NODES_DIR], custom_nodes=False)
+    assert not report.failed, f"test nodes failed to import: {report.failed}"
+    return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("LikenessTest")}
+
+
+@pytest.fixture
+def execute_prompt(pack_loaded):
+    """``run(prompt: dict, on_event=None) -> outputs``: ComfyUI's validate + PromptExecutor, in-process.
+
+    Raises ``runner.PromptValidationError`` (``.node_errors``) or ``runner.PromptExecutionError``
+    (``.details`` with the traceback). Outputs are the ui dicts per node id (as in ``/history``).
+    """
+    runner = _runner()
+
+    def run(prompt: dict, on_event=None) -> dict:
+        return runner.execute_prompt(prompt, on_event=on_event)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight initialisation
+
+
+def init_weights(module, seed: int = 0, std: float = 0.02, fan_in_gain: float | None = None):
+    """Norm weights 1, biases 0, every other parameter N(0, std); deterministic for a seed.
+
+    ``fan_in_gain`` switches matrices/kernels to N(0, gain/sqrt(fan_in)) (He init with gain sqrt(2)):
+    deep ReLU stacks without norms (TAESD) otherwise decode to a constant.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
+    norm_params = set()
+    for sub in module.modules():
+        if isinstance(sub, norm_types) or "norm" in type(sub).__name__.lower():
+            for p in sub.parameters(recurse=False):
+                norm_params.add(id(p))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if id(p) in norm_params:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                scale = std
+                if fan_in_gain is not None and p.dim() >= 2:
+                    scale = fan_in_gain / (p[0].numel() ** 0.5)
+                values = torch.randn(p.shape, generator=generator, dtype=torch.float32) * scale
+                p.copy_(values.to(p.dtype))
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny UNets (SD1.5 / SDXL block structure, shrunken channels)
+
+
+def sd15_unet_config(model_channels: int = TINY_MODEL_CHANNELS, context_dim: int = TINY_CONTEXT_DIM,
+                     in_channels: int = 4) -> dict:
+    """The real SD1.5 UNet layout (model_detection.py's SD15) with fewer channels: 16 attn2 sites."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": in_channels, "model_channels": model_channels,
+        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": context_dim, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def sdxl_unet_config(model_channels: int = TINY_MODEL_CHANNELS, context_dim: int = TINY_CONTEXT_DIM,
+                     in_channels: int = 4) -> dict:
+    """The SDXL UNet layout (same blocks and attention sites) with transformer depth 10 shrunk to 2."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": in_channels,
+        "model_channels": model_channels, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 2, 2],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 2, "use_linear_in_transformer": True,
+        "context_dim": context_dim, "num_head_channels": 16,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 2, 2, 2],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def _patcher(model_config_cls, unet_config: dict, seed: int):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+
+    config = model_config_cls(dict(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sd15(seed, context_dim, model_channels, in_channels):
+    import comfy.supported_models
+    return _patcher(comfy.supported_models.SD15, sd15_unet_config(model_channels, context_dim, in_channels), seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_sdxl(seed, context_dim, model_channels, in_channels):
+    import comfy.supported_models
+    return _patcher(comfy.supported_models.SDXL, sdxl_unet_config(model_channels, context_dim, in_channels), seed)
+
+
+def build_tiny_sd15(seed: int = 0, context_dim: int = TINY_CONTEXT_DIM, model_channels: int = TINY_MODEL_CHANNELS,
+                    in_channels: int = 4, cached: bool = True):
+    """A ``ModelPatcher`` of a tiny SD1.5-shaped UNet (``in_channels=9``: inpainting-shaped).
+
+    ``cached=True`` returns a clone of a per-process model (weights shared, patches fresh).
+    """
+    if cached:
+        return _cached_sd15(seed, context_dim, model_channels, in_channels).clone()
+    return _cached_sd15.__wrapped__(seed, context_dim, model_channels, in_channels)
+
+
+def build_tiny_sdxl(seed: int = 0, context_dim: int = TINY_CONTEXT_DIM, model_channels: int = TINY_MODEL_CHANNELS,
+                    in_channels: int = 4, cached: bool = True):
+    """A ``ModelPatcher`` of a tiny SDXL-shaped UNet (needs :func:`sdxl_conditioning`)."""
+    if cached:
+        return _cached_sdxl(seed, context_dim, model_channels, in_channels).clone()
+    return _cached_sdxl.__wrapped__(seed, context_dim, model_channels, in_channels)
+
+
+@pytest.fixture
+def tiny_sd15(comfy_ready):
+    return build_tiny_sd15()
+
+
+@pytest.fixture
+def tiny_sdxl(comfy_ready):
+    return build_tiny_sdxl()
+
+
+def conditioning(ctx_dim: int = TINY_CONTEXT_DIM, tokens: int = 77, seed: int = 0, batch: int = 1, **extra) -> list:
+    """A CONDITIONING value ``[[cross_attn [batch, tokens, ctx], {...extra}]]`` with seeded noise."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, tokens, ctx_dim, generator=generator), dict(extra)]]
+
+
+def sdxl_conditioning(ctx_dim: int = TINY_CONTEXT_DIM, seed: int = 0, size: int = 256) -> list:
+    """SDXL CONDITIONING: cross-attn plus the pooled output and size keys ``encode_adm`` needs."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    pooled = torch.randn(1, TINY_SDXL_POOLED_DIM, generator=generator)
+    return conditioning(ctx_dim, seed=seed, pooled_output=pooled, width=size, height=size,
+                        crop_w=0, crop_h=0, target_width=size, target_height=size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny CLIP text encoder (real SD1 tokenizer), VAE and CLIP vision
+
+
+def tiny_text_config(hidden: int = TINY_CONTEXT_DIM, layers: int = 2, heads: int = 2) -> dict:
+    return {
+        "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+        "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": hidden, "initializer_factor": 1.0,
+        "initializer_range": 0.02, "intermediate_size": hidden * 4, "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": heads,
+        "num_hidden_layers": layers, "pad_token_id": 1, "projection_dim": hidden, "vocab_size": 49408,
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_clip(seed, hidden):
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import torch
+
+    config = tiny_text_config(hidden)
+
+    class TinySD1ClipModel(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=dict(config),
+                                           return_projected_pooled=False)
+            super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=clip_model, **kwargs)
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_tiny_clip(seed: int = 0, hidden: int = TINY_CONTEXT_DIM):
+    """A ``comfy.sd.CLIP`` with the real SD1 tokenizer and a tiny CLIP text model (width ``hidden``).
+
+    ``CLIPTextEncode`` on it gives conditioning ``[1, 77*k, hidden]`` (matches the tiny SD1.5 UNet).
+    """
+    return _cached_clip(seed, hidden).clone()
+
+
+def tiny_ddconfig() -> dict:
+    """An SD-VAE-shaped autoencoder (8x downscale, 4 latent channels) with 32 channels per level."""
+    return {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+@functools.lru_cache(maxsize=4)
+def build_tiny_vae(seed: int = 0):
+    """A ``comfy.sd.VAE`` (AutoencoderKL, tiny ddconfig, random init): encode/decode like the SD VAE."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    params = {"embed_dim": 4, "ddconfig": tiny_ddconfig()}
+    module = init_weights(AutoencoderKL(**params), seed)
+    return comfy.sd.VAE(sd=module.state_dict(), config={"params": params})
+
+
+def tiny_clip_vision_config(hidden: int = 64, layers: int = 3, heads: int = 4, projection_dim: int = 32) -> dict:
+    """ViT-H/14-like: 224 px, patch 14 -> 257 tokens like the real encoder, but narrow and shallow."""
+    return {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": hidden,
+            "image_size": 224, "initializer_factor": 1.0, "initializer_range": 0.02,
+            "intermediate_size": hidden * 4, "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
+            "num_attention_heads": heads, "num_channels": 3, "num_hidden_layers": layers, "patch_size": 14,
+            "projection_dim": projection_dim, "torch_dtype": "float32"}
+
+
+@functools.lru_cache(maxsize=4)
+def build_tiny_clip_vision(seed: int = 0, hidden: int = 64, projection_dim: int = 32):
+    """A ``comfy.clip_vision.ClipVisionModel`` (fp32 on CPU) from a tiny ViT-H-like JSON config."""
+    import comfy.clip_vision
+    import comfy.model_management
+    import torch
+
+    folder = tempfile.mkdtemp(prefix="likeness-clipvision-", dir=BASE_DIR)
+    path = os.path.join(folder, "config.json")
+    with open(path, "w") as f:
+        json.dump(tiny_clip_vision_config(hidden, projection_dim=projection_dim), f)
+    # ComfyUI runs CLIP vision in text_encoder_dtype() (fp16 even on CPU); tests want fp32 numerics.
+    original = comfy.model_management.text_encoder_dtype
+    comfy.model_management.text_encoder_dtype = lambda *a, **k: torch.float32
+    try:
+        model = comfy.clip_vision.ClipVisionModel(path)
+    finally:
+        comfy.model_management.text_encoder_dtype = original
+    init_weights(model.model, seed)
+    return model
+
+
+@pytest.fixture
+def tiny_clip(comfy_ready):
+    return build_tiny_clip()
+
+
+@pytest.fixture
+def tiny_vae(comfy_ready):
+    return build_tiny_vae()
+
+
+@pytest.fixture
+def tiny_clip_vision(comfy_ready):
+    return build_tiny_clip_vision()
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny single-file SD1.5 checkpoint for the stock CheckpointLoaderSimple
+
+
+def checkpoint_unet_config() -> dict:
+    """Smallest UNet ComfyUI still detects as SD1.5: detection keys on model_channels 320 and context 768."""
+    config = sd15_unet_config(model_channels=320, context_dim=768)
+    config.update({"num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1],
+                   "transformer_depth_output": [1, 1], "transformer_depth_middle": 1})
+    return config
+
+
+def write_tiny_sd15_checkpoint(path: str, seed: int = 0) -> str:
+    """Write a single-file SD1.5 checkpoint (UNet + CLIP-L + VAE) that ComfyUI detects as SD1.5.
+
+    UNet: one 320-channel level with the SD1.5 block types. Text encoder: the real CLIP-L shape
+    (ComfyUI builds it from a fixed config; fp16, ~246 MB). VAE: TAESD-shaped (ComfyUI detects it
+    from its keys; 8x downscale, 4 latent channels). All weights random (seeded).
+    """
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.taesd.taesd
+    import torch
+
+    model = _patcher(comfy.supported_models.SD15, checkpoint_unet_config(), seed)
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float16})
+    init_weights(clip.cond_stage_model, seed + 1)
+    taesd = init_weights(comfy.taesd.taesd.TAESD(latent_channels=4), seed + 2, fan_in_gain=2 ** 0.5)
+    vae = comfy.sd.VAE(sd=taesd.state_dict())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    comfy.sd.save_checkpoint(path, model, clip, vae)
+    return path
+
+
+CHECKPOINT_CACHE_VERSION = 1
+
+
+def cached_tiny_sd15_checkpoint(seed: int = 0) -> str:
+    """Path of the tiny SD1.5 checkpoint, written once per machine into the temp dir and reused.
+
+    It takes 4-15 s to write (the CLIP-L text encoder is full size); it is deterministic for a seed,
+    so later test sessions reuse it. Written atomically (``.partial`` then rename).
+    """
+    folder = os.path.join(tempfile.gettempdir(), "likeness-test-cache")
+    path = os.path.join(folder, f"tiny_sd15_v{CHECKPOINT_CACHE_VERSION}_s{seed}.safetensors")
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"
+        write_tiny_sd15_checkpoint(partial, seed)
+        os.replace(partial, path)
+    return path
