@@ -26,3 +26,7 @@ class CheckpointLayoutError(ModelFileError):
 
 class IncompatibleEmbedsError(LikenessError):
     """Identity embeddings from different models (or dimensions) were mixed."""
+
+
+class TrainingError(LikenessError):
+    """Training cannot go on (diverged, resume mismatch); the last good checkpoint is kept."""
