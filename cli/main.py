@@ -11,6 +11,7 @@ import shlex
 import sys
 from typing import Sequence, TextIO
 
+from .console import say
 from .fetch import FetchError, ProgressLine, fetch_entry
 from .manifest import (MISSING, NESTED, OK, PACK_DIR, UNVERIFIED, EntryStatus, ManifestError,
                        ModelEntry, ModelsDirError, ModelsLocation, check_entry, format_size, load_manifest,
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ManifestError, ModelsDirError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -105,7 +106,7 @@ def cmd_run(argv: list[str]) -> int:
     try:
         from . import runner
     except ImportError as exc:
-        print(f"error: the run command is not available: {exc}", file=sys.stderr)
+        say(f"error: the run command is not available: {exc}", file=sys.stderr)
         return EXIT_FAILED
     parser = argparse.ArgumentParser(prog=f"{pack_command()} run",
                                      description="Run a ComfyUI workflow (API or UI format) in this process.")
@@ -124,7 +125,7 @@ def cmd_run(argv: list[str]) -> int:
 def _location(args, required: bool = True) -> ModelsLocation | None:
     try:
         return resolve_location(args.models_dir, args.extra_model_paths,
-                                warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+                                warn=lambda text: say(f"warning: {text}", file=sys.stderr))
     except ModelsDirError:
         if required:
             raise
@@ -274,13 +275,13 @@ def cmd_fetch(args, out: TextIO | None = None) -> int:
     by_id = {e.id: e for e in entries}
     unknown = [i for i in args.ids if i not in by_id]
     if unknown:
-        print(f"error: unknown model id(s): {', '.join(unknown)}. Known ids: {', '.join(by_id)}", file=sys.stderr)
+        say(f"error: unknown model id(s): {', '.join(unknown)}. Known ids: {', '.join(by_id)}", file=sys.stderr)
         return EXIT_USAGE
     chosen = [by_id[i] for i in dict.fromkeys(args.ids)]
     if args.required or args.all:
         chosen += [e for e in entries if (args.all or e.required) and e not in chosen]
     if not chosen:
-        print("error: name the files to fetch (ids from `models list`), or use --required / --all.",
+        say("error: name the files to fetch (ids from `models list`), or use --required / --all.",
               file=sys.stderr)
         return EXIT_USAGE
     location = _location(args)
@@ -294,10 +295,10 @@ def cmd_fetch(args, out: TextIO | None = None) -> int:
             result = fetch_entry(entry, location, force=args.force, stream=sys.stderr, timeout=args.timeout)
         except FetchError as exc:
             failures += 1
-            print(f"error: {exc}", file=sys.stderr)
+            say(f"error: {exc}", file=sys.stderr)
             continue
         except KeyboardInterrupt:
-            print(f"\ninterrupted: run `{fetch_command([entry.id], args, location)}` to resume.", file=sys.stderr)
+            say(f"\ninterrupted: run `{fetch_command([entry.id], args, location)}` to resume.", file=sys.stderr)
             return EXIT_INTERRUPTED
         out.write(f"{entry.id}: {result.message}\n")
     if failures:

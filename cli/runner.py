@@ -22,6 +22,8 @@ Nothing here imports ComfyUI at module level: ``--help`` and argument errors sta
 """
 from __future__ import annotations
 
+from .console import say
+
 import argparse
 import asyncio
 import json
@@ -126,7 +128,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         overrides = [parse_override(text) for text in args.overrides]
         out_dir = os.path.abspath(args.out or "output")
         comfy_path = find_comfyui(args.comfyui)
-        print(f"ComfyUI: {comfy_path}", flush=True)
+        say(f"ComfyUI: {comfy_path}", flush=True)
         prepare_host(comfy_path, device=args.device, base_directory=args.base_directory, output_directory=out_dir)
         _print("loading nodes (core, comfy_extras, custom nodes, this pack) ...")
         report = load_host_nodes(PACK_DIR, extra_nodes=args.extra_nodes, custom_nodes=True)
@@ -162,7 +164,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _print(text: str, stream=None) -> None:
-    print(text, file=stream or sys.stdout, flush=True)
+    say(text, file=stream or sys.stdout, flush=True)
 
 
 def _setup_logging(verbose: bool) -> None:
