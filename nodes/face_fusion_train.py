@@ -1,0 +1,108 @@
+"""Train Face Fusion: trains a FUSION_ADAPTER in the graph on the frozen model."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from ..errors import InvalidInputError
+from ._common import category, float_input, int_input
+
+logger = logging.getLogger("likeness")
+
+CATEGORY = category("Face Fusion")
+REFERENCE_NOISE_CHOICES = {"same noise level (paper)": "same_sigma", "clean reference": "clean"}
+_NAME_OK = re.compile(r"^[\w.\- ]+$")
+
+
+def checked_name(name: str) -> str:
+    """A file stem for the adapter (no folders, no extension)."""
+    stem = (name or "").strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or not _NAME_OK.match(stem) or stem in (".", ".."):
+        raise InvalidInputError(f"name {name!r} must be a plain file name (letters, digits, space, . _ -)")
+    return stem
+
+
+class TrainFaceFusion:
+    NODE_ID = "LikenessTrainFaceFusion"
+    DISPLAY_NAME = "Train Face Fusion"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Trains a Face Fusion adapter (only the per-layer Linear_kf / Linear_vf; the model stays frozen) "
+                   "from face photos: each image's aligned face crop is the reference and the image the target, with "
+                   "the model's own noise loss. Shows progress, honours cancel, writes a checkpoint every N steps "
+                   "(resume continues exactly), saves the adapter to models/likeness/fusion/<name>.safetensors and "
+                   "outputs it with a loss-curve image.")
+    RETURN_TYPES = ("FUSION_ADAPTER", "IMAGE")
+    RETURN_NAMES = ("fusion_adapter", "loss_curve")
+    FUNCTION = "train"
+    OUTPUT_NODE = True  # training (and saving) is the point, even with nothing connected downstream
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The SD1.5-family model to train for (frozen; only the adapter learns)."}),
+                "vae": ("VAE", {"tooltip": "Encodes the training images and the reference crops."}),
+                "clip": ("CLIP", {"tooltip": "Encodes the captions (same-stem .txt files, or the captions text)."}),
+                "name": ("STRING", {"default": "my_face", "tooltip": "File name of the adapter in "
+                                    "models/likeness/fusion/ (and of its training checkpoint)."}),
+                "steps": int_input(500, 1, 100000, "Optimizer steps in total (a resumed run continues up to this)."),
+                "learning_rate": float_input(1e-4, 1e-7, 1.0, 1e-6, "AdamW learning rate for Linear_kf / Linear_vf."),
+                "batch_size": int_input(1, 1, 64, "Images per micro-batch."),
+                "grad_accumulation": int_input(1, 1, 256, "Micro-batches per optimizer step (effective batch = "
+                                               "batch size x this)."),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
+                                 "Seeds the data order, noise and timesteps (same seed + settings = same adapter)."}),
+                "checkpoint_every": int_input(50, 0, 100000, "Write a resumable checkpoint every N steps "
+                                              "(0 = only at the end)."),
+                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from this name's checkpoint if there "
+                                       "is one (same images and settings). Off = start over and replace it."}),
+                "resolution": int_input(512, 64, 2048, "Training image size (square, centre crop).", step=64),
+                "reference_size": ([256, 384, 512], {"default": 256, "tooltip": "Side of the aligned reference "
+                                   "face crop. Bigger = more detail, slower."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Training images (used instead of, or together with, the folder)."}),
+                "captions": ("STRING", {"multiline": True, "default": "", "tooltip": "Captions for 'images': one "
+                             "line per image, or one text for all. Empty = 'a photo of a person'."}),
+                "folder": ("STRING", {"default": "", "tooltip": "Folder of training images with same-stem .txt "
+                           "captions (absolute, or relative to ComfyUI's input folder)."}),
+                "face_analyzer": ("FACE_ANALYZER", {"tooltip": "Finds and aligns each face for the reference crop "
+                                  "(recommended). Without it the middle of each image is used."}),
+                "fusion_adapter": ("FUSION_ADAPTER", {"tooltip": "Start from this adapter (a copy is trained) "
+                                   "instead of a new one initialised from the model's self-attention."}),
+                "face_weight": float_input(1.0, 0.1, 10.0, 0.1, "Loss weight inside the detected face (1 = plain "
+                                           "loss; 2-3 focus training on the face). Needs the face analyzer."),
+                "reference_noise": (list(REFERENCE_NOISE_CHOICES), {"tooltip": "Noise the reference at the training "
+                                    "step's level (as at per-step inference) or keep it clean (as cached inference)."}),
+            },
+        }
+
+    def train(self, model, vae, clip, name, steps, learning_rate, batch_size, grad_accumulation, seed,
+              checkpoint_every, resume, resolution, reference_size, images=None, captions="", folder="",
+              face_analyzer=None, fusion_adapter=None, face_weight=1.0, reference_noise="same noise level (paper)"):
+        from ..host.folders import save_dir
+        from ..host.training import input_path
+        from ..techniques.face_fusion.adapter import fusion_save_dir
+        from ..techniques.face_fusion.training import (FusionTrainSettings, save_trained_adapter, train_face_fusion,
+                                                       training_sources)
+
+        stem = checked_name(name)
+        folder_path = input_path(folder) if folder and folder.strip() else None
+        sources = training_sources(images, captions, folder_path)
+        settings = FusionTrainSettings(
+            steps=steps, lr=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed,
+            checkpoint_every=checkpoint_every, resolution=resolution, reference_size=int(reference_size),
+            face_weight=face_weight, reference_noise=REFERENCE_NOISE_CHOICES.get(reference_noise, reference_noise))
+        checkpoint = os.path.join(save_dir("likeness", "training/fusion"), stem + ".safetensors")
+        output = train_face_fusion(model, vae, clip, sources, settings, analyzer=face_analyzer,
+                                   adapter=fusion_adapter, checkpoint_path=checkpoint, resume=resume)
+        path = save_trained_adapter(output.adapter, os.path.join(fusion_save_dir(), stem + ".safetensors"))
+        logger.info("Face Fusion adapter saved to %s (%d steps, final loss %s)", path, output.result.step,
+                    output.adapter.metadata.get("final_loss"))
+        return (output.adapter, output.result.loss_curve)
+
+
+NODE_CLASSES = [TrainFaceFusion]

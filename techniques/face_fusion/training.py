@@ -1,0 +1,396 @@
+"""Train a Face Fusion adapter (only ``Linear_kf`` / ``Linear_vf`` per site) on the frozen UNet.
+
+Each training image is its own identity example: its aligned face crop is the reference, the image is
+the target. One step, per batch row i (paper §3, the pack's recorded choices in ``apply``):
+
+1. draw sigma_i uniformly in the schedule (the host's ``model_sampling``) and noise ε_i;
+2. the reference stream: row i's reference latent, noised to sigma_i with its own noise (``same_sigma``,
+   the paper's reference-only style) or clean (``clean``), goes through the frozen UNet once without
+   gradient and every site records ``h_f`` (the engine's capture, ``per_row``: row i sees only
+   reference i);
+3. the generation stream runs with the joint attention ``[K_text; Linear_kf(h_f)]`` and the loss is
+   the host's noise loss (ε-MSE for SD1.5), optionally weighted up inside the face
+   (``face_weight`` > 1, from the detected face box).
+
+Everything runs through the shared loop (:mod:`...trainers.loop`): AdamW, gradient accumulation,
+seeded randomness, progress + cancel, atomic checkpoints, exact resume, the loss curve.
+
+References come from the face-analysis chain (``analyze`` + ``align_faces``: the ArcFace-template
+crop, as at inference). Without an analyzer, or for an image without a detectable face, the middle of
+the image is used instead (logged), and that image gets no face weighting.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ...attention_patches import install
+from ...errors import InvalidInputError
+from ...host.attention import forward_transformer_options
+from ...host.training import load_for_training
+from ...trainers import losses
+from ...trainers.autograd import release_inference_tensors
+from ...trainers.checkpoint import atomic_save
+from ...trainers.datasets import captions_for, center_square, iter_image_folder, resize_center_crop
+from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
+from .adapter import FusionAdapter
+from .apply import INJECTOR_NAME, FusionIdentityLatents, FusionInjector
+
+logger = logging.getLogger("likeness")
+
+REFERENCE_NOISE = ("same_sigma", "clean")
+REFERENCE_SIZES = (256, 384, 512)
+FALLBACK_FRACTION = 0.6   # centre crop used as the reference when no face was found
+ENCODE_CHUNK = 8
+
+
+@dataclass
+class FusionTrainSettings:
+    steps: int = 500
+    lr: float = 1e-4
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    seed: int = 0
+    checkpoint_every: int = 50
+    resolution: int = 512            # training images (square, centre-cropped)
+    reference_size: int = 256        # aligned reference crop side
+    crop_scale: float = 1.0          # >1 zooms the reference crop out (more hair / background)
+    face_weight: float = 1.0         # loss weight inside the face box (1 = plain noise loss)
+    reference_noise: str = "same_sigma"
+    caption_dropout: float = 0.0     # probability of training a row with the empty caption
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+
+    def check(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
+            raise InvalidInputError("steps, batch size and gradient accumulation must be at least 1")
+        if not 0.0 < self.lr <= 1.0:
+            raise InvalidInputError(f"learning rate must lie in (0, 1], got {self.lr}")
+        if self.resolution % 64 or self.resolution < 64:
+            raise InvalidInputError(f"resolution must be a multiple of 64, got {self.resolution}")
+        if self.reference_size % 8 or not (self.reference_size % 112 == 0 or self.reference_size % 128 == 0):
+            raise InvalidInputError(f"reference size must be one of {REFERENCE_SIZES}, got {self.reference_size}")
+        if self.reference_noise not in REFERENCE_NOISE:
+            raise InvalidInputError(f"reference noise must be one of {REFERENCE_NOISE}")
+        if self.face_weight <= 0:
+            raise InvalidInputError("face weight must be positive (1 = no face weighting)")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise InvalidInputError("caption dropout must lie in [0, 1)")
+
+
+# --------------------------------------------------------------------------- examples (host-independent)
+
+@dataclass
+class PreparedExamples:
+    targets: torch.Tensor            # [N, S, S, 3] training images
+    references: torch.Tensor         # [N, R, R, 3] aligned face crops (or centre crops)
+    face_masks: torch.Tensor         # [N, S, S] soft face ellipse (all 0 when no face was found)
+    captions: list[str]
+    names: list[str]
+    aligned: list[bool]              # the reference is an aligned face crop
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def face_ellipse(bbox, scale: float, size: int, grow: float = 1.3) -> torch.Tensor:
+    """A soft ellipse ``[size, size]`` covering the face box (pixel coords × ``scale``), grown a little."""
+    x1, y1, x2, y2 = (float(v) * scale for v in bbox)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    rx, ry = max(1.0, (x2 - x1) / 2 * grow), max(1.0, (y2 - y1) / 2 * grow)
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32) + 0.5,
+                            torch.arange(size, dtype=torch.float32) + 0.5, indexing="ij")
+    r = torch.sqrt(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2)
+    return (1.0 - (r - 0.9) / 0.2).clamp(0.0, 1.0)  # 1 inside 0.9, soft edge to 1.1
+
+
+def centre_reference(square: torch.Tensor, size: int, fraction: float = FALLBACK_FRACTION) -> torch.Tensor:
+    """The middle ``fraction`` of a square image, resized to ``size`` (reference without a face analyzer)."""
+    side = square.shape[0]
+    inner = max(1, round(side * fraction))
+    start = (side - inner) // 2
+    return resize_center_crop(square[start:start + inner, start:start + inner], size)
+
+
+def aligned_reference(analyzer, square: torch.Tensor, size: int, crop_scale: float):
+    """(aligned crop ``[size, size, 3]``, face bbox) of the largest face, or (None, None)."""
+    from ...face_analysis.align import align_faces
+    from ...face_analysis.analyze import analyze
+
+    batch = square.unsqueeze(0)
+    result = analyze(analyzer, batch, selection="largest", on_no_face="pass_through", embed=False)
+    faces = result.faces.faces[0]
+    if not faces:
+        return None, None
+    aligned = align_faces(batch, result.faces, size=size, crop_scale=crop_scale)
+    for i, passthrough in enumerate(aligned.passthrough or [False] * len(aligned)):
+        if not passthrough:
+            return aligned.crops[i].clamp(0.0, 1.0), faces[aligned.face_numbers[i]].bbox
+    return None, None
+
+
+def prepare_examples(sources: Iterable[tuple[str, torch.Tensor, str]], settings: FusionTrainSettings,
+                     analyzer=None) -> PreparedExamples:
+    """Training targets, reference crops and face masks from ``(name, image [H, W, C], caption)``.
+
+    Each image is first cut to its centred square (so face coordinates map onto the training image),
+    then resized to ``resolution``; the reference is aligned on the full-resolution square.
+    """
+    targets, references, masks, captions, names, aligned = [], [], [], [], [], []
+    no_face = []
+    for name, image, caption in sources:
+        square = center_square(image[..., :3].float())
+        targets.append(resize_center_crop(square, settings.resolution))
+        crop, bbox = (None, None)
+        if analyzer is not None:
+            crop, bbox = aligned_reference(analyzer, square, settings.reference_size, settings.crop_scale)
+        if crop is None:
+            crop = centre_reference(square, settings.reference_size)
+            if analyzer is not None:
+                no_face.append(name)
+        references.append(crop)
+        masks.append(face_ellipse(bbox, settings.resolution / square.shape[0], settings.resolution)
+                      if bbox is not None else torch.zeros(settings.resolution, settings.resolution))
+        captions.append(caption)
+        names.append(name)
+        aligned.append(bbox is not None)
+    if not names:
+        raise InvalidInputError("no training images")
+    if analyzer is None:
+        logger.warning("Face Fusion training without a face analyzer: the references are centre crops of the "
+                       "training images (connect a FACE_ANALYZER for aligned face crops, as used at inference)")
+    elif no_face:
+        logger.warning("Face Fusion training: no face found in %d of %d image(s) (%s); their references are centre "
+                       "crops and they get no face weighting", len(no_face), len(names), ", ".join(no_face[:8]))
+    return PreparedExamples(torch.stack(targets), torch.stack(references), torch.stack(masks), captions, names,
+                            aligned)
+
+
+# --------------------------------------------------------------------------- encoding (duck-typed host objects)
+
+@dataclass
+class FusionTrainingData:
+    """What the loss needs per example, all on the CPU."""
+
+    latents: torch.Tensor            # [N, 4, h, w] model space (after process_latent_in)
+    references: torch.Tensor         # [N, 4, hr, wr] VAE space (the capture applies process_latent_in)
+    contexts: torch.Tensor           # [N, L, ctx]
+    empty_context: torch.Tensor      # [1, L, ctx] (caption dropout)
+    weights: torch.Tensor | None     # [N, 1, h, w] loss weights, None = plain MSE
+    fingerprint: str                 # names + captions + sizes (resume refuses another data set)
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def get_batch(self, indices: list[int]) -> dict:
+        index = torch.tensor(indices, dtype=torch.long)
+        return {"latent": self.latents.index_select(0, index), "reference": self.references.index_select(0, index),
+                "context": self.contexts.index_select(0, index),
+                "weight": None if self.weights is None else self.weights.index_select(0, index)}
+
+
+def _vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
+    chunks = [vae.encode(images[i:i + ENCODE_CHUNK]).float().cpu() for i in range(0, images.shape[0], ENCODE_CHUNK)]
+    return torch.cat(chunks)
+
+
+def _repeat_to(context: torch.Tensor, length: int) -> torch.Tensor:
+    """Repeat a ``[1, 77·k, C]`` context to ``length`` tokens (what ComfyUI does to batch prompts of
+    different lengths)."""
+    return context.repeat(1, length // context.shape[1], 1) if context.shape[1] != length else context
+
+
+def encode_captions(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(contexts ``[N, L, C]``, empty-caption context ``[1, L, C]``), each caption encoded once."""
+    cache: dict[str, torch.Tensor] = {}
+    for text in list(dict.fromkeys(captions)) + [""]:
+        if text not in cache:
+            cache[text] = clip.encode_from_tokens(clip.tokenize(text)).float().cpu()
+    length = math.lcm(*(c.shape[1] for c in cache.values()))
+    cache = {k: _repeat_to(v, length) for k, v in cache.items()}
+    return torch.cat([cache[c] for c in captions]), cache[""]
+
+
+def encode_examples(model_patcher, vae, clip, examples: PreparedExamples,
+                    settings: FusionTrainSettings) -> FusionTrainingData:
+    """Encode targets and references with the VAE and the captions with CLIP (once, before training)."""
+    base = model_patcher.model
+    latents = base.process_latent_in(_vae_encode(vae, examples.targets)).float()
+    references = _vae_encode(vae, examples.references)
+    contexts, empty = encode_captions(clip, examples.captions)
+    weights = None
+    if settings.face_weight != 1.0 and any(examples.aligned):
+        weights = losses.region_weight(examples.face_masks, latents.shape, inside=settings.face_weight)
+    digest = hashlib.sha1()
+    for name, caption in zip(examples.names, examples.captions):
+        digest.update(f"{name}\0{caption}\0".encode())
+    digest.update(str((tuple(latents.shape), tuple(references.shape))).encode())
+    return FusionTrainingData(latents, references, contexts, empty, weights, digest.hexdigest()[:16])
+
+
+# --------------------------------------------------------------------------- training
+
+@dataclass
+class FusionTrainOutput:
+    adapter: FusionAdapter
+    result: TrainResult
+    info: dict = field(default_factory=dict)
+
+
+def check_model(model_patcher) -> None:
+    base = model_patcher.model
+    if getattr(base, "adm_channels", 0):
+        raise InvalidInputError("Face Fusion training supports SD1.5-family models (text conditioning only); this "
+                                "model also needs pooled/size conditioning (SDXL-style), which the trainer does not "
+                                "provide yet")
+    if getattr(base, "concat_keys", ()):
+        raise InvalidInputError("Face Fusion training needs a normal (not an inpainting) model")
+
+
+def make_loss(model_patcher, adapter: FusionAdapter, data: FusionTrainingData, settings: FusionTrainSettings,
+              device: torch.device) -> Callable:
+    """The loss the loop calls per micro-batch (see the module doc)."""
+    base = model_patcher.model
+    model_sampling = model_patcher.get_model_object("model_sampling")
+    patch = install(model_patcher)
+    adapter.check_sites(patch.sites)
+    options = forward_transformer_options(model_patcher)
+    capture = "per_step" if settings.reference_noise == "same_sigma" else "cached_clean"
+    dtype = base.get_dtype() if hasattr(base, "get_dtype") else torch.float32
+
+    def loss_fn(batch: dict, ctx) -> torch.Tensor:
+        clean = batch["latent"].to(device)
+        count = clean.shape[0]
+        sigma = losses.sample_sigmas(model_sampling, count, ctx.generator).to(device)
+        noise = ctx.randn(clean.shape, device=device)
+        context = batch["context"]
+        drop = ctx.rand((count,))
+        if settings.caption_dropout > 0:
+            context = torch.where((drop < settings.caption_dropout).view(-1, 1, 1), data.empty_context, context)
+        reference_seed = int(torch.randint(0, 2 ** 62, (1,), generator=ctx.generator))
+        # A fresh injector per micro-batch: its reference rows, their noise and its capture belong to this step.
+        patch.add(FusionInjector(adapter, [FusionIdentityLatents(batch["reference"])], capture_mode=capture,
+                                 per_row=True, noise_seed=reference_seed))
+        x_t = losses.noised(model_sampling, sigma, noise, clean)
+        denoised = base.apply_model(x_t.to(dtype), sigma, c_crossattn=context.to(device, dtype),
+                                    transformer_options=options).float()
+        weight = batch["weight"].to(device) if batch["weight"] is not None else None
+        return losses.noise_prediction_loss(model_sampling, sigma, x_t, denoised, clean, weight)
+
+    return loss_fn
+
+
+def _ready_clone(model_patcher) -> tuple:
+    """A private clone, loaded for training, whose frozen weights autograd may save (see trainers.autograd)."""
+    clone = model_patcher.clone()
+    check_model(clone)
+    device = load_for_training(clone)
+    released = release_inference_tensors(clone.model)
+    if released:
+        logger.info("Face Fusion training: %d frozen model tensors made autograd-usable (same values)", released)
+    return clone, device
+
+
+def train_on_data(model_patcher, data: FusionTrainingData, settings: FusionTrainSettings,
+                  adapter: FusionAdapter | None = None, checkpoint_path: str | None = None, resume: bool = False,
+                  **loop_options) -> tuple[FusionAdapter, TrainResult]:
+    """Train a copy of ``adapter`` (or a new one from the model) on encoded data; see :func:`train_face_fusion`."""
+    settings.check()
+    clone, device = _ready_clone(model_patcher)
+    adapter = copy.deepcopy(adapter) if adapter is not None else FusionAdapter.from_model(clone)
+    adapter.to(device)
+    params = {f"fusion.{name}": p for name, p in adapter.named_parameters()}
+    loss_fn = make_loss(clone, adapter, data, settings, device)
+    config = TrainConfig(
+        steps=settings.steps,
+        lr_groups=[LrGroup(lr=settings.lr, weight_decay=settings.weight_decay, name="fusion")],
+        batch_size=settings.batch_size, grad_accumulation=settings.grad_accumulation, seed=settings.seed,
+        checkpoint_every=settings.checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
+        max_grad_norm=settings.max_grad_norm, label="Face Fusion training",
+        metadata={"technique": "face_fusion", "base": adapter.metadata.get("base", "unknown")},
+        fingerprint={"technique": "face_fusion", "data": data.fingerprint, "resolution": settings.resolution,
+                     "reference_size": settings.reference_size, "face_weight": settings.face_weight,
+                     "reference_noise": settings.reference_noise, "caption_dropout": settings.caption_dropout,
+                     "crop_scale": settings.crop_scale},
+        **loop_options)
+    try:
+        result = train(params, loss_fn, data, config)
+    finally:
+        install(clone).remove(INJECTOR_NAME)
+        adapter.to("cpu")
+    adapter.metadata.update({
+        "trained_steps": str(result.step), "lr": str(settings.lr), "batch_size": str(settings.batch_size),
+        "grad_accumulation": str(settings.grad_accumulation), "seed": str(settings.seed),
+        "images": str(len(data)), "resolution": str(settings.resolution),
+        "reference_size": str(settings.reference_size), "reference_noise": settings.reference_noise,
+        "face_weight": str(settings.face_weight),
+        "final_loss": f"{result.losses[-1]:.6g}" if result.losses else "",
+    })
+    return adapter, result
+
+
+def train_face_fusion(model_patcher, vae, clip, sources: Iterable[tuple[str, torch.Tensor, str]],
+                      settings: FusionTrainSettings, analyzer=None, adapter: FusionAdapter | None = None,
+                      checkpoint_path: str | None = None, resume: bool = False, **loop_options) -> FusionTrainOutput:
+    """Train (or continue training a copy of) a Fusion adapter; the input model and adapter stay untouched.
+
+    ``loop_options`` go to :class:`TrainConfig` (``progress_factory``, ``interrupt_check``,
+    ``step_callback``, ``on_cancel``, ``validate_fn`` ...).
+    """
+    settings.check()
+    check_model(model_patcher)
+    examples = prepare_examples(sources, settings, analyzer)
+    data = encode_examples(model_patcher, vae, clip, examples, settings)
+    trained, result = train_on_data(model_patcher, data, settings, adapter, checkpoint_path, resume, **loop_options)
+    trained.metadata["aligned_references"] = str(sum(examples.aligned))
+    info = {"images": len(examples), "aligned": sum(examples.aligned), "names": examples.names}
+    return FusionTrainOutput(trained, result, info)
+
+
+def evaluate_loss(model_patcher, adapter: FusionAdapter, data: FusionTrainingData, settings: FusionTrainSettings,
+                  seed: int = 1234, rounds: int = 2) -> float:
+    """Mean noise loss of ``adapter`` over every example, ``rounds`` times, with fixed seeded sigmas and
+    noise (the same draws for every adapter, so two adapters compare fairly)."""
+    from ...trainers.loop import StepContext
+
+    clone, device = _ready_clone(model_patcher)
+    adapter = copy.deepcopy(adapter).to(device)
+    loss_fn = make_loss(clone, adapter, data, settings, device)
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _ in range(rounds):
+            for start in range(0, len(data), settings.batch_size):
+                rows = list(range(start, min(len(data), start + settings.batch_size)))
+                loss = loss_fn(data.get_batch(rows), StepContext(0, 0, generator, {}))
+                total += float(loss) * len(rows)
+                count += len(rows)
+    return total / count
+
+
+def training_sources(images: torch.Tensor | None, captions: str | None,
+                     folder: str | None) -> list[tuple[str, torch.Tensor, str]]:
+    """``(name, image, caption)`` from an IMAGE batch with caption text and/or a folder (read lazily)."""
+    sources: list = []
+    if images is not None:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise InvalidInputError("images must be an IMAGE batch [B, H, W, C]")
+        texts = captions_for(images.shape[0], captions if captions and captions.strip() else None)
+        sources += [(f"image_{i}", images[i], texts[i]) for i in range(images.shape[0])]
+    if folder:
+        sources += list(iter_image_folder(folder))
+    if not sources:
+        raise InvalidInputError("give training images: connect 'images' or set 'folder' to a folder of photos")
+    return sources
+
+
+def save_trained_adapter(adapter: FusionAdapter, path: str) -> str:
+    """Write the adapter file (the engine's key scheme and metadata) atomically, fsync'ed."""
+    return atomic_save(adapter.file_state_dict(), path, adapter.file_metadata())

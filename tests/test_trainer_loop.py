@@ -1,0 +1,258 @@
+"""The shared training loop on a toy problem (no host): loss falls, exact resume, cancel, inference mode."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from likeness.errors import TrainingError
+from likeness.trainers import LrGroup, TrainConfig, TrainingCancelled, train
+from likeness.trainers import checkpoint as ckpt
+from likeness.trainers.autograd import release_inference_tensors
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+
+def toy_data(n: int = 10, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    true_w = torch.randn(4, 3, generator=g)
+    xs = torch.randn(n, 4, generator=g)
+    return [{"x": xs[i], "y": xs[i] @ true_w} for i in range(n)]
+
+
+def toy_params(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {"lin.weight": torch.randn(4, 3, generator=g) * 0.1, "lin.bias": torch.zeros(3),
+            "scale.gain": torch.ones(1)}
+
+
+def toy_loss(batch, ctx):
+    """Uses both the loop's generator (noise) and torch's global RNG (dropout), so resume must restore both."""
+    p = ctx.params
+    x = batch["x"] + 0.01 * ctx.randn(batch["x"].shape)
+    pred = (x @ p["lin.weight"] + p["lin.bias"]) * p["scale.gain"]
+    pred = torch.nn.functional.dropout(pred, p=0.1, training=True)
+    return ((pred - batch["y"]) ** 2).mean()
+
+
+def toy_config(tmp_path=None, **kw):
+    base = dict(steps=20, lr_groups=[LrGroup(lr=0.05, prefix="lin."), LrGroup(lr=0.01, prefix="")],
+                batch_size=3, grad_accumulation=2, seed=7, checkpoint_every=5,
+                checkpoint_path=str(tmp_path / "run.safetensors") if tmp_path is not None else None,
+                progress_factory=lambda total, label: _QuietProgress(), interrupt_check=lambda: None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class _QuietProgress:
+    def __init__(self, cancel_at: int | None = None):
+        self.cancel_at = cancel_at
+        self.values = []
+
+    def update_absolute(self, value, preview=None):
+        self.values.append(value)
+        if self.cancel_at is not None and value == self.cancel_at:
+            raise TrainingCancelled("user pressed cancel")
+
+
+def test_loss_falls_on_toy_problem():
+    result = train(toy_params(), toy_loss, toy_data(), toy_config(steps=80))
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.2 * first, (first, last)
+    assert result.step == 80 and len(result.losses) == 80
+    assert all(not t.requires_grad for t in result.params.values())
+
+
+def test_loss_curve_image():
+    result = train(toy_params(), toy_loss, toy_data(), toy_config(steps=12))
+    curve = result.loss_curve
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.dtype == torch.float32
+    assert 0.0 <= float(curve.min()) and float(curve.max()) <= 1.0
+    assert float(curve.std()) > 0.01  # something is drawn
+
+
+def test_lr_groups_by_prefix():
+    params = toy_params()
+    result = train(params, toy_loss, toy_data(), toy_config(steps=3, lr_groups=[LrGroup(lr=0.0, prefix="scale."),
+                                                                                LrGroup(lr=0.05)]))
+    assert torch.equal(result.params["scale.gain"], torch.ones(1))  # lr 0 group untouched
+    assert not torch.equal(result.params["lin.weight"], toy_params()["lin.weight"])
+
+
+def _assert_same_run(a, b):
+    assert a.losses == b.losses
+    for name in a.params:
+        assert torch.equal(a.params[name], b.params[name]), name
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    full = train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path / "a"))
+
+    def stop_at_12(step, loss):
+        if step == 12:
+            raise TrainingCancelled("stop")
+
+    with pytest.raises(TrainingCancelled):
+        train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path / "b", step_callback=stop_at_12))
+    assert ckpt.load_training_state(str(tmp_path / "b" / "run.safetensors")).step == 10
+    resumed = train(toy_params(seed=99), toy_loss, toy_data(), toy_config(tmp_path / "b", resume=True))
+    assert resumed.start_step == 10 and resumed.step == 20
+    _assert_same_run(full, resumed)
+    diff = max(float((full.params[k] - resumed.params[k]).abs().max()) for k in full.params)
+    assert diff <= 1e-6
+
+
+def test_resume_extends_a_finished_run(tmp_path):
+    full = train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path / "a", steps=20))
+    train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path / "b", steps=15))
+    extended = train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path / "b", steps=20, resume=True))
+    _assert_same_run(full, extended)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path, steps=5))
+    with pytest.raises(TrainingError, match="batch_size"):
+        train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path, steps=10, batch_size=2, resume=True))
+
+
+def test_cancel_from_progress_keeps_last_checkpoint(tmp_path):
+    path = tmp_path / "run.safetensors"
+    with pytest.raises(TrainingCancelled):
+        train(toy_params(), toy_loss, toy_data(),
+              toy_config(tmp_path, progress_factory=lambda total, label: _QuietProgress(cancel_at=7)))
+    state = ckpt.load_training_state(str(path))
+    assert state.step == 5 and len(state.losses) == 5
+    assert not [n for n in os.listdir(tmp_path) if n != "run.safetensors"]  # no temp files left
+
+    result = train(toy_params(), toy_loss, toy_data(),
+                   toy_config(tmp_path / "r", on_cancel="return",
+                              progress_factory=lambda total, label: _QuietProgress(cancel_at=7)))
+    assert result.cancelled and result.step == 7 and result.checkpoint_step == 5
+    assert result.loss_curve.shape[-1] == 3
+
+
+def test_crash_in_the_middle_of_a_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "run.safetensors"
+    real_writer = ckpt._write_safetensors
+    calls = {"n": 0}
+
+    def torn_writer(tensors, target, metadata):
+        calls["n"] += 1
+        if calls["n"] == 3:  # third checkpoint (step 15): write half a file, then die
+            real_writer(tensors, target, metadata)
+            with open(target, "r+b") as handle:
+                handle.truncate(os.path.getsize(target) // 2)
+            raise OSError("disk gone mid-write")
+        real_writer(tensors, target, metadata)
+
+    monkeypatch.setattr(ckpt, "_write_safetensors", torn_writer)
+    with pytest.raises(OSError, match="mid-write"):
+        train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path))
+    assert ckpt.load_training_state(str(path)).step == 10
+    assert os.listdir(tmp_path) == ["run.safetensors"]
+    monkeypatch.setattr(ckpt, "_write_safetensors", real_writer)
+    resumed = train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path, resume=True))
+    full = train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path / "full"))
+    _assert_same_run(full, resumed)
+
+
+CHILD_TRAIN = textwrap.dedent("""
+    import os, signal, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from _bootstrap import load_pack
+    load_pack()
+    import test_trainer_loop as t
+    import pathlib
+
+    def die_at_8(step, loss):
+        if step == 8:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    t.train(t.toy_params(), t.toy_loss, t.toy_data(), t.toy_config(pathlib.Path({out!r}), step_callback=die_at_8))
+""")
+
+
+def test_sigkilled_training_process_resumes_exactly(tmp_path):
+    script = CHILD_TRAIN.format(root=ROOT, tests=TESTS, out=str(tmp_path / "b"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert ckpt.load_training_state(str(tmp_path / "b" / "run.safetensors")).step == 5
+    resumed = train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path / "b", resume=True))
+    full = train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path / "a"))
+    _assert_same_run(full, resumed)
+
+
+def test_inference_tensors_as_inputs_and_params():
+    """Everything built under inference mode, training called under inference mode (as in ComfyUI)."""
+    with torch.inference_mode():
+        params = toy_params()
+        data = toy_data()
+        frozen = torch.nn.Linear(3, 3)  # a frozen layer between the trainable tensors and the loss
+        torch.nn.init.eye_(frozen.weight)
+        torch.nn.init.zeros_(frozen.bias)
+        module = torch.nn.Linear(4, 3)  # a module whose Parameter is trained in place
+    assert params["lin.weight"].is_inference() and data[0]["x"].is_inference() and frozen.weight.is_inference()
+    assert release_inference_tensors(frozen) == 2
+    original_param = module.weight
+
+    def loss(batch, ctx):
+        pred = frozen(batch["x"] @ ctx.params["lin.weight"] + ctx.params["lin.bias"])
+        pred = pred + 0.0 * (batch["x"] @ ctx.params["module.weight"].T).sum()
+        return ((pred - batch["y"]) ** 2).mean()
+
+    all_params = {"lin.weight": params["lin.weight"], "lin.bias": params["lin.bias"], "module.weight": module.weight}
+    with torch.inference_mode():
+        result = train(all_params, loss, data, toy_config(steps=40, lr_groups=0.05))
+    assert result.losses[-1] < 0.3 * result.losses[0]
+    assert module.weight is original_param and not module.weight.is_inference()
+    assert torch.equal(result.params["lin.weight"], params["lin.weight"])  # updated in place
+    assert torch.is_inference_mode_enabled() is False
+
+
+def test_frozen_inference_weights_give_an_actionable_error():
+    with torch.inference_mode():
+        frozen = torch.nn.Linear(3, 3)
+
+    def loss(batch, ctx):
+        return frozen(batch["x"][:, :3] * ctx.params["g"]).pow(2).mean()
+
+    with torch.inference_mode(), pytest.raises(TrainingError, match="release_inference_tensors"):
+        train({"g": torch.ones(3)}, loss, toy_data(), toy_config(steps=2, lr_groups=0.1))
+
+
+def test_validation_hook_runs_every_n_steps_without_changing_the_run():
+    seen = []
+
+    def validate(step, params):
+        torch.randn(100)  # must not disturb the training RNG
+        seen.append(step)
+        return float(params["lin.weight"].sum())
+
+    plain = train(toy_params(), toy_loss, toy_data(), toy_config(steps=10))
+    hooked = train(toy_params(), toy_loss, toy_data(), toy_config(steps=10, validate_every=4, validate_fn=validate))
+    assert seen == [4, 8] and [s for s, _ in hooked.validations] == [4, 8]
+    _assert_same_run(plain, hooked)
+
+
+def test_training_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(toy_params(), toy_loss, toy_data(), toy_config(steps=3))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_diverging_loss_raises_and_keeps_checkpoint(tmp_path):
+    def loss(batch, ctx):
+        value = (ctx.params["lin.weight"] ** 2).sum()
+        return value * (float("nan") if ctx.step >= 6 else 1.0)
+
+    with pytest.raises(TrainingError, match="lower the learning rate"):
+        train(toy_params(), loss, toy_data(), toy_config(tmp_path))
+    assert ckpt.load_training_state(str(tmp_path / "run.safetensors")).step == 5
