@@ -1,0 +1,510 @@
+"""FaceA-Net identity training: attribute-driven reconstruction with [feat] embeddings and a UNet LoRA.
+
+Per reference photo (3-5 of one person): the largest face is cropped with context to the working size,
+its regions (face, left eye, right eye, nose, mouth) are masked, and the crop, and each region's
+masked image, are encoded by the VAE once. Every optimizer step then trains on a batch whose first half
+is the *global task* (inpaint the masked face, prompt "a <class> face [feat_face]...") and whose second
+half is the *local task* (inpaint one randomly chosen attribute, "a <class> <attribute> [feat_v]..."),
+the loss being eps-MSE inside each mask only, averaged per task and summed (the paper's Eq. 2).
+
+Inputs are built the way ComfyUI's InpaintModelConditioning builds them at inference: a 9-channel
+inpainting UNet sees [noisy latent, mask, masked-image latent]; a normal 4-channel UNet sees the noisy
+latent only (it inpaints with a latent noise mask at inference).
+
+Trainable: rank-r LoRA adapters on the attention projections (lr 1.2e-4) and the [feat] vectors
+(lr 2e-3), through the pack's one training loop (progress, cancel, atomic checkpoints, exact resume,
+loss curve). *Attribute transfer* continues a trained identity on another person's photos with the
+local task of the chosen attributes only (~100 steps), training the LoRA and those attributes' feats.
+
+The model is used through ComfyUI's ``BaseModel`` interface (``apply_model``, ``model_sampling``,
+``process_latent_in/out``, ``diffusion_model``) and the VAE through ``encode``/``decode``; ComfyUI
+itself is only imported lazily to load a ModelPatcher onto its device.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...errors import InvalidInputError, NoFaceError
+from ...trainers import losses as diffusion_losses
+from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
+from .identity import ATTRIBUTES, DEFAULT_FEAT_TOKENS, TASKS, Identity
+from .inpaint import CropInfo, crop_image, crop_region_masks, grow_mask, make_crop_info, masked_pixels
+from .lora import IdentityLoRA, autograd_safe_weights
+from .prompt import TaskTemplate, encode_task_template
+
+logger = logging.getLogger("likeness")
+
+LATENT_SCALE = 8
+
+
+@dataclass
+class TrainSettings:
+    """Everything that shapes a FaceA-Net training run (defaults: the paper's recipe)."""
+
+    class_word: str = "person"
+    feat_tokens: int | None = None          # None: 3 for "man", 4 otherwise
+    steps: int = 600
+    rank: int = 48
+    lr_lora: float = 1.2e-4
+    lr_embed: float = 2e-3
+    batch_size: int = 4
+    seed: int = 0
+    attributes: tuple[str, ...] = ATTRIBUTES
+    working_size: int = 512
+    context: float = 2.0                    # crop side / face box long side
+    face_grow: int = 8                      # mask growth in working pixels
+    attribute_grow: int = 4
+    mask_shape: str = "box"                 # "box" (the paper's detector boxes) or "region" (parsed shape)
+    local_only: bool = False                # attribute transfer: local task only
+    train_feats: tuple[str, ...] | None = None   # None: every task trained; else only these tasks' feats
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    checkpoint_path: str | None = None
+    resume: bool = False
+    preview_every: int = 0                  # steps between validation previews (0 = none during training)
+    final_preview: bool = True              # one preview of the finished identity
+    preview_steps: int = 12
+    preview_cfg: float = 4.0
+    label: str = "FaceA-Net identity"
+
+    def __post_init__(self):
+        if not self.class_word.strip():
+            raise InvalidInputError("The class word is empty; use 'man', 'woman' or 'person'.")
+        if self.feat_tokens is None:
+            self.feat_tokens = DEFAULT_FEAT_TOKENS.get(self.class_word.strip().lower(), 4)
+        unknown = [a for a in self.attributes if a not in ATTRIBUTES]
+        if unknown:
+            raise InvalidInputError(f"Unknown attributes {unknown}; choose from {', '.join(ATTRIBUTES)}.")
+        if self.local_only and not self.attributes:
+            raise InvalidInputError("The local-only task (attribute transfer) needs at least one attribute.")
+        if self.mask_shape not in ("box", "region"):
+            raise InvalidInputError(f"mask_shape must be 'box' or 'region', got {self.mask_shape!r}.")
+        if self.working_size % LATENT_SCALE:
+            raise InvalidInputError(f"The working size must be a multiple of {LATENT_SCALE}, got {self.working_size}.")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.attributes) if self.local_only else ("face",) + tuple(self.attributes)
+
+
+# ------------------------------------------------------------------------------------- references
+
+@dataclass
+class Reference:
+    """One reference photo prepared for training (working-crop pixels and masks, CPU tensors)."""
+
+    crop: torch.Tensor                 # [h,w,3]
+    masks: dict[str, torch.Tensor]     # task -> [h,w] binary
+    info: CropInfo
+    embedding: np.ndarray | None = None
+
+
+def analyze_largest(analyzer, images: torch.Tensor, embed: bool = True) -> list:
+    """The largest face of every image of an IMAGE batch (the face analysis chain, with its retries);
+    NoFaceError names the images without one."""
+    from ...face_analysis.analyze import analyze
+
+    result = analyze(analyzer, images, selection="largest", on_no_face="error", embed=embed)
+    return [faces[0] for faces in result.faces.faces]
+
+
+def prepare_references(images: torch.Tensor, analyzer, settings: TrainSettings, parser=None,
+                       with_embeddings: bool = True) -> list[Reference]:
+    """Crop every reference around its largest face to a square working crop and build its task masks."""
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[-1] < 3:
+        raise InvalidInputError(f"Reference images must be an IMAGE [B,H,W,3]; got {tuple(images.shape)}.")
+    faces = analyze_largest(analyzer, images, with_embeddings)
+    refs = []
+    for i, face in enumerate(faces):
+        image = images[i, ..., :3].float().cpu()
+        info = make_crop_info(face.bbox, image.shape[:2], settings.context, settings.working_size, i, square=True)
+        crop = crop_image(image, info)
+        masks = crop_region_masks(face, info, settings.tasks, crop, parser, settings.mask_shape)
+        binary = {}
+        for task, mask in masks.items():
+            grow = settings.face_grow if task == "face" else settings.attribute_grow
+            binary[task] = grow_mask((mask > 0.5).float(), grow)
+            if binary[task].sum() < 1:
+                raise NoFaceError(f"The {task.replace('_', ' ')} region of reference image {i + 1} is empty; "
+                                  "use a frontal photo where the whole face is visible.")
+        refs.append(Reference(crop=crop, masks=binary, info=info, embedding=getattr(face, "embedding", None)))
+    return refs
+
+
+def latent_masks(mask: torch.Tensor, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model-input mask, loss mask) ``[1,h,w]`` at latent size from a pixel mask ``[H,W]``.
+
+    The input mask is what ComfyUI's concat_cond feeds an inpainting UNet (bilinear resize, rounded);
+    the loss mask covers every latent cell the region touches.
+    """
+    m = mask[None, None].float()
+    model_in = F.interpolate(m, size=latent_hw, mode="bilinear", align_corners=False).round()
+    loss = F.adaptive_max_pool2d(m, latent_hw)
+    if model_in.sum() < 1:  # a tiny region vanished in the rounding: fall back to its footprint
+        model_in = loss.clone()
+    return model_in[0], loss[0]
+
+
+def encode_references(refs: Sequence[Reference], vae, base_model, tasks: Sequence[str]) -> list[dict]:
+    """VAE-encode each reference and each task's masked image; the training items of the loop."""
+    items = []
+    for ref in refs:
+        pixels = [ref.crop] + [masked_pixels(ref.crop, ref.masks[t]) for t in tasks]
+        with torch.no_grad():
+            latents = vae.encode(torch.stack(pixels))
+            latents = base_model.process_latent_in(latents).float().cpu()
+        latent_hw = tuple(latents.shape[-2:])
+        model_in, loss = zip(*(latent_masks(ref.masks[t], latent_hw) for t in tasks))
+        items.append({"latent": latents[0], "masked": latents[1:], "mask_in": torch.stack(model_in),
+                      "loss_mask": torch.stack(loss)})
+    return items
+
+
+# ------------------------------------------------------------------------------------- the model
+
+def load_patcher(model):
+    """``model`` (a ComfyUI ModelPatcher or a bare BaseModel) -> the BaseModel, loaded and patched."""
+    if hasattr(model, "model") and hasattr(model, "load_device"):
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        return model.model
+    return model
+
+
+def model_in_channels(base_model) -> int:
+    channels = int(getattr(base_model.diffusion_model, "in_channels", 4))
+    if channels not in (4, 9):
+        raise InvalidInputError(f"The model's UNet takes {channels} input channels; FaceA-Net needs an SD-style "
+                                "UNet (9 = inpainting model, 4 = normal model with a noise mask).")
+    return channels
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
+    """Gradient checkpointing on the UNet's layers (ResBlocks, transformers, up/downsamplers).
+
+    ComfyUI's UNet runs the layers of each block itself (``forward_timestep_embed`` iterates over the
+    block), so the layers, not the blocks, get a temporary checkpointing ``forward``; restored on exit.
+    """
+    if not enabled:
+        yield
+        return
+    import torch.utils.checkpoint as cp
+
+    blocks = list(getattr(diffusion_model, "input_blocks", [])) + [getattr(diffusion_model, "middle_block", None)] \
+        + list(getattr(diffusion_model, "output_blocks", []))
+    layers = []
+    for block in (b for b in blocks if b is not None):
+        layers += list(block) if isinstance(block, torch.nn.Sequential) else [block]
+    patched = []
+    try:
+        for layer in layers:
+            if "forward" in layer.__dict__:
+                continue  # someone else patched it; leave it alone
+
+            def forward(*args, _original=layer.forward, **kwargs):
+                return cp.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            layer.forward = forward
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
+# ------------------------------------------------------------------------------------- training
+
+@dataclass
+class TrainingOutput:
+    identity: Identity
+    lora_state: dict[str, torch.Tensor]
+    result: TrainResult
+    previews: list[tuple[int, torch.Tensor, float | None]] = field(default_factory=list)  # step, [h,w,3], sim
+
+    @property
+    def losses(self) -> list[float]:
+        return self.result.losses
+
+
+class IdentityTrainer:
+    """Holds the templates, parameters and data of one run; :meth:`run` trains through the shared loop."""
+
+    def __init__(self, model, clip, vae, refs: Sequence[Reference], settings: TrainSettings,
+                 base_identity: Identity | None = None, base_lora: dict[str, torch.Tensor] | None = None,
+                 validation_ref: Reference | None = None, analyzer=None, progress_factory=None,
+                 step_callback=None, interrupt_check=None):
+        self.settings = settings
+        self.patcher = model
+        self.base_model = load_patcher(model)
+        self.unet = self.base_model.diffusion_model
+        self.in_channels = model_in_channels(self.base_model)
+        self.vae = vae
+        self.analyzer = analyzer
+        self.refs = list(refs)
+        self.validation_ref = validation_ref
+        self.progress_factory = progress_factory
+        self.step_callback = step_callback
+        self.interrupt_check = interrupt_check
+        self.base_identity = base_identity
+        tasks = settings.tasks
+        class_word = base_identity.class_word if base_identity else settings.class_word
+        self.class_word = class_word
+        with torch.inference_mode(False):
+            self.templates: dict[str, TaskTemplate] = {}
+            for task in (TASKS if base_identity else tasks):
+                n = base_identity.n_tokens(task) if base_identity and task in base_identity.feats else settings.feat_tokens
+                self.templates[task] = encode_task_template(clip, class_word, task, n)
+            self.feats = {t: self._initial_feat(t) for t in self.templates}
+            self.lora = IdentityLoRA.for_model(self.unet, rank=settings.rank, seed=settings.seed)
+            if base_lora is not None:
+                self.lora.load_native(base_lora)
+            self.items = encode_references(self.refs, vae, self.base_model, tasks)
+            self.negative = None
+            if settings.preview_every or settings.final_preview:
+                self.negative = clip.encode_from_tokens(clip.tokenize(""))
+        self.task_index = {t: i for i, t in enumerate(tasks)}
+        trained = settings.train_feats if settings.train_feats is not None else tasks
+        self.trained_feats = tuple(t for t in trained if t in self.feats)
+
+    def _initial_feat(self, task: str) -> torch.Tensor:
+        base = self.base_identity
+        if base is not None and task in base.feats:
+            return base.feats[task].detach().float().clone()
+        t = self.templates[task]
+        return t.cond[0, t.positions].detach().float().clone()  # start as the plain prompt: no change at step 0
+
+    # ---- parameters -----------------------------------------------------------------------------
+    def params(self) -> dict[str, torch.Tensor]:
+        out = {f"feat.{t}": self.feats[t] for t in self.trained_feats}
+        for name, adapter in self.lora.adapters.items():
+            out[f"lora.{name}.down"] = adapter.down
+            out[f"lora.{name}.up"] = adapter.up
+        return out
+
+    def lr_groups(self) -> list[LrGroup]:
+        return [LrGroup(lr=self.settings.lr_embed, prefix="feat.", weight_decay=0.0, name="feat"),
+                LrGroup(lr=self.settings.lr_lora, prefix="lora.", weight_decay=0.01, name="lora")]
+
+    # ---- one batch ------------------------------------------------------------------------------
+    def batch_tasks(self, size: int, generator: torch.Generator) -> list[str]:
+        """Global task for the first half of the batch, random attributes for the rest (local task); an odd
+        middle item (e.g. batch size 1) is global or local with equal odds."""
+        attributes = list(self.settings.attributes)
+        if self.settings.local_only:
+            n_global = 0
+        elif not attributes:
+            n_global = size
+        else:
+            n_global = size // 2 + (int(torch.rand((), generator=generator) < 0.5) if size % 2 else 0)
+        picks = torch.randint(len(attributes) or 1, (size - n_global,), generator=generator).tolist()
+        return ["face"] * n_global + [attributes[p] for p in picks]
+
+    def conditioning(self, tasks: Sequence[str]) -> torch.Tensor:
+        return torch.cat([self.templates[t].with_feats(self.feats[t]) for t in tasks], dim=0)
+
+    def loss(self, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
+        ms = self.base_model.model_sampling
+        device = next(self.unet.parameters()).device
+        latent = batch["latent"].to(device)
+        size = latent.shape[0]
+        tasks = self.batch_tasks(size, ctx.generator)
+        rows = torch.arange(size)
+        cols = torch.tensor([self.task_index[t] for t in tasks])
+        loss_mask = batch["loss_mask"][rows, cols].to(device)
+        sigma = diffusion_losses.sample_sigmas(ms, size, ctx.generator).to(device)
+        noise = ctx.randn(latent.shape, device=device)
+        x_t = diffusion_losses.noised(ms, sigma, noise, latent)
+        c_concat = None
+        if self.in_channels == 9:
+            c_concat = torch.cat([batch["mask_in"][rows, cols], batch["masked"][rows, cols]], dim=1).to(device)
+        cond = self.conditioning(tasks).to(device)
+        denoised = self.base_model.apply_model(x_t, sigma, c_concat=c_concat, c_crossattn=cond)
+        prediction, target = diffusion_losses.native_space(ms, sigma, x_t, denoised, latent)
+        error = ((prediction.float() - target.float()) ** 2 * loss_mask).flatten(1).sum(1)
+        per_item = error / (loss_mask.flatten(1).sum(1) * latent.shape[1]).clamp_min(1e-8)
+        is_global = torch.tensor([t == "face" for t in tasks], device=device)
+        total = per_item.new_zeros(())
+        for group in (is_global, ~is_global):
+            if bool(group.any()):
+                total = total + per_item[group].mean()
+        return total, {"tasks": tasks}
+
+    # ---- validation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def preview(self, step: int, _params=None) -> tuple[torch.Tensor, float | None]:
+        """Inpaint the held-out reference's face with the current identity (Euler, CFG) and score it."""
+        ref = self.validation_ref or self.refs[0]
+        image = sample_face(self.base_model, self.vae, ref.crop, ref.masks["face"] if "face" in ref.masks
+                            else next(iter(ref.masks.values())),
+                            self.conditioning(["face"] if "face" in self.feats else [self.trained_feats[0]]),
+                            self.negative, steps=self.settings.preview_steps, cfg=self.settings.preview_cfg,
+                            seed=self.settings.seed, in_channels=self.in_channels)
+        score = identity_similarity(self.analyzer, image, ref.embedding)
+        logger.info("%s: preview at step %d, identity similarity %s", self.settings.label, step,
+                    "n/a" if score is None else f"{score:.3f}")
+        return image, score
+
+    # ---- the run --------------------------------------------------------------------------------
+    def config(self) -> TrainConfig:
+        s = self.settings
+        return TrainConfig(
+            steps=s.steps, lr_groups=self.lr_groups(), batch_size=s.batch_size, seed=s.seed,
+            checkpoint_every=s.checkpoint_every if s.checkpoint_path else 0, checkpoint_path=s.checkpoint_path,
+            resume=s.resume, validate_every=s.preview_every,
+            validate_fn=self.preview if s.preview_every else None, label=s.label,
+            metadata={"technique": "facea_net", "class_word": self.class_word},
+            fingerprint={"technique": "facea_net", "rank": s.rank, "tasks": list(s.tasks), "local_only": s.local_only,
+                         "working_size": s.working_size, "class_word": self.class_word,
+                         "in_channels": self.in_channels},
+            progress_factory=self.progress_factory, interrupt_check=self.interrupt_check,
+            step_callback=self.step_callback)
+
+    def run(self) -> TrainingOutput:
+        params = self.params()
+        loss_fn = lambda batch, ctx: self.loss(batch, ctx)[0]  # noqa: E731
+        with torch.inference_mode(False), self.lora.attached(self.unet), autograd_safe_weights(self.unet), \
+                checkpointed_blocks(self.unet, self.settings.gradient_checkpointing):
+            result = train(params, loss_fn, self.items, self.config())
+            if self.settings.final_preview and not result.cancelled and not (
+                    result.validations and result.validations[-1][0] == result.step):
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    result.validations.append((result.step, self.preview(result.step)))
+        return self.finish(result)
+
+    def finish(self, result: TrainResult) -> TrainingOutput:
+        feats = {t: f.detach().float().cpu().clone() for t, f in self.feats.items()}
+        lora_state = self.lora.native_state_dict()
+        embeddings = [r.embedding for r in self.refs if r.embedding is not None]
+        base = self.base_identity
+        if base is not None:
+            reference = base.reference_embedding
+            model_id = base.embedding_model_id
+        else:
+            reference = _mean_embedding(embeddings)
+            model_id = getattr(self.analyzer, "model_id", "") if reference is not None else ""
+        s = self.settings
+        meta = dict(base.metadata) if base is not None else {}
+        meta.update({"technique": "FaceA-Net", "rank": s.rank, "in_channels": self.in_channels,
+                     "working_size": s.working_size, "references": len(self.refs)})
+        if base is not None:
+            meta.setdefault("history", [])
+            meta["history"] = list(meta["history"]) + [{"attribute_transfer": list(s.attributes), "steps": result.step}]
+        else:
+            meta.update({"steps": result.step, "lr_lora": s.lr_lora, "lr_embed": s.lr_embed, "batch_size": s.batch_size,
+                         "seed": s.seed, "attributes": list(s.attributes)})
+        identity = Identity(feats=feats, class_word=self.class_word, lora_name=base.lora_name if base else "",
+                            metadata=meta, name=base.name if base else "", lora=lora_state,
+                            reference_embedding=reference, embedding_model_id=model_id)
+        previews = [(step, value[0], value[1]) for step, value in result.validations]
+        return TrainingOutput(identity=identity, lora_state=lora_state, result=result, previews=previews)
+
+
+def _mean_embedding(embeddings) -> torch.Tensor | None:
+    if not embeddings:
+        return None
+    vectors = torch.stack([torch.as_tensor(np.asarray(e), dtype=torch.float32) for e in embeddings])
+    vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    mean = vectors.mean(0)
+    return mean / mean.norm().clamp_min(1e-8)
+
+
+def identity_similarity(analyzer, image: torch.Tensor, reference) -> float | None:
+    """Cosine similarity between the largest face in ``image`` [h,w,3] and a reference embedding, when the
+    analyzer can embed and finds a face; None otherwise."""
+    if analyzer is None or reference is None:
+        return None
+    try:
+        face = analyze_largest(analyzer, image[None], embed=True)[0]
+    except NoFaceError:
+        return None
+    if getattr(face, "embedding", None) is None:
+        return None
+    a = torch.as_tensor(np.asarray(face.embedding), dtype=torch.float32).reshape(-1)
+    b = torch.as_tensor(np.asarray(reference), dtype=torch.float32).reshape(-1)
+    if a.shape != b.shape:
+        return None
+    return float(F.cosine_similarity(a[None], b[None]).item())
+
+
+@torch.no_grad()
+def sample_face(base_model, vae, crop: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
+                negative: torch.Tensor | None, steps: int = 12, cfg: float = 4.0, seed: int = 0,
+                in_channels: int = 9) -> torch.Tensor:
+    """A small, self-contained Euler inpainting sampler for training previews ([h,w,3] -> [h,w,3]).
+
+    Same inputs as ComfyUI's sampling with InpaintModelConditioning; the latent outside the mask is
+    held at the (noised) original, as a latent noise mask does.
+    """
+    ms = base_model.model_sampling
+    device = next(base_model.diffusion_model.parameters()).device
+    latent = base_model.process_latent_in(vae.encode(crop[None, ..., :3])).float().to(device)
+    hw = tuple(latent.shape[-2:])
+    mask_in, _ = latent_masks(mask, hw)
+    mask_in = mask_in[None].to(device)
+    c_concat = None
+    if in_channels == 9:
+        masked = base_model.process_latent_in(vae.encode(masked_pixels(crop, mask)[None, ..., :3])).float().to(device)
+        c_concat = torch.cat([mask_in, masked], dim=1)
+    sigmas = _schedule(ms, steps).to(device)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(int(seed))).to(device)
+    x = latent + noise * sigmas[0]
+    x = x * mask_in + (latent + noise * sigmas[0]) * (1 - mask_in)
+    cond = cond.to(device)
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i:i + 1]
+        denoised = base_model.apply_model(x, sigma, c_concat=c_concat, c_crossattn=cond)
+        if negative is not None and cfg != 1.0:  # cond and uncond run separately: lengths may differ
+            uncond = base_model.apply_model(x, sigma, c_concat=c_concat, c_crossattn=negative.to(device))
+            denoised = uncond + (denoised - uncond) * cfg
+        d = (x - denoised) / sigma
+        x = x + d * (sigmas[i + 1] - sigma)
+        x = x * mask_in + (latent + noise * sigmas[i + 1]) * (1 - mask_in)
+    x = x * mask_in + latent * (1 - mask_in)
+    image = vae.decode(base_model.process_latent_out(x.cpu()))
+    return image[0, ..., :3].float().clamp(0, 1).cpu()
+
+
+def _schedule(ms, steps: int) -> torch.Tensor:
+    """ComfyUI's "normal" schedule: evenly spaced timesteps from sigma_max to sigma_min, then 0."""
+    start, end = ms.timestep(ms.sigma_max), ms.timestep(ms.sigma_min)
+    timesteps = torch.linspace(float(start), float(end), max(1, int(steps)))
+    sigmas = torch.stack([ms.sigma(t) for t in timesteps]).float().reshape(-1)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def train_identity(model, clip, vae, images: torch.Tensor, analyzer, settings: TrainSettings,
+                   parser=None, validation_image: torch.Tensor | None = None,
+                   base_identity: Identity | None = None, base_lora: dict[str, torch.Tensor] | None = None,
+                   progress_factory=None, step_callback=None, interrupt_check=None) -> TrainingOutput:
+    """Train (or, with ``base_identity``, continue) a FaceA-Net identity from reference IMAGEs.
+
+    ``validation_image`` (optional, [1,H,W,3]) is held out and inpainted for the previews; without it the
+    first reference is used.
+    """
+    refs = prepare_references(images, analyzer, settings, parser)
+    validation_ref = None
+    if validation_image is not None:
+        validation_ref = prepare_references(validation_image[:1], analyzer, settings, parser)[0]
+    trainer = IdentityTrainer(model, clip, vae, refs, settings, base_identity=base_identity, base_lora=base_lora,
+                              validation_ref=validation_ref, analyzer=analyzer, progress_factory=progress_factory,
+                              step_callback=step_callback, interrupt_check=interrupt_check)
+    return trainer.run()
+
+
+def attribute_transfer_settings(base: TrainSettings, attributes: Sequence[str], steps: int = 100) -> TrainSettings:
+    """Settings for continuing an identity with another person's attribute(s): local task only, LoRA
+    plus those attributes' [feat] vectors trained."""
+    from dataclasses import replace
+
+    attributes = tuple(attributes)
+    return replace(base, steps=steps, attributes=attributes, local_only=True, train_feats=attributes)
