@@ -1,0 +1,115 @@
+"""Applying a FaceID-family adapter to a model: ID tokens, LoRA weight patches, the decoupled ID branch.
+
+Shared by the FaceID / FaceID-Plus / PlusV2 apply, Face-MakeUp (its adapter half) and ConsistentID:
+
+- :func:`clip_hidden_states`: CLIP-H penultimate hidden states of an IMAGE, and of the all-zero *normalised*
+  input the official code uses for the unconditional branch (an image filled with the CLIP pixel mean).
+- :func:`encode_id_tokens`: cond tokens ``projector(arcface, clip)`` and uncond tokens
+  ``projector(zeros, clip(zero image))``.
+- :func:`apply_faceid_adapter`: a model clone with the LoRA as weight patches (exact, see ``lora.py``) and
+  the engine's :class:`DecoupledInjector` fed by :class:`IdentityKV` (``out += w * Attn(q, K_ip, V_ip)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...attention_patches import DecoupledInjector, SigmaRange, add_injector
+from ...errors import InvalidInputError
+from .checkpoint import FaceIDCheckpoint
+from .ip_weights import IdentityKV
+from .lora import apply_lora
+from .mixing import CLIP_PIXEL_MEAN
+from .projection import projector_tokens
+
+
+@dataclass
+class IDTokens:
+    """Projected identity tokens for positive and negative chunks, ``[B, N, context]`` each."""
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+
+def zero_clip_image(clip_vision, size: int | None = None) -> torch.Tensor:
+    """An IMAGE ``[1,S,S,3]`` that the CLIP preprocessing maps to all zeros (filled with its pixel mean)."""
+    mean = getattr(clip_vision, "image_mean", CLIP_PIXEL_MEAN)
+    side = size or int(getattr(clip_vision, "image_size", 224))
+    return torch.tensor(mean, dtype=torch.float32).view(1, 1, 1, 3).expand(1, side, side, 3).contiguous()
+
+
+def clip_hidden_states(clip_vision, image: torch.Tensor | None) -> torch.Tensor:
+    """Penultimate hidden states ``[B, N, D]`` of ``image`` (IMAGE ``[B,H,W,C]``), center-cropped like the
+    official CLIPImageProcessor; ``image=None`` encodes the zero (unconditional) input."""
+    pixels = zero_clip_image(clip_vision) if image is None else image
+    output = clip_vision.encode_image(pixels, crop=True)
+    return output["penultimate_hidden_states"].float()
+
+
+def encode_id_tokens(checkpoint: FaceIDCheckpoint, arcface: torch.Tensor, clip_hidden: torch.Tensor | None = None,
+                     uncond_clip_hidden: torch.Tensor | None = None, s_scale: float = 1.0,
+                     shortcut: bool | None = None) -> IDTokens:
+    """Cond and uncond ID tokens. ``arcface`` [B,512] (normed buffalo_l); ``clip_hidden`` [B,257,1280] for the
+    Plus family (ignored by FaceID); ``uncond_clip_hidden`` = CLIP of the zero input."""
+    use_shortcut = checkpoint.shortcut if shortcut is None else bool(shortcut)
+    arcface = torch.as_tensor(arcface).float()
+    arcface = arcface.unsqueeze(0) if arcface.dim() == 1 else arcface
+    with torch.no_grad():
+        if not checkpoint.needs_clip_vision:
+            cond = projector_tokens(checkpoint.projector, arcface)
+            uncond = projector_tokens(checkpoint.projector, torch.zeros_like(arcface))
+            return IDTokens(cond, uncond)
+        if clip_hidden is None or uncond_clip_hidden is None:
+            raise InvalidInputError(f"{checkpoint.name} needs a CLIP vision model (CLIP-ViT-H) for its ID tokens.")
+        uncond_clip = uncond_clip_hidden.expand(clip_hidden.shape[0], -1, -1) if uncond_clip_hidden.shape[0] == 1 \
+            else uncond_clip_hidden
+        cond = projector_tokens(checkpoint.projector, arcface, clip_hidden, use_shortcut, s_scale)
+        uncond = projector_tokens(checkpoint.projector, torch.zeros_like(arcface), uncond_clip, use_shortcut, s_scale)
+    return IDTokens(cond, uncond)
+
+
+def apply_faceid_adapter(model_patcher, checkpoint: FaceIDCheckpoint, tokens: IDTokens, weight: float = 1.0,
+                         lora_strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
+                         mask: torch.Tensor | None = None, name: str | None = None):
+    """A clone of ``model_patcher`` with the adapter's LoRA patches and the decoupled ID branch.
+
+    ``weight`` is the official IP ``scale``; ``lora_strength`` scales the merged LoRA (1 = as trained);
+    ``start_at``/``end_at`` limit the ID branch to part of the schedule; ``mask`` (MASK) limits it in space.
+    Weight 0 and LoRA strength 0 leave the model's output unchanged.
+    """
+    patched = apply_lora(model_patcher, checkpoint.adapter, lora_strength)
+    if weight != 0.0:
+        device = _load_device(model_patcher)
+        provider = IdentityKV(checkpoint.adapter, tokens.cond, tokens.uncond, device=device)
+        injector = DecoupledInjector(name or checkpoint.variant.value, provider, weight=weight,
+                                     sigma_range=SigmaRange(start_at, end_at),
+                                     region=mask)
+        add_injector(patched, injector)
+    return patched
+
+
+def _load_device(model_patcher) -> torch.device:
+    device = getattr(model_patcher, "load_device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def arcface_from_faces(analysis, expected_dim: int = 512) -> torch.Tensor:
+    """``[B, D]`` L2-normalised identity vectors, the first selected face of each image (zeros without a face,
+    as the official code does). The FaceID family was trained on insightface buffalo_l (w600k_r50) vectors."""
+    import logging
+
+    faces = analysis.first_face_per_image()
+    if all(f is None or f.embedding is None for f in faces):
+        raise InvalidInputError("FACES holds no identity embedding (no face found, or an analyzer without a "
+                                "recognition model). Use the InsightFace loader with buffalo_l.")
+    dims = {int(f.embedding.shape[-1]) for f in faces if f is not None and f.embedding is not None}
+    if dims != {expected_dim}:
+        raise InvalidInputError(f"this model needs {expected_dim}-d ArcFace vectors (insightface buffalo_l); FACES has "
+                                f"{sorted(dims)}-d embeddings from {analysis.model_id}.")
+    if "buffalo_l" not in str(analysis.model_id) and "w600k" not in str(analysis.model_id):
+        logging.getLogger("likeness").warning(
+            "Likeness: FaceID-family models were trained on buffalo_l (w600k_r50) embeddings; FACES came from %s.",
+            analysis.model_id)
+    rows = [torch.zeros(expected_dim) if f is None or f.embedding is None
+            else torch.as_tensor(f.normed_embedding, dtype=torch.float32).reshape(-1) for f in faces]
+    return torch.stack(rows)
