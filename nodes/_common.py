@@ -1,6 +1,10 @@
 """Shared bits for node classes: the category root and small input-spec helpers."""
 from __future__ import annotations
 
+import re
+
+from ..errors import InvalidInputError
+
 CATEGORY = "Likeness"
 
 
@@ -20,3 +24,16 @@ def percent_range_inputs(start_tip: str = "When the effect starts, as a fraction
                          end_tip: str = "When the effect ends, as a fraction of the sampling schedule.") -> dict:
     return {"start_at": float_input(0.0, 0.0, 1.0, 0.001, start_tip),
             "end_at": float_input(1.0, 0.0, 1.0, 0.001, end_tip)}
+
+
+_FILE_STEM = re.compile(r"^[\w.\- ]+$")
+
+
+def checked_file_stem(name: str) -> str:
+    """A user-typed output name as a plain file stem (no folders, no extension), or InvalidInputError."""
+    stem = (name or "").strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or not _FILE_STEM.match(stem) or stem in (".", ".."):
+        raise InvalidInputError(f"name {name!r} must be a plain file name (letters, digits, space, . _ -)")
+    return stem

@@ -3,26 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 from ..errors import InvalidInputError
-from ._common import category, float_input, int_input
+from ._common import category, checked_file_stem, float_input, int_input
 
 logger = logging.getLogger("likeness")
 
 CATEGORY = category("ConsistentID")
 FOLDER, SUBFOLDER, TRAINING_SUBFOLDER = "likeness", "consistentid", "training/consistentid"
-_NAME_OK = re.compile(r"^[\w.\- ]+$")
-
-
-def checked_name(name: str) -> str:
-    """A file stem (no folders, no extension)."""
-    stem = (name or "").strip()
-    if stem.lower().endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    if not stem or not _NAME_OK.match(stem) or stem in (".", ".."):
-        raise InvalidInputError(f"name {name!r} must be a plain file name (letters, digits, space, . _ -)")
-    return stem
 
 
 class TrainConsistentID:
@@ -105,7 +93,7 @@ class TrainConsistentID:
         from ..techniques.consistentid.training import (ConsistentIDTrainSettings, save_trained, train_consistentid,
                                                         training_sources)
 
-        stem = checked_name(name)
+        stem = checked_file_stem(name)
         if not callable(getattr(face_analyzer, "detect", None)):
             raise InvalidInputError("'face_analyzer' must come from a Likeness face analyzer loader (InsightFace, "
                                     "buffalo_l).")

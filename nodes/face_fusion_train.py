@@ -3,26 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 from ..errors import InvalidInputError
-from ._common import category, float_input, int_input
+from ._common import category, checked_file_stem, float_input, int_input
 
 logger = logging.getLogger("likeness")
 
 CATEGORY = category("Face Fusion")
 REFERENCE_NOISE_CHOICES = {"same noise level (paper)": "same_sigma", "clean reference": "clean"}
-_NAME_OK = re.compile(r"^[\w.\- ]+$")
-
-
-def checked_name(name: str) -> str:
-    """A file stem for the adapter (no folders, no extension)."""
-    stem = (name or "").strip()
-    if stem.lower().endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    if not stem or not _NAME_OK.match(stem) or stem in (".", ".."):
-        raise InvalidInputError(f"name {name!r} must be a plain file name (letters, digits, space, . _ -)")
-    return stem
 
 
 class TrainFaceFusion:
@@ -89,7 +77,7 @@ class TrainFaceFusion:
         from ..techniques.face_fusion.training import (FusionTrainSettings, save_trained_adapter, train_face_fusion,
                                                        training_sources)
 
-        stem = checked_name(name)
+        stem = checked_file_stem(name)
         folder_path = input_path(folder) if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)
         settings = FusionTrainSettings(

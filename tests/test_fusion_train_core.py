@@ -66,7 +66,7 @@ def test_settings_are_checked(bad):
 
 
 def test_node_name_is_a_plain_file_name():
-    from likeness.nodes.face_fusion_train import checked_name
+    from likeness.nodes._common import checked_file_stem as checked_name
 
     assert checked_name(" my face.safetensors ") == "my face"
     for bad in ("", "../x", "a/b", ".."):
