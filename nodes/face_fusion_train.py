@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 
-from ..errors import InvalidInputError
 from ._common import category, checked_file_stem, float_input, int_input
 
 logger = logging.getLogger("likeness")

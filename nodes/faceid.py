@@ -105,10 +105,101 @@ class FaceIDApply:
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
         tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)
         if faceid.variant == Variant.FACE_MAKEUP:
-            logger.warning("Likeness: Face-MakeUp applied as its adapter half only (its pose ControlNet is not "
-                           "attached by this node).")
+            logger.warning("Likeness: Face-MakeUp applied as its adapter half only; use 'Face-MakeUp Apply' for "
+                           "its pose ControlNet.")
         return (apply_faceid_adapter(model, faceid, tokens, weight=weight, lora_strength=lora_strength,
                                      start_at=start_at, end_at=end_at, mask=mask),)
+
+
+class FaceMakeUpApply:
+    NODE_ID = "LikenessFaceMakeUpApply"
+    DISPLAY_NAME = "Face-MakeUp Apply (adapter + pose ControlNet)"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Runs the whole Face-MakeUp: the FaceID-PlusV2-style adapter on the model (LoRA + ID tokens) and "
+                   "its pose ControlNet, attached to the conditioning with the ID tokens (not the text) as its "
+                   "context and the 5-keypoint map as its hint (the reference's pose unless a pose map is given).")
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("model", "positive", "negative")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD1.5 model (Realistic Vision recommended)."}),
+            "faceid": ("FACE_MAKEUP", {"tooltip": "Face-MakeUp's model.bin from the FaceID / Face-MakeUp Loader."}),
+            "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP-ViT-H-14 (encodes the aligned face crop)."}),
+            "image": ("IMAGE", {"tooltip": "Reference photo(s); several are blended with mix_weights."}),
+            "faces": ("FACES", {"tooltip": "Analyze Faces on the reference images with InsightFace buffalo_l."}),
+            "positive": ("CONDITIONING", {"tooltip": "Positive prompt conditioning; receives the pose ControlNet."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning; receives the pose ControlNet "
+                         "fed the unconditional ID tokens."}),
+            "weight": float_input(0.6, 0.0, 3.0, 0.05, "ID scale (Face-MakeUp recommends 0.6)."),
+            "s_scale": float_input(1.0, 0.0, 3.0, 0.05, "Weight of the CLIP refinement in x + s_scale * resampler."),
+            "lora_strength": float_input(1.0, 0.0, 2.0, 0.05, "Strength of the merged LoRA (1 = as trained)."),
+            "controlnet_strength": float_input(0.2, 0.0, 2.0, 0.01, "Strength of the pose ControlNet (official "
+                                               "0.2; 0 = adapter only)."),
+            **percent_range_inputs(),
+        }, "optional": {
+            "pose_map": ("IMAGE", {"tooltip": "A 5-keypoint map (Face Keypoint Map node, e.g. from another photo) "
+                         "giving the pose; default: the first reference's keypoints at its own size."}),
+            "mix_weights": ("STRING", {"default": "", "tooltip": "Comma-separated weight per reference image; "
+                            "empty = equal."}),
+        }}
+
+    def apply(self, model, faceid, clip_vision, image, faces, positive, negative, weight, s_scale, lora_strength,
+              controlnet_strength, start_at, end_at, pose_map=None, mix_weights=""):
+        from ..techniques.faceid.apply import apply_face_makeup
+        from ..techniques.faceid.checkpoint import FaceIDCheckpoint
+
+        if not isinstance(faceid, FaceIDCheckpoint):
+            raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
+        tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)
+        if pose_map is None:
+            pose_map = reference_pose_map(faces)
+        return apply_face_makeup(model, faceid, tokens, positive, negative, pose_map, weight=weight,
+                                 lora_strength=lora_strength, controlnet_strength=controlnet_strength,
+                                 start_at=start_at, end_at=end_at)
+
+
+def reference_pose_map(faces):
+    """The 5-keypoint map of the first reference image with a face (drawn as Face-MakeUp draws it)."""
+    from ..face_analysis.pose import kps_maps
+
+    first = next((i for i, f in enumerate(faces.first_face_per_image()) if f is not None), 0)
+    return kps_maps(faces).image[first:first + 1]
+
+
+class IdentityMixBalance:
+    NODE_ID = "LikenessIdentityMixBalance"
+    DISPLAY_NAME = "Identity Mixing Balance"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Measures an identity mix: the cosine similarity (FaceSim) of each result image to every source "
+                   "identity separately, and each source's share, so you can tune mix_weights toward the balance "
+                   "you want.")
+    RETURN_TYPES = ("STRING", "FLOAT", "FLOAT")
+    RETURN_NAMES = ("report", "similarity_first", "similarity_second")
+    FUNCTION = "measure"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "source_faces": ("FACES", {"tooltip": "Analyze Faces on the source images (one identity per image), the "
+                             "same FACES given to the apply node."}),
+            "result_faces": ("FACES", {"tooltip": "Analyze Faces on the generated images, with the same analyzer."}),
+        }, "optional": {
+            "mix_weights": ("STRING", {"default": "", "tooltip": "The mix weights used (shown in the report only)."}),
+        }}
+
+    def measure(self, source_faces, result_faces, mix_weights=""):
+        from ..techniques.faceid.mixing_readout import mixing_readout
+
+        readout = mixing_readout(source_faces, result_faces, parse_weights(mix_weights, len(
+            [f for f in source_faces.first_face_per_image() if f is not None])))
+        text = readout.to_text()
+        means = [readout.mean_cosine(i) for i in range(len(readout.source_images))] + [float("nan")]
+        first, second = (0.0 if m != m else m for m in means[:2])
+        return {"ui": {"text": [text]}, "result": (text, first, second)}
 
 
 def parse_weights(text: str, count: int) -> list[float] | None:
@@ -157,4 +248,4 @@ def faceid_tokens(checkpoint, image, faces, clip_vision, s_scale: float, mix_wei
     return encode_id_tokens(checkpoint, arcface, clip, zero, s_scale=s_scale)
 
 
-NODE_CLASSES = [FaceIDLoader, FaceIDApply]
+NODE_CLASSES = [FaceIDLoader, FaceIDApply, FaceMakeUpApply, IdentityMixBalance]

@@ -113,3 +113,35 @@ def arcface_from_faces(analysis, expected_dim: int = 512) -> torch.Tensor:
     rows = [torch.zeros(expected_dim) if f is None or f.embedding is None
             else torch.as_tensor(f.normed_embedding, dtype=torch.float32).reshape(-1) for f in faces]
     return torch.stack(rows)
+
+
+def apply_face_makeup(model_patcher, checkpoint: FaceIDCheckpoint, tokens: IDTokens, positive: list, negative: list,
+                      pose_map: torch.Tensor, weight: float = 0.6, lora_strength: float = 1.0,
+                      controlnet_strength: float = 0.2, start_at: float = 0.0, end_at: float = 1.0,
+                      control_net=None) -> tuple:
+    """The whole Face-MakeUp: the adapter half on the model and the pose ControlNet on the conditioning.
+
+    The ControlNet (built once per checkpoint and cached on it unless ``control_net`` is given) is attached to
+    every positive entry with the cond ID tokens and every negative entry with the uncond ones as its
+    cross-attention context. Returns ``(model, positive, negative)``; all-zero strengths change nothing.
+    """
+    from .checkpoint import Variant
+    from .controlnet import attach_id_controlnet, build_face_makeup_controlnet
+
+    if checkpoint.variant != Variant.FACE_MAKEUP or checkpoint.controlnet is None:
+        raise InvalidInputError(f"{checkpoint.name} is not Face-MakeUp (no 'controlnet' group); use the FaceID Apply "
+                                "node for FaceID / Plus / PlusV2 files.")
+    model = apply_faceid_adapter(model_patcher, checkpoint, tokens, weight=weight, lora_strength=lora_strength,
+                                 start_at=start_at, end_at=end_at)
+    if controlnet_strength == 0.0:
+        return model, positive, negative
+    if control_net is None:
+        control_net = getattr(checkpoint, "_comfy_controlnet", None)
+        if control_net is None:
+            control_net = build_face_makeup_controlnet(checkpoint.controlnet, checkpoint.controlnet_shape)
+            checkpoint._comfy_controlnet = control_net
+    positive = attach_id_controlnet(positive, control_net, pose_map, tokens.cond, controlnet_strength,
+                                    start_at, end_at)
+    negative = attach_id_controlnet(negative, control_net, pose_map, tokens.uncond, controlnet_strength,
+                                    start_at, end_at)
+    return model, positive, negative
