@@ -1,0 +1,176 @@
+"""The FaceID / Face-MakeUp / ConsistentID example workflows run through ComfyUI's real executor.
+
+Tiny models replace the real files: the tiny SD1.5 loader (host_nodes), test-only nodes registered here for
+the tiny CLIP vision and scaled-down random Face-MakeUp / FaceID-PlusV2 / ConsistentID checkpoints, a tiny
+buffalo_l-shaped insightface pack written into the temp models dir (its detector finds white squares), and the
+landmark face parser instead of BiSeNet.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.host
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
+WORKFLOWS = ["faceid_face_makeup_portrait.json", "faceid_face_makeup_other_pose.json", "faceid_identity_mixing.json",
+             "faceid_plusv2_baseline.json", "consistentid_portrait.json", "consistentid_regional_mask.json"]
+PACK = "tiny_buffalo_l"
+IMAGES = {"reference_portrait.png": (96, 96), "pose_photo.png": (128, 64), "identity_a.png": (96, 96),
+          "identity_b.png": (64, 128)}
+
+
+class LikenessTestTinyClipVision:
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        import host_support
+
+        return (host_support.build_tiny_clip_vision(),)
+
+
+class LikenessTestTinyFaceIDFile:
+    """A scaled-down random Face-MakeUp (with its ControlNet), FaceID-PlusV2 or ConsistentID for the tiny UNet."""
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("FACE_MAKEUP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip_vision": ("CLIP_VISION",),
+                             "kind": (["face_makeup", "plusv2", "consistentid"],)}}
+
+    def load(self, model, clip_vision, kind):
+        import torch
+        from faceid_support import random_faceid_checkpoint
+        from test_face_makeup_controlnet import tiny_face_makeup_groups
+
+        from likeness.techniques.faceid.lora import transformer_blocks
+
+        if kind == "face_makeup":
+            return (pack_module("techniques.faceid.checkpoint").load_faceid_state_dict(
+                tiny_face_makeup_groups(model, clip_vision), source="tiny-face-makeup.bin"),)
+        channels = [r.channels for r in transformer_blocks(model)]
+        hidden = clip_vision.encode_image(torch.rand(1, 32, 32, 3))["penultimate_hidden_states"].shape[-1]
+        if kind == "plusv2":
+            groups = random_faceid_checkpoint(channels, 64, clip_dim=hidden, rank=4)
+            return (pack_module("techniques.faceid.checkpoint").load_faceid_state_dict(
+                groups, source="tiny-faceid-plusv2.bin"),)
+        groups = random_faceid_checkpoint(channels, 64, clip_dim=hidden, rank=4, facial_encoder=True)
+        return (pack_module("techniques.consistentid.loader").load_consistentid_state_dict(
+            groups, source="tiny-consistentid.bin"),)
+
+
+class LikenessTestTinyConsistentID(LikenessTestTinyFaceIDFile):
+    RETURN_TYPES = ("CONSISTENTID",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip_vision": ("CLIP_VISION",)}}
+
+    def load(self, model, clip_vision):
+        return super().load(model, clip_vision, "consistentid")
+
+
+def pack_module(name: str):
+    """A module of the pack as ComfyUI loaded it (its own module name, so the nodes' isinstance checks pass)."""
+    import importlib
+
+    import nodes
+
+    root = nodes.NODE_CLASS_MAPPINGS["LikenessFaceIDLoader"].__module__.rsplit(".nodes.", 1)[0]
+    return importlib.import_module(f"{root}.{name}")
+
+
+TEST_NODES = {c.__name__: c for c in (LikenessTestTinyClipVision, LikenessTestTinyFaceIDFile,
+                                      LikenessTestTinyConsistentID)}
+
+
+def tiny_prompt(prompt: dict) -> dict:
+    """Same graph, tiny: test loaders, the tiny insightface pack, small sizes, 2 steps."""
+    from likeness.face_analysis.parsing import LANDMARKS_CHOICE
+
+    prompt = json.loads(json.dumps(prompt))
+    ckpt = next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
+    vision = next(i for i, n in prompt.items() if n["class_type"] == "CLIPVisionLoader")
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            node.update(class_type="LikenessTestTinySD15Loader", inputs={"seed": 0})
+        elif kind == "CLIPVisionLoader":
+            node.update(class_type="LikenessTestTinyClipVision", inputs={})
+        elif kind == "LikenessFaceIDLoader":
+            variant = "face_makeup" if inputs["model_name"].startswith("face_makeup/") else "plusv2"
+            node.update(class_type="LikenessTestTinyFaceIDFile",
+                        inputs={"model": [ckpt, 0], "clip_vision": [vision, 0], "kind": variant})
+        elif kind == "LikenessConsistentIDLoader":
+            node.update(class_type="LikenessTestTinyConsistentID",
+                        inputs={"model": [ckpt, 0], "clip_vision": [vision, 0]})
+        elif kind == "LikenessInsightFaceLoader":
+            inputs.update(pack=PACK, provider="CPU", det_size=256)
+        elif kind == "LikenessFaceParserLoader":
+            inputs.update(parser=LANDMARKS_CHOICE, device="cpu")
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=inputs["width"] // 8, height=inputs["height"] // 8)
+        elif kind == "KSampler":
+            inputs.update(steps=2)
+        elif kind == "LikenessFaceKeypointMap":
+            inputs.update(width=inputs["width"] // 8, height=inputs["height"] // 8)
+        elif kind == "SolidMask":
+            inputs.update(width=max(1, inputs["width"] // 8), height=max(1, inputs["height"] // 8))
+        elif kind == "MaskComposite":
+            inputs["x"] //= 8
+    return prompt
+
+
+def face_photo(height: int, width: int) -> np.ndarray:
+    """A black photo with one white 64-pixel square on the 32-pixel grid: the tiny detector's 'face'."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[32:96, 0:64] = 255
+    image[32:96, 0:64, 0] = 200 if width > height else 255     # different identities for different photos
+    return image
+
+
+@pytest.fixture(scope="module")
+def workflow_env(host_env, host_test_nodes):
+    import nodes
+    from onnx_face_models import write_tiny_insightface_pack
+    from PIL import Image
+
+    write_tiny_insightface_pack(os.path.join(host_env.models, "insightface", "models", PACK))
+    for name, (h, w) in IMAGES.items():
+        Image.fromarray(face_photo(h, w)).save(os.path.join(host_env.input, name))
+    saved = {k: nodes.NODE_CLASS_MAPPINGS.get(k) for k in TEST_NODES}
+    nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
+    yield host_env
+    for k, v in saved.items():
+        if v is None:
+            nodes.NODE_CLASS_MAPPINGS.pop(k, None)
+        else:
+            nodes.NODE_CLASS_MAPPINGS[k] = v
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_workflow_runs(name, workflow_env, execute_prompt):
+    pytest.importorskip("insightface")
+    from PIL import Image
+
+    with open(os.path.join(EXAMPLES, name)) as handle:
+        prompt = tiny_prompt(json.load(handle))
+    outputs = execute_prompt(prompt)
+    saves = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
+    (item,) = outputs[saves[0]]["images"]
+    image = np.asarray(Image.open(os.path.join(workflow_env.output, item["subfolder"], item["filename"])))
+    assert image.ndim == 3 and np.isfinite(image).all()
+    if name == "faceid_identity_mixing.json":
+        (balance,) = [nid for nid, node in prompt.items() if node["class_type"] == "LikenessIdentityMixBalance"]
+        assert "identity mixing balance" in outputs[balance]["text"][0]
