@@ -1,0 +1,52 @@
+"""The identity-attention engine shared by every technique of the pack.
+
+Public API (import from here):
+
+Sites
+    ``find_sites(model) -> tuple[AttentionSite, ...]``: every text cross-attention site, walked from the
+    model (SD1.5: 16, SDXL: 70). ``AttentionSite`` has ``key`` (ComfyUI's attn2 patch key),
+    ``channels``/``heads``/``dim_head``/``context_dim``, ``order`` and ``processor_index`` (``2k+1``, the
+    IP-Adapter/diffusers state-dict index), ``transformer_index``, ``level``.
+
+Installing on a model (always on a clone you own: ``m = model.clone()``)
+    ``add_injector(m, injector) -> IdentityAttentionPatch``: installs the one patch object of ``m`` on
+    every site (if not there yet) and appends ``injector``. ``find_patch(m)`` returns it or None.
+    Injectors with the same ``name`` replace each other (re-applying a technique).
+
+Injectors
+    ``DecoupledInjector(name, provider, weight=, sigma_range=, site_weights=, region=)``:
+    ``out = Attn(q,K_c,V_c) + w * mask * Attn(q,K_id,V_id)``. ``provider(site, kind)`` returns
+    ``(k, v)`` projected for that site, ``[1 | chunk_size, N_id, C]``, for chunk kind 0 (positive) or
+    1 (negative); None = nothing for that kind (uncond "none"). Memoise per site in the provider.
+    ``JointInjector``: subclass, return ``KeyGroup`` s from ``key_groups(call, weight)`` (Face Fusion).
+
+When and where
+    ``SigmaRange(start_percent, end_percent)`` (resolved to sigmas once per model sampling),
+    ``SiteWeights.parse(mode, custom, others)`` (all / input / middle / output / custom),
+    ``RegionMask(mask)`` (an image-space MASK; resized per site from ``activations_shape``),
+    ``eq7_bias`` / ``eq7_additive_mask`` (Face Fusion's multi-identity mask).
+
+Reference capture (:mod:`.capture`)
+    ``ReferenceLatents``, ``CaptureRequest``, ``CapturedStates``; modes ``per_step``, ``cached_clean``,
+    ``cached_sigma``. An injector with ``needs_capture = True`` returns a request from
+    ``capture_request(t, layout, model_sampling)``; the engine runs the reference pass inside its
+    APPLY_MODEL wrapper and hands the states to ``AttentionCall.captured(injector)``.
+"""
+from __future__ import annotations
+
+from .capture import CAPTURE_MODES, CaptureRequest, CapturedStates, ReferenceLatents
+from .injectors import (NEGATIVE, POSITIVE, AttentionCall, ChunkLayout, DecoupledInjector, Injector, JointInjector,
+                        KeyGroup)
+from .masks import RegionMask, eq7_additive_mask, eq7_allowed, eq7_bias, resize_to_grid
+from .patch import (PASS_KEY, IdentityAttentionPatch, PassContext, add_injector, find_patch, identity_attention_wrapper,
+                    install)
+from .sigma import SigmaRange, SiteWeights
+from .sites import AttentionSite, describe_sites, diffusion_model_of, find_sites
+
+__all__ = [
+    "AttentionCall", "AttentionSite", "CAPTURE_MODES", "CaptureRequest", "CapturedStates", "ChunkLayout",
+    "DecoupledInjector", "IdentityAttentionPatch", "Injector", "JointInjector", "KeyGroup", "NEGATIVE", "PASS_KEY",
+    "POSITIVE", "PassContext", "ReferenceLatents", "RegionMask", "SigmaRange", "SiteWeights", "add_injector",
+    "describe_sites", "diffusion_model_of", "eq7_additive_mask", "eq7_allowed", "eq7_bias", "find_patch",
+    "find_sites", "identity_attention_wrapper", "install", "resize_to_grid",
+]

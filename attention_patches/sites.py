@@ -1,0 +1,165 @@
+"""Cross-attention sites, found by walking the model (never from a hard-coded table).
+
+A *site* is one ``attn2`` (text cross-attention) layer of the UNet. ComfyUI looks attn2 replace patches
+up by ``(block_kind, block_id, block_index)`` (``BasicTransformerBlock.forward``), where ``block_kind``
+is ``"input" | "middle" | "output"``, ``block_id`` the index in ``input_blocks`` / ``output_blocks``
+(0 for the middle block) and ``block_index`` the depth inside that block's SpatialTransformer.
+
+Walking ``input_blocks``, ``middle_block`` and ``output_blocks`` the way ``UNetModel._forward`` runs them
+gives every site in call order, so the SD1.5 middle block is ``("middle", 0)`` (the key the host emits;
+a hard-coded ``("middle", 1)`` never fires) and SDXL's depth-10 blocks yield 10 sites each (70 total).
+
+``order`` is the diffusers attention-processor position (down blocks, then up blocks, then the mid
+block): IP-Adapter-style checkpoints name the k-th cross-attention ``"{2k+1}.to_k_ip.weight"``.
+It is derived by sorting the walked sites, not tabulated.
+
+Plain torch: no ``comfy`` import; works on the meta device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from torch import nn
+
+GROUPS = ("input", "middle", "output")
+# diffusers registers down_blocks, up_blocks, then mid_block: that order numbers the processors.
+_DIFFUSERS_GROUP_RANK = {"input": 0, "output": 1, "middle": 2}
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One cross-attention layer of the UNet.
+
+    Attributes:
+        index: position in call order (0 = first site the UNet runs).
+        block: ``("input"|"middle"|"output", block_id)`` as in ``extra_options["block"]``.
+        block_index: depth inside the block's transformer (``extra_options["block_index"]``).
+        transformer_index: running count of transformers in the UNet at this site
+            (``extra_options["transformer_index"]``).
+        channels: inner width C of the attention (= heads * dim_head); q/k/v are [B, N, C].
+        heads, dim_head: attention heads and their width.
+        context_dim: width of the text context the layer's ``to_k`` / ``to_v`` take.
+        query_dim: width of the hidden state entering the layer (``to_q`` input; = C for SD/SDXL).
+        order: diffusers processor position k (down, up, mid); the state-dict index is ``2k+1``.
+        level: resolution level (0 = full latent resolution, 1 = half, ...), counted from the
+            Downsample/Upsample layers met while walking; the token grid is about latent / 2**level.
+    """
+
+    index: int
+    block: tuple[str, int]
+    block_index: int
+    transformer_index: int
+    channels: int
+    heads: int
+    dim_head: int
+    context_dim: int
+    query_dim: int
+    order: int
+    level: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """The 3-tuple ComfyUI's attn2 replace lookup tries first."""
+        return (self.block[0], self.block[1], self.block_index)
+
+    @property
+    def group(self) -> str:
+        return self.block[0]
+
+    @property
+    def processor_index(self) -> int:
+        """diffusers ``attn_processors`` index of this attn2 (odd): ``2 * order + 1``."""
+        return 2 * self.order + 1
+
+    def describe(self) -> str:
+        return (f"{self.block[0]}[{self.block[1]}].{self.block_index} t{self.transformer_index} "
+                f"C={self.channels} heads={self.heads}x{self.dim_head} ctx={self.context_dim} "
+                f"proc={self.processor_index} level={self.level}")
+
+
+def diffusion_model_of(model: Any) -> nn.Module:
+    """The UNet inside a ModelPatcher, a BaseModel, or the UNet itself."""
+    seen = model
+    for _ in range(3):
+        if hasattr(seen, "input_blocks") and hasattr(seen, "output_blocks"):
+            return seen
+        if hasattr(seen, "diffusion_model"):
+            seen = seen.diffusion_model
+        elif hasattr(seen, "model"):
+            seen = seen.model
+        else:
+            break
+    if hasattr(seen, "input_blocks") and hasattr(seen, "output_blocks"):
+        return seen
+    raise TypeError(f"{type(model).__name__} is not a UNet (no input_blocks/output_blocks); "
+                    "identity attention supports SD1.5/SD2/SDXL-style UNets")
+
+
+def _layers(block: nn.Module | None) -> Iterable[nn.Module]:
+    if block is None:
+        return ()
+    if isinstance(block, (nn.Sequential, nn.ModuleList)):
+        return list(block)
+    return [block]
+
+
+def _is_transformer(layer: nn.Module) -> bool:
+    return hasattr(layer, "transformer_blocks") and isinstance(layer.transformer_blocks, nn.ModuleList)
+
+
+def _walk(unet: nn.Module) -> list[tuple[dict, nn.Module]]:
+    """(site fields without index/order, the BasicTransformerBlock) for every attn2, in call order."""
+    found: list[tuple[dict, nn.Module]] = []
+    transformer_index = 0
+    level = 0
+    walk = [("input", i, b) for i, b in enumerate(unet.input_blocks)]
+    walk.append(("middle", 0, getattr(unet, "middle_block", None)))
+    walk += [("output", i, b) for i, b in enumerate(unet.output_blocks)]
+    for kind, block_id, block in walk:
+        for layer in _layers(block):
+            name = type(layer).__name__
+            if name == "Downsample":
+                level += 1
+            elif name == "Upsample":
+                level -= 1
+            if not _is_transformer(layer):
+                continue
+            for block_index, tb in enumerate(layer.transformer_blocks):
+                attn2 = getattr(tb, "attn2", None)
+                if attn2 is None or getattr(tb, "switch_temporal_ca_to_sa", False):
+                    continue  # no text cross-attention here
+                found.append((dict(block=(kind, block_id), block_index=block_index,
+                                   transformer_index=transformer_index,
+                                   channels=attn2.to_q.out_features, heads=int(attn2.heads),
+                                   dim_head=int(attn2.dim_head), context_dim=attn2.to_k.in_features,
+                                   query_dim=attn2.to_q.in_features, level=level), tb))
+            transformer_index += 1
+    return found
+
+
+def find_sites(model: Any) -> tuple[AttentionSite, ...]:
+    """Every text cross-attention site of ``model`` (ModelPatcher, BaseModel or UNet), in call order."""
+    raw = [fields for fields, _ in _walk(diffusion_model_of(model))]
+    ranked = sorted(range(len(raw)), key=lambda i: (_DIFFUSERS_GROUP_RANK[raw[i]["block"][0]], i))
+    order = {site: k for k, site in enumerate(ranked)}
+    return tuple(AttentionSite(index=i, order=order[i], **r) for i, r in enumerate(raw))
+
+
+def transformer_blocks(model: Any) -> dict[int, nn.Module]:
+    """``{site.index: BasicTransformerBlock}`` (to read a site's ``attn1`` / ``attn2`` weights)."""
+    return {i: tb for i, (_, tb) in enumerate(_walk(diffusion_model_of(model)))}
+
+
+def sites_by_key(sites: Iterable[AttentionSite]) -> dict[tuple, AttentionSite]:
+    """Map both lookup keys ComfyUI uses (3-tuple, and 2-tuple for depth-1 blocks) to the site."""
+    table: dict[tuple, AttentionSite] = {}
+    for site in sites:
+        table[site.key] = site
+        table.setdefault(site.block, site)
+    return table
+
+
+def describe_sites(sites: Iterable[AttentionSite]) -> str:
+    """A multi-line table for logs and the CLI."""
+    return "\n".join(site.describe() for site in sites)

@@ -1,0 +1,436 @@
+"""Benchmark: cost of the identity-attention engine in real ComfyUI sampling (full SD1.5 UNet, CPU).
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/attention_overhead.py [--quick] [--configs a,b]
+
+Builds ComfyUI's own SD1.5 model (``comfy.supported_models.SD15``, standard unet config, 859.5 M params,
+fp32, random weights: norms 1/0, biases 0, the rest N(0, 0.02)) with ``--cpu --use-pytorch-cross-attention``
+(SDPA), then samples with ``comfy.sample.sample`` (euler/normal, CFG 7: cond + uncond in one batch of 2,
+512 px = 64x64 latent, 2 steps) under ``torch.inference_mode()``, as the executor does.
+
+Every configuration is a clone of the same model (registry :data:`CONFIGS`; add rows for other techniques
+with :func:`register`). After one warm-up round (which also pays the one-off reference capture of the
+cached modes, reported separately) the configurations run interleaved, in a rotating order, round after
+round, until every ratio's median moved less than ``--tol`` in the last round (or ``--max-rounds`` /
+``--budget`` is reached). Printed per configuration: wall time median and min-max, and the ratios to
+``unpatched`` of the wall time, of the process CPU time and of the time spent inside the cross-attention
+sites (norm2 → to_out bracket at all 16 sites, main passes only); reference-capture passes are timed
+separately. Walls on a shared 2-core machine vary by ±17 %; CPU time and site time are steadier.
+
+``--quick``: a 32x32 latent (256 px), at most 3 rounds (development only).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SD15_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+             'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
+             'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0], 'channel_mult': [1, 2, 4, 4],
+             'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': 768, 'num_heads': 8,
+             'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             'use_temporal_attention': False, 'use_temporal_resblock': False}  # comfy/model_detection.py SD15
+
+
+# ----------------------------------------------------------------------------------------- registry
+@dataclass
+class Config:
+    name: str
+    description: str
+    build: Callable          # (Bench) -> ModelPatcher
+    target: float | None = None       # maximal wall ratio
+    target_of: str = "unpatched"      # ... relative to this configuration
+    walls: list = field(default_factory=list)
+    cpus: list = field(default_factory=list)
+    sites: list = field(default_factory=list)
+    captures: list = field(default_factory=list)
+    warmup: dict = field(default_factory=dict)
+    model: object = None
+
+
+CONFIGS: dict[str, Config] = {}
+
+
+def register(name: str, description: str, target: float | None = None, target_of: str = "unpatched"):
+    """Decorator: add a row. ``build(bench)`` returns a patched clone of ``bench.base``."""
+    def wrap(fn):
+        CONFIGS[name] = Config(name, description, fn, target, target_of)
+        return fn
+    return wrap
+
+
+@register("unpatched", "the model as loaded")
+def _unpatched(bench):
+    return bench.base.clone()
+
+
+@register("decoupled", "decoupled injector, 16 identity tokens per chunk (IP-Adapter-Plus shape), cond and "
+          "uncond tokens, all 16 sites", target=1.03)
+def _decoupled(bench):
+    import torch
+
+    from likeness.attention_patches import DecoupledInjector, add_injector
+
+    g = torch.Generator().manual_seed(1)
+    embeds = {0: torch.randn(1, 16, 768, generator=g), 1: torch.randn(1, 16, 768, generator=g)}
+    weights = {s.index: (torch.randn(s.channels, 768, generator=g) * 0.02, torch.randn(s.channels, 768, generator=g) * 0.02)
+               for s in bench.sites}
+    cache = {}
+
+    def provider(site, kind):   # to_k_ip / to_v_ip projection once per site and kind, like a real technique
+        hit = cache.get((site.index, kind))
+        if hit is None:
+            wk, wv = weights[site.index]
+            hit = cache[(site.index, kind)] = (embeds[kind] @ wk.T, embeds[kind] @ wv.T)
+        return hit
+
+    model = bench.base.clone()
+    add_injector(model, DecoupledInjector("bench_decoupled", provider, weight=1.0))
+    return model
+
+
+@register("faceid-plusv2", "FaceID-PlusV2 / Face-MakeUp adapter half / ConsistentID ID branch: decoupled injector "
+          "with 4 ID tokens (cond and uncond) from the real to_k_ip/to_v_ip layout, all 16 sites. The rank-128 LoRA "
+          "is merged into the weights (zero cost per step; ComfyUI re-patches 128 weights whenever the sampled model "
+          "changes, which this interleaved benchmark would charge to every run): see row faceid-plusv2-lora",
+          target=1.03)
+def _faceid_plusv2(bench, lora_strength: float = 0.0):
+    import torch
+
+    from likeness.techniques.faceid.apply import IDTokens, apply_faceid_adapter
+    from likeness.techniques.faceid.checkpoint import FaceIDCheckpoint, Variant
+    from likeness.techniques.faceid.lora import transformer_blocks
+    from likeness.techniques.faceid.processors import parse_adapter
+    from likeness.techniques.faceid.projection import ProjPlusModel, projector_config_from_state_dict
+
+    g = torch.Generator().manual_seed(2)
+    group = {}
+    for k, ref in enumerate(transformer_blocks(bench.base)):   # the official layout: 32 processors, rank 128
+        c = ref.channels
+        for index, cross in ((2 * k, False), (2 * k + 1, True)):
+            for target in ("to_q", "to_k", "to_v", "to_out"):
+                group[f"{index}.{target}_lora.down.weight"] = torch.randn(128, 768 if cross and target in (
+                    "to_k", "to_v") else c, generator=g) * 0.01
+                group[f"{index}.{target}_lora.up.weight"] = torch.randn(c, 128, generator=g) * 0.01
+            if cross:
+                group[f"{index}.to_k_ip.weight"] = torch.randn(c, 768, generator=g) * 0.02
+                group[f"{index}.to_v_ip.weight"] = torch.randn(c, 768, generator=g) * 0.02
+    projector = ProjPlusModel()
+    checkpoint = FaceIDCheckpoint(Variant.FACEID_PLUSV2, projector,
+                                  projector_config_from_state_dict(projector.state_dict()), parse_adapter(group),
+                                  True, "benchmark")
+    tokens = IDTokens(torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g))
+    return apply_faceid_adapter(bench.base, checkpoint, tokens, weight=1.0, lora_strength=lora_strength)
+
+
+@register("faceid-plusv2-lora", "as faceid-plusv2 plus the merged rank-128 LoRA: includes ComfyUI's weight re-patch on "
+          "every model switch (interleaved runs), i.e. the cost of loading any LoRA")
+def _faceid_plusv2_lora(bench):
+    return _faceid_plusv2(bench, lora_strength=1.0)
+
+
+def _fusion(bench, refs: int, mode: str):
+    from likeness.techniques.face_fusion import FusionAdapter, FusionIdentityLatents, apply_face_fusion
+
+    import torch
+
+    if bench.adapter is None:
+        bench.adapter = FusionAdapter.from_model(bench.base)
+    latents = torch.randn(refs, 4, bench.latent, bench.latent, generator=torch.Generator().manual_seed(refs))
+    return apply_face_fusion(bench.base, bench.adapter, [FusionIdentityLatents(latents)], capture_mode=mode)
+
+
+@register("cached", "Face Fusion, 1 reference (image-sized), cached capture (clean), uncond none", target=1.12)
+def _cached(bench):
+    return _fusion(bench, 1, "cached_clean")
+
+
+@register("cached-cat", "as 'cached', joint attention as one SDPA over concatenated keys instead of the "
+          "log-sum-exp merge of two (strategy comparison)")
+def _cached_concat(bench):
+    from likeness.attention_patches import find_patch
+
+    model = _fusion(bench, 1, "cached_clean")
+    find_patch(model).joint_strategy = "concat"
+    return model
+
+
+@register("per-step", "Face Fusion, 1 reference, per-step capture (the paper), uncond none", target=1.65)
+def _per_step(bench):
+    return _fusion(bench, 1, "per_step")
+
+
+for _n in (2, 4, 8):
+    register(f"refs{_n}", f"Face Fusion, {_n} references (Eq. 6), cached capture",
+             target=1.6 if _n == 8 else None, target_of="cached")(lambda bench, n=_n: _fusion(bench, n, "cached_clean"))
+
+
+# ----------------------------------------------------------------------------------------- timing
+class SiteTimer:
+    """Time between the attn2 input tap (norm2 done) and the attn2 output tap (to_out done), every site."""
+
+    def __init__(self):
+        self.main = 0.0
+        self.capture = 0.0
+        self._start = None
+
+    def start(self, n, context, value, extra_options):
+        self._start = time.perf_counter()
+        return n, context, value
+
+    def stop(self, n, extra_options):
+        if self._start is not None:
+            from likeness.attention_patches import PASS_KEY
+
+            ctx = extra_options.get(PASS_KEY)
+            elapsed = time.perf_counter() - self._start
+            if ctx is not None and ctx.recorder is not None:
+                self.capture += elapsed
+            else:
+                self.main += elapsed
+            self._start = None
+        return n
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class CaptureClock:
+    """Wall time spent in reference-capture passes (wraps the patch's capture method)."""
+
+    seconds = 0.0
+
+    @classmethod
+    def install(cls):
+        from likeness.attention_patches.patch import IdentityAttentionPatch
+
+        original = IdentityAttentionPatch._capture
+
+        def timed(self, *args, **kwargs):
+            before = self.capture_passes
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                if self.capture_passes != before:
+                    cls.seconds += time.perf_counter() - start
+
+        IdentityAttentionPatch._capture = timed
+
+
+@dataclass
+class Bench:
+    base: object
+    sites: tuple
+    latent: int
+    steps: int
+    cfg: float
+    positive: list
+    negative: list
+    adapter: object = None
+
+    def run(self, model, timer: SiteTimer) -> tuple[float, float, float, float]:
+        import comfy.sample
+        import torch
+
+        latent = torch.zeros(1, 4, self.latent, self.latent)
+        noise = comfy.sample.prepare_noise(latent, 42)
+        timer.main = timer.capture = 0.0
+        CaptureClock.seconds = 0.0
+        gc.collect()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            out = comfy.sample.sample(model, noise, self.steps, self.cfg, "euler", "normal", self.positive,
+                                      self.negative, latent, seed=42, disable_pbar=True)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        if not torch.isfinite(out).all():
+            raise RuntimeError("non-finite output")
+        return wall, cpu, timer.main, CaptureClock.seconds
+
+
+def prepare_comfy(path: str) -> None:
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.use_pytorch_cross_attention = True
+    import comfy.utils
+
+    comfy.utils.set_progress_bar_enabled(False)
+    for p in (ROOT,):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    from _bootstrap import load_pack
+
+    load_pack()
+
+
+def build_model(seed: int = 0):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if "norm" in name or name.endswith(("in_layers.0.weight", "out_layers.0.weight", "out.0.weight")):
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def paired_medians(name: str, base: str = "unpatched") -> float:
+    return statistics.median(a / b for a, b in zip(CONFIGS[name].walls, CONFIGS[base].walls))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""), help="ComfyUI checkout")
+    parser.add_argument("--quick", action="store_true", help="32x32 latent, <= 3 rounds")
+    parser.add_argument("--configs", default="", help="comma-separated subset (unpatched is always run)")
+    parser.add_argument("--size", type=int, default=0, help="latent side (default 64 = 512 px; quick 32)")
+    parser.add_argument("--steps", type=int, default=0, help="sampling steps (default 2)")
+    parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--min-rounds", type=int, default=3)
+    parser.add_argument("--max-rounds", type=int, default=8)
+    parser.add_argument("--tol", type=float, default=0.01, help="stop when every median ratio moved less than this")
+    parser.add_argument("--budget", type=float, default=60.0, help="minutes; stop starting new rounds after this")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if not args.comfyui or not os.path.isfile(os.path.join(args.comfyui, "comfy", "model_patcher.py")):
+        parser.error("set COMFYUI_PATH or --comfyui to a ComfyUI checkout")
+    latent = args.size or (32 if args.quick else 64)
+    steps = args.steps or 2     # >= 2: per-step capture must not be reused from the previous run's last step
+    max_rounds = min(args.max_rounds, 3) if args.quick else args.max_rounds
+
+    prepare_comfy(os.path.abspath(args.comfyui))
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import comfy.ldm.modules.attention as comfy_attention
+
+    from likeness.attention_patches import find_sites
+
+    names = [n for n in CONFIGS if not args.configs or n == "unpatched" or n in args.configs.split(",")]
+    for name in names:   # a target's reference row must run too
+        if CONFIGS[name].target and CONFIGS[name].target_of not in names:
+            names.append(CONFIGS[name].target_of)
+    names = [n for n in CONFIGS if n in names]
+    t0 = time.perf_counter()
+    base = build_model()
+    build_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    bench = Bench(base, find_sites(base), latent, steps, args.cfg, positive, negative)
+    CaptureClock.install()
+    timer = SiteTimer()
+    for name in names:
+        model = CONFIGS[name].build(bench)
+        model.set_model_attn2_patch(timer.start)
+        model.set_model_attn2_output_patch(timer.stop)
+        CONFIGS[name].model = model
+
+    params = sum(p.numel() for p in base.model.diffusion_model.parameters())
+    print("== configuration")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
+          f"python {platform.python_version()}")
+    print(f"ComfyUI {_comfy_version(args.comfyui)} at {args.comfyui}; attention backend "
+          f"{comfy_attention.optimized_attention.__name__}")
+    print(f"model: SD15 unet {params / 1e6:.1f} M params fp32, random weights (built in {build_s:.1f} s); "
+          f"{len(bench.sites)} cross-attention sites")
+    print(f"sampling: {steps} step(s) euler/normal, CFG {args.cfg} (cond+uncond batched), latent {latent}x{latent} "
+          f"({latent * 8} px), inference_mode; rounds {args.min_rounds}..{max_rounds}, tol {args.tol}, "
+          f"budget {args.budget} min{' [QUICK]' if args.quick else ''}")
+    for name in names:
+        print(f"  {name:10s} {CONFIGS[name].description}")
+    sys.stdout.flush()
+
+    print("== warm-up (pays one-off captures of cached modes)")
+    for name in names:
+        wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer)
+        CONFIGS[name].warmup = {"wall": wall, "capture": capture}
+        print(f"  {name:10s} {wall:7.2f} s  (capture {capture:.2f} s)")
+        sys.stdout.flush()
+
+    start = time.perf_counter()
+    history: list[dict] = []
+    rounds = 0
+    while rounds < max_rounds:
+        order = names[rounds % len(names):] + names[:rounds % len(names)]
+        for name in order:
+            wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer)
+            c = CONFIGS[name]
+            for series, value in ((c.walls, wall), (c.cpus, cpu), (c.sites, site), (c.captures, capture)):
+                series.append(value)
+        rounds += 1
+        medians = {n: paired_medians(n) for n in names}
+        history.append(medians)
+        line = ", ".join(f"{n} {medians[n]:.3f}" for n in names if n != "unpatched")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"  round {rounds} (load {load:.1f}): unpatched {CONFIGS['unpatched'].walls[-1]:.2f} s; "
+              f"paired median ratios: {line}")
+        sys.stdout.flush()
+        settled = len(history) >= 2 and all(abs(history[-1][n] - history[-2][n]) < args.tol for n in names)
+        if rounds >= args.min_rounds and settled:
+            break
+        if (time.perf_counter() - start) / 60.0 > args.budget and rounds >= 2:
+            print("  (time budget reached)")
+            break
+
+    print(f"== results ({rounds} rounds; ratio = median / median of unpatched; paired = median of per-round ratios)")
+    base_cfg = CONFIGS["unpatched"]
+    med = statistics.median
+    header = (f"{'config':10s} {'wall med s':>10s} {'min-max':>13s} {'wall':>6s} {'paired':>6s} {'cpu':>6s} "
+              f"{'sites':>6s} {'site s':>7s} {'capture s':>9s}  target")
+    print(header)
+    verdicts = []
+    for name in names:
+        c = CONFIGS[name]
+        wall_r = med(c.walls) / med(base_cfg.walls)
+        cpu_r = med(c.cpus) / med(base_cfg.cpus)
+        site_r = med(c.sites) / med(base_cfg.sites) if med(base_cfg.sites) > 0 else float("nan")
+        target = ""
+        if c.target:
+            ref = CONFIGS[c.target_of]
+            value = med(c.walls) / med(ref.walls)
+            ok = value <= c.target
+            target = f"{value:.3f} vs {c.target_of} <= {c.target} {'PASS' if ok else 'MISS'}"
+            verdicts.append((name, ok))
+        print(f"{name:10s} {med(c.walls):10.2f} {min(c.walls):6.2f}-{max(c.walls):<6.2f} {wall_r:6.3f} "
+              f"{paired_medians(name):6.3f} {cpu_r:6.3f} {site_r:6.3f} {med(c.sites):7.2f} {med(c.captures):9.2f}  {target}")
+    for name in names:
+        if CONFIGS[name].warmup.get("capture") and CONFIGS[name].name != "per-step":
+            print(f"one-off capture ({name}): {CONFIGS[name].warmup['capture']:.2f} s")
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+def _comfy_version(path: str) -> str:
+    try:
+        with open(os.path.join(path, "comfyui_version.py")) as handle:
+            return handle.read().split('"')[1]
+    except (OSError, IndexError):
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""FUSION_ADAPTER: Face Fusion's only trainable weights, ``Linear_kf`` and ``Linear_vf`` per site.
+
+Paper §3.2 (Eq. 2): at every cross-attention layer l the reference stream's hidden state ``h_f``
+(``[N_h, C_l]``, the tensor entering ``attn2``) is projected to ``K_f = Linear_kf(h_f)`` and
+``V_f = Linear_vf(h_f)`` (C_l → C_l, no bias), which join the text keys/values (Eq. 3).
+
+Initialisation (the paper does not say): from the SAME block's self-attention ``attn1.to_k`` /
+``attn1.to_v``. They are the only pretrained C→C key/value projections in the block (attn2's to_k/to_v
+take the 768/2048-d text, not C-dim hidden states), and they were trained to turn this block's hidden
+states into keys/values that this block's queries attend to. So an untrained adapter already behaves
+like "reference attention" (the generated image attending to the reference's features, as in
+reference-only control) and training starts from a meaningful point instead of noise. Note q comes
+from attn2's ``to_q``, so the match is approximate; training adapts it.
+
+File format (safetensors, seed_architectures.md §4): ``fusion.{2k+1}.to_k_f.weight`` and
+``fusion.{2k+1}.to_v_f.weight``, ``[C, C]``, k = diffusers processor order of the site (SD1.5: 16
+sites → indices 1..31; SDXL: 70 → 1..139), plus string metadata: ``format=likeness.face_fusion``,
+``format_version``, ``base`` (sd15 / sdxl / unknown), ``sites``, ``init``, and anything the trainer adds
+(steps, lr, dataset, timestep mode). Files live in ``models/likeness/fusion/``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ...attention_patches.sites import AttentionSite, find_sites, transformer_blocks
+from ...errors import CheckpointLayoutError, InvalidInputError, ModelFileError
+
+logger = logging.getLogger("likeness")
+
+FORMAT = "likeness.face_fusion"
+FORMAT_VERSION = "1"
+KEY_PATTERN = re.compile(r"^fusion\.(\d+)\.to_([kv])_f\.weight$")
+FOLDER, SUBFOLDER = "likeness", "fusion"
+INIT_MODES = ("attn1",)
+
+
+def base_name(sites: Iterable[AttentionSite]) -> str:
+    """``sd15`` / ``sdxl`` from the site structure (count and context width), else ``unknown``."""
+    sites = list(sites)
+    contexts = {s.context_dim for s in sites}
+    if len(sites) == 16 and contexts == {768}:
+        return "sd15"
+    if len(sites) == 70 and contexts == {2048}:
+        return "sdxl"
+    return "unknown"
+
+
+class FusionSiteProjection(nn.Module):
+    """``to_k_f`` and ``to_v_f`` of one site (C → C, no bias)."""
+
+    def __init__(self, channels: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.to_k_f = nn.Linear(channels, channels, bias=False, dtype=dtype, device=device)
+        self.to_v_f = nn.Linear(channels, channels, bias=False, dtype=dtype, device=device)
+
+
+class FusionAdapter(nn.Module):
+    """All sites' projections, keyed by the diffusers processor index ``2k+1`` (as a string).
+
+    ``project(site, h) -> (K_f, V_f)``; ``weights_for(site, device, dtype)`` caches device copies for
+    inference (never while autograd records, so training always uses the live parameters).
+    """
+
+    def __init__(self, channels_by_index: dict[int, int], metadata: dict[str, str] | None = None,
+                 dtype=torch.float32):
+        super().__init__()
+        if not channels_by_index:
+            raise InvalidInputError("a Fusion adapter needs at least one site")
+        self.sites = nn.ModuleDict({str(i): FusionSiteProjection(c, dtype=dtype)
+                                    for i, c in sorted(channels_by_index.items())})
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self._device_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model: Any, init: str = "attn1") -> "FusionAdapter":
+        """A new adapter for ``model`` (ModelPatcher / BaseModel / UNet), initialised from each site's
+        block ``attn1.to_k`` / ``attn1.to_v`` (see the module doc)."""
+        if init not in INIT_MODES:
+            raise InvalidInputError(f"init must be one of {INIT_MODES}, got {init!r}")
+        sites = find_sites(model)
+        blocks = transformer_blocks(model)
+        adapter = cls({s.processor_index: s.channels for s in sites},
+                      {"base": base_name(sites), "sites": str(len(sites)), "init": init})
+        with torch.no_grad():
+            for site in sites:
+                attn1 = blocks[site.index].attn1
+                proj = adapter.sites[str(site.processor_index)]
+                for target, source in ((proj.to_k_f, attn1.to_k), (proj.to_v_f, attn1.to_v)):
+                    weight = source.weight
+                    if weight.shape != target.weight.shape:
+                        raise CheckpointLayoutError(
+                            f"site {site.key}: attn1 weight {tuple(weight.shape)} is not C x C = "
+                            f"{tuple(target.weight.shape)}; this UNet cannot seed a Fusion adapter")
+                    if weight.device.type == "meta":
+                        raise InvalidInputError("the model's weights are not loaded (meta device)")
+                    target.weight.copy_(weight.detach().to(torch.float32))
+        return adapter
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> "FusionAdapter":
+        """From the file's flat keys; raises CheckpointLayoutError naming what is wrong."""
+        found: dict[int, dict[str, torch.Tensor]] = {}
+        unknown = []
+        for key, tensor in tensors.items():
+            match = KEY_PATTERN.match(key)
+            if not match:
+                unknown.append(key)
+                continue
+            found.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+        if unknown:
+            raise CheckpointLayoutError(f"not a Face Fusion adapter: unexpected keys {unknown[:5]} "
+                                        f"(expected fusion.<2k+1>.to_k_f.weight / to_v_f.weight)")
+        if not found:
+            raise CheckpointLayoutError("the file holds no fusion.*.to_k_f/to_v_f weights")
+        channels = {}
+        for index, pair in sorted(found.items()):
+            if set(pair) != {"k", "v"}:
+                raise CheckpointLayoutError(f"site {index}: needs both to_k_f and to_v_f, found {sorted(pair)}")
+            shapes = {tuple(t.shape) for t in pair.values()}
+            if len(shapes) != 1 or len(next(iter(shapes))) != 2 or pair["k"].shape[0] != pair["k"].shape[1]:
+                raise CheckpointLayoutError(f"site {index}: weights must be square C x C, got {sorted(shapes)}")
+            if index % 2 != 1:
+                raise CheckpointLayoutError(f"site index {index} is even; attn2 processor indices are odd (2k+1)")
+            channels[index] = int(pair["k"].shape[0])
+        adapter = cls(channels, metadata)
+        with torch.no_grad():
+            for index, pair in found.items():
+                adapter.sites[str(index)].to_k_f.weight.copy_(pair["k"].float())
+                adapter.sites[str(index)].to_v_f.weight.copy_(pair["v"].float())
+        return adapter
+
+    # ------------------------------------------------------------------ file format
+    def file_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for index, proj in self.sites.items():
+            out[f"fusion.{index}.to_k_f.weight"] = proj.to_k_f.weight.detach().contiguous().cpu()
+            out[f"fusion.{index}.to_v_f.weight"] = proj.to_v_f.weight.detach().contiguous().cpu()
+        return out
+
+    def file_metadata(self, extra: dict[str, Any] | None = None) -> dict[str, str]:
+        meta = dict(self.metadata)
+        meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+        meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "sites": str(len(self.sites))})
+        return meta
+
+    # ------------------------------------------------------------------ use
+    def check_sites(self, sites: Iterable[AttentionSite]) -> None:
+        """Raise CheckpointLayoutError unless every site has a projection of its width."""
+        sites = list(sites)
+        missing = [s for s in sites if str(s.processor_index) not in self.sites]
+        if missing or len(sites) != len(self.sites):
+            raise CheckpointLayoutError(
+                f"this Fusion adapter has {len(self.sites)} sites (base {self.metadata.get('base', '?')}) but the "
+                f"model has {len(sites)} ({base_name(sites)}); use an adapter made for this model family")
+        for s in sites:
+            width = self.sites[str(s.processor_index)].to_k_f.in_features
+            if width != s.channels:
+                raise CheckpointLayoutError(f"site {s.key}: adapter width {width} != model width {s.channels}")
+
+    def weights_for(self, site: AttentionSite, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        proj = self.sites[str(site.processor_index)]
+        wk, wv = proj.to_k_f.weight, proj.to_v_f.weight
+        if torch.is_grad_enabled() and wk.requires_grad:
+            return wk.to(device=device, dtype=dtype), wv.to(device=device, dtype=dtype)
+        key = (site.processor_index, str(device), dtype, _version(wk), _version(wv))
+        hit = self._device_cache.get(key)
+        if hit is None:
+            self._device_cache = {k: v for k, v in self._device_cache.items() if k[0] != site.processor_index}
+            hit = (wk.detach().to(device=device, dtype=dtype), wv.detach().to(device=device, dtype=dtype))
+            self._device_cache[key] = hit
+        return hit
+
+    def project(self, site: AttentionSite, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 2: ``(Linear_kf(h_f), Linear_vf(h_f))`` for ``hidden`` ``[n, N, C]``."""
+        wk, wv = self.weights_for(site, hidden.device, hidden.dtype)
+        return torch.nn.functional.linear(hidden, wk), torch.nn.functional.linear(hidden, wv)
+
+
+
+def _version(tensor: torch.Tensor) -> tuple:
+    """Identity + in-place version of a weight (inference tensors have no version counter)."""
+    return (id(tensor), tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version)
+
+
+def save_fusion_adapter(adapter: FusionAdapter, path: str, extra_metadata: dict[str, Any] | None = None) -> str:
+    """Write ``adapter`` to ``path`` atomically (temp file + rename). Returns the path."""
+    from safetensors.torch import save_file
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(adapter.file_state_dict(), tmp, metadata=adapter.file_metadata(extra_metadata))
+    os.replace(tmp, path)
+    return path
+
+
+def load_fusion_adapter(path: str) -> FusionAdapter:
+    """Read a Fusion adapter file (safetensors only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    if not os.path.isfile(path):
+        raise ModelFileError(f"Fusion adapter file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"could not read Fusion adapter {path}: {exc}. Is it a complete .safetensors file?") from exc
+    if metadata.get("format") not in (None, FORMAT):
+        raise CheckpointLayoutError(f"{path} is a '{metadata.get('format')}' file, not a Face Fusion adapter")
+    adapter = FusionAdapter.from_state_dict(tensors, metadata)
+    adapter.metadata.setdefault("source", os.path.basename(path))
+    return adapter
+
+
+def list_fusion_adapters() -> list[str]:
+    """Adapter files under ``models/likeness/fusion/`` (relative names)."""
+    from ...host.folders import list_files
+
+    return [n for n in list_files(FOLDER, SUBFOLDER, {".safetensors"})]
+
+
+def fusion_adapter_path(name: str) -> str:
+    from ...host.folders import resolve
+
+    return resolve(FOLDER, name, SUBFOLDER)
+
+
+def fusion_save_dir() -> str:
+    from ...host.folders import save_dir
+
+    return save_dir(FOLDER, SUBFOLDER)

@@ -1,0 +1,272 @@
+"""Apply Face Fusion to a model: the joint injector and the core apply function the node calls.
+
+At every site the generated image's queries attend, in ONE softmax, to the text keys and to the
+reference face keys ``K_f = Linear_kf(h_f)`` (paper Eq. 3-5); several references of one identity are
+concatenated (Eq. 6, in the given order); several identities each get their own key block and the
+Eq. 7 mask keeps identity i's keys away from queries inside another identity's face mask.
+
+Choices the paper leaves open (made here, used identically by the trainer):
+- ``weight`` multiplies the attention mass of the face keys (a logit bias ``log w``): 1 = the paper,
+  0 = off (exactly the unpatched model), >1 strengthens.
+- uncond (the CFG negative): ``none`` (default: the negative sees text only, so CFG pushes towards the
+  face), ``zeros`` (the negative sees as many all-zero face keys), ``same`` (the negative sees the face too).
+- the reference stream's text: all zeros unless a reference prompt is given; SDXL's other conds (``y``)
+  are copied from the first positive row.
+- capture: ``per_step`` (paper: the reference noised to the current sigma with fixed noise),
+  ``cached_clean`` / ``cached_sigma`` (one pass per model clone, K/V projected once: much faster).
+- one identity with a mask: its keys are visible only to queries inside the mask.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...attention_patches import (NEGATIVE, POSITIVE, AttentionCall, CaptureRequest, CapturedStates, ChunkLayout,
+                                  JointInjector, KeyGroup, ReferenceLatents, RegionMask, SigmaRange, SiteWeights,
+                                  install)
+from ...attention_patches.capture import CAPTURE_MODES
+from ...attention_patches.masks import eq7_bias, rows_for
+from ...errors import InvalidInputError
+from .adapter import FusionAdapter
+
+logger = logging.getLogger("likeness")
+
+UNCOND_MODES = ("none", "zeros", "same")
+INJECTOR_NAME = "face_fusion"
+
+
+@dataclass
+class FusionIdentityLatents:
+    """One identity: its reference latents ``[n, C, h, w]`` (VAE space; n > 1 = multi-reference, Eq. 6)
+    and an optional image-space face MASK (multi-identity, Eq. 7)."""
+
+    latents: torch.Tensor
+    mask: torch.Tensor | RegionMask | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.latents, torch.Tensor) or self.latents.ndim != 4 or self.latents.shape[0] < 1:
+            raise InvalidInputError("reference latents must be [n, C, h, w] with n >= 1")
+        if self.mask is not None and not isinstance(self.mask, RegionMask):
+            self.mask = RegionMask(self.mask)
+
+
+class FusionInjector(JointInjector):
+    """The joint injector of Face Fusion (see the module doc for every option)."""
+
+    needs_capture = True
+
+    def __init__(self, adapter: FusionAdapter, identities: Sequence[FusionIdentityLatents],
+                 capture_mode: str = "per_step", capture_percent: float = 0.5, uncond: str = "none",
+                 reference_context: torch.Tensor | None = None, per_row: bool = False, noise_seed: int = 0,
+                 name: str = INJECTOR_NAME, weight: float = 1.0, sigma_range: SigmaRange | None = None,
+                 site_weights: SiteWeights | None = None):
+        super().__init__(name, weight=weight, sigma_range=sigma_range, site_weights=site_weights)
+        if capture_mode not in CAPTURE_MODES:
+            raise InvalidInputError(f"capture mode must be one of {CAPTURE_MODES}, got {capture_mode!r}")
+        if uncond not in UNCOND_MODES:
+            raise InvalidInputError(f"uncond must be one of {UNCOND_MODES}, got {uncond!r}")
+        if not 0.0 <= capture_percent <= 1.0:
+            raise InvalidInputError("capture_percent must lie in 0..1")
+        self.adapter = adapter
+        self.capture_mode = capture_mode
+        self.capture_percent = float(capture_percent)
+        self.uncond = uncond
+        self.reference_context = reference_context
+        self.per_row = per_row
+        self.noise_seed = noise_seed
+        self._version = 0
+        self.set_identities(identities)
+
+    def set_identities(self, identities: Sequence[FusionIdentityLatents], noise_seed: int | None = None) -> None:
+        """Swap the references (e.g. every training step); captures of the old ones are never reused."""
+        if not identities:
+            raise InvalidInputError("Face Fusion needs at least one reference identity")
+        shapes = {tuple(i.latents.shape[1:]) for i in identities}
+        if len(shapes) != 1:
+            raise InvalidInputError(f"all reference latents must have one size, got {sorted(shapes)}; "
+                                    "encode every reference at the same reference size")
+        if self.per_row and len(identities) != 1:
+            raise InvalidInputError("per-row references take exactly one identity (one reference per batch row)")
+        if noise_seed is not None:
+            self.noise_seed = noise_seed
+        self.identities = list(identities)
+        self.offsets: list[tuple[int, int]] = []
+        start = 0
+        for identity in self.identities:
+            self.offsets.append((start, int(identity.latents.shape[0])))
+            start += int(identity.latents.shape[0])
+        self.references = ReferenceLatents(torch.cat([i.latents.float() for i in self.identities]), self.noise_seed)
+        self._bias_cache: dict[tuple, list | None] = {}
+        self._version += 1
+
+    # ------------------------------------------------------------------ capture
+    def training(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter.parameters())
+
+    def capture_request(self, t: torch.Tensor, sigma: float, layout: ChunkLayout,
+                        model_sampling: Any) -> CaptureRequest | None:
+        positives = layout.rows_of_kind(POSITIVE)
+        template = positives[0] if positives else 0
+        count = self.references.count
+        if self.capture_mode == "per_step":
+            if self.per_row:
+                rows = layout.chunk_rows(layout.cond_or_uncond.index(POSITIVE) if positives else 0)
+                if len(rows) != count:
+                    raise InvalidInputError(f"per-row references: {count} references for a batch of {len(rows)}")
+                ref_sigma = t[rows[0]:rows[0] + len(rows)].float()
+                key = ("rows", tuple(ref_sigma.tolist()))
+            else:
+                ref_sigma = t[template:template + 1].float().expand(count)
+                key = ("step", sigma)
+        elif self.capture_mode == "cached_clean":
+            ref_sigma = torch.zeros(count)
+            key = ("clean",)
+        else:
+            value = float(model_sampling.percent_to_sigma(self.capture_percent)) if model_sampling is not None else 1.0
+            ref_sigma = torch.full((count,), value)
+            key = ("sigma", self.capture_percent, value)
+        return CaptureRequest(self.references, ref_sigma, (self._version,) + key, cached=self.capture_mode != "per_step",
+                              context=self.reference_context, template_row=template)
+
+    def on_captured(self, states: CapturedStates, patch: Any) -> None:
+        if not states.cached or self.training():
+            return
+        for site in patch.sites:  # cached: project once, keep K/V only
+            if site.index in states.states:
+                states.derive(site, "kv", lambda h, s=site: self.adapter.project(s, h))
+        states.drop_states()
+
+    # ------------------------------------------------------------------ attention
+    def key_groups(self, call: AttentionCall, weight: float) -> list[KeyGroup]:
+        states = call.captured(self)
+        site = call.site
+        if states is None or (site.index not in states.states and (site.index, "kv") not in states.derived):
+            return []
+        k_all, v_all = states.derive(site, "kv", lambda h: self.adapter.project(site, h), memo=not self.training())
+        layout = call.layout
+        positives = layout.rows_of_kind(POSITIVE)
+        negatives = layout.rows_of_kind(NEGATIVE) if NEGATIVE in layout.kinds() else []
+        rows = sorted(positives + negatives) if self.uncond == "same" else positives
+        log_w = self.log_weight(weight)
+        groups: list[KeyGroup] = []
+        if rows and self.per_row:
+            k, v = k_all, v_all
+            if k.shape[0] != len(rows):
+                index = torch.tensor([r % layout.chunk_size for r in rows], device=k.device)
+                k, v = k.index_select(0, index), v.index_select(0, index)
+            groups.append(KeyGroup(k, v, rows, log_w, None, tag="fusion:per_row"))
+        elif rows:
+            biases = self._query_biases(call, rows)
+            for i, (start, count) in enumerate(self.offsets):
+                k_i = k_all[start:start + count].reshape(1, -1, k_all.shape[-1])  # Eq. 6: refs in order
+                v_i = v_all[start:start + count].reshape(1, -1, v_all.shape[-1])
+                groups.append(KeyGroup(k_i, v_i, rows, log_w, biases[i] if biases else None, tag=f"fusion:{i}"))
+        if self.uncond == "zeros" and negatives:
+            total = k_all.shape[1] * (1 if self.per_row else k_all.shape[0])
+            groups.append(KeyGroup(None, None, negatives, log_w, zero_keys=total, tag="fusion:uncond-zeros"))
+        return groups
+
+    def _query_biases(self, call: AttentionCall, rows: list[int]) -> list[torch.Tensor] | None:
+        masks = [identity.mask for identity in self.identities]
+        if all(m is None for m in masks):
+            return None
+        h, w = call.grid
+        device = call.q.device
+        key = (h, w, str(device), tuple(rows), call.layout.chunk_size)
+        if key in self._bias_cache:
+            return self._bias_cache[key]
+        inside = [rows_for(m.inside(h, w, device), rows, call.layout.chunk_size) if m is not None
+                  else torch.zeros(1, h * w, dtype=torch.bool, device=device) for m in masks]
+        if len(inside) == 1:  # one identity: its keys only inside its mask
+            biases = [torch.zeros(inside[0].shape, device=device).masked_fill(~inside[0], float("-inf"))]
+        else:  # Eq. 7
+            batch = max(x.shape[0] for x in inside)
+            stacked = torch.stack([x.expand(batch, -1) for x in inside])
+            biases = list(eq7_bias(stacked))
+        if len(self._bias_cache) > 64:
+            self._bias_cache.clear()
+        self._bias_cache[key] = biases
+        return biases
+
+
+def encode_reference_images(vae: Any, images: torch.Tensor, size: int = 512) -> torch.Tensor:
+    """IMAGE ``[n,H,W,C]`` → VAE latents ``[n,C,size/8,size/8]``: center-cropped square, resized."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] < 1:
+        raise InvalidInputError("reference images must be an IMAGE batch [n, H, W, C]")
+    if size % 64 != 0 or size < 64:
+        raise InvalidInputError(f"reference size must be a multiple of 64, got {size}")
+    pixels = images[..., :3].movedim(-1, 1).float()
+    h, w = pixels.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    pixels = pixels[:, :, top:top + side, left:left + side]
+    if side != size:
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False,
+                               antialias=side > size).clamp(0.0, 1.0)
+    return vae.encode(pixels.movedim(1, -1))
+
+
+def apply_face_fusion(model: Any, adapter: FusionAdapter, identities: Sequence[FusionIdentityLatents],
+                      weight: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
+                      capture_mode: str = "per_step", capture_percent: float = 0.5, uncond: str = "none",
+                      site_weights: SiteWeights | None = None, reference_context: torch.Tensor | None = None,
+                      noise_seed: int = 0, per_row: bool = False) -> Any:
+    """A clone of ``model`` with Face Fusion installed (other identity techniques on it keep working).
+
+    ``per_row=True`` (training): one identity whose i-th reference belongs to batch row i (per chunk),
+    captured at that row's sigma. The injector is ``find_patch(clone).injectors[-1]``; swap references
+    with its ``set_identities``.
+    """
+    clone = model.clone()
+    patch = install(clone)
+    adapter.check_sites(patch.sites)
+    patch.add(FusionInjector(adapter, identities, capture_mode=capture_mode, capture_percent=capture_percent,
+                             uncond=uncond, reference_context=reference_context, noise_seed=noise_seed,
+                             per_row=per_row, weight=weight, sigma_range=SigmaRange(start_at, end_at), site_weights=site_weights))
+    return clone
+
+
+@dataclass(frozen=True)
+class FusionIdentityImages:
+    """One identity as the Fusion Identity node carries it (encoded later, with the Apply node's VAE)."""
+
+    images: torch.Tensor                 # IMAGE [n, H, W, C]: n > 1 = several references of this person
+    mask: torch.Tensor | None = None     # MASK [B, H, W] or [H, W]: where this person's face goes
+
+
+def chain_identity(previous: Sequence[FusionIdentityImages] | None, images: torch.Tensor,
+                   mask: torch.Tensor | None) -> tuple[FusionIdentityImages, ...]:
+    """Append one identity to a FUSION_IDENTITIES list (immutable, so cached node outputs stay valid)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise InvalidInputError("the identity's reference must be an IMAGE batch [n, H, W, C]")
+    if previous is not None and not all(isinstance(i, FusionIdentityImages) for i in previous):
+        raise InvalidInputError("'identities' must come from another Fusion Identity node")
+    return tuple(previous or ()) + (FusionIdentityImages(images, mask),)
+
+
+def identities_from_images(vae: Any, identities: Sequence[FusionIdentityImages],
+                           size: int = 512) -> list[FusionIdentityLatents]:
+    """Encode every identity's reference images with ``vae`` at ``size`` (square center crop)."""
+    return [FusionIdentityLatents(encode_reference_images(vae, i.images, size), i.mask) for i in identities]
+
+
+def apply_face_fusion_images(model: Any, adapter: FusionAdapter, vae: Any,
+                             identities: Sequence[FusionIdentityImages], reference_size: int = 512,
+                             reference_conditioning: Any = None, **options) -> Any:
+    """The node's core: encode references, then :func:`apply_face_fusion`."""
+    if not isinstance(adapter, FusionAdapter):
+        raise InvalidInputError("'fusion_adapter' must come from a Fusion Adapter Loader / New node")
+    if not identities:
+        raise InvalidInputError("give a reference IMAGE or an identities list from Fusion Identity nodes")
+    context = None
+    if reference_conditioning is not None:
+        try:
+            context = reference_conditioning[0][0][:1]
+        except (TypeError, IndexError, KeyError) as exc:
+            raise InvalidInputError("'reference_prompt' must be a CONDITIONING") from exc
+    latents = identities_from_images(vae, identities, reference_size)
+    return apply_face_fusion(model, adapter, latents, reference_context=context, **options)

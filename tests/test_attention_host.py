@@ -1,0 +1,194 @@
+"""The engine inside real ComfyUI: sites of the real SD1.5/SDXL configs, every site firing during
+sampling, exact no-ops, chunk order in real batches, stacking, clone safety."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+# comfy/model_detection.py (v0.3.64) unet configs of the real models (dtype left out)
+SD15_CONFIG = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+               'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
+               'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0], 'channel_mult': [1, 2, 4, 4],
+               'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': 768, 'num_heads': 8,
+               'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+               'use_temporal_attention': False, 'use_temporal_resblock': False}
+SDXL_CONFIG = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+               'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
+               'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
+               'channel_mult': [1, 2, 4], 'transformer_depth_middle': 10, 'use_linear_in_transformer': True,
+               'context_dim': 2048, 'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
+               'use_temporal_attention': False, 'use_temporal_resblock': False}
+
+# seed_architectures.md §0.1: diffusers processor order k of the SD1.5 ComfyUI blocks
+SD15_ORDER = {("input", 1): 0, ("input", 2): 1, ("input", 4): 2, ("input", 5): 3, ("input", 7): 4, ("input", 8): 5,
+              ("output", 3): 6, ("output", 4): 7, ("output", 5): 8, ("output", 6): 9, ("output", 7): 10,
+              ("output", 8): 11, ("output", 9): 12, ("output", 10): 13, ("output", 11): 14, ("middle", 0): 15}
+
+
+def _meta_model(config_cls_name, config):
+    import comfy.supported_models
+
+    model_config = getattr(comfy.supported_models, config_cls_name)(dict(config))
+    model_config.set_inference_dtype(torch.float32, None)
+    return model_config.get_model({}, device=torch.device("meta"))
+
+
+def test_sites_of_the_real_sd15_config(comfy_ready):
+    from likeness.attention_patches import find_sites
+
+    sites = find_sites(_meta_model("SD15", SD15_CONFIG))
+    assert len(sites) == 16
+    assert {s.block: s.order for s in sites} == SD15_ORDER
+    assert [s.processor_index for s in sorted(sites, key=lambda s: s.order)] == list(range(1, 32, 2))
+    assert [s.transformer_index for s in sites] == list(range(16))
+    assert {s.key for s in sites if s.group == "middle"} == {("middle", 0, 0)}
+    assert {(s.block, s.channels, s.heads, s.dim_head) for s in sites if s.block in (("input", 1), ("output", 11))} == \
+        {(("input", 1), 320, 8, 40), (("output", 11), 320, 8, 40)}
+    assert {s.context_dim for s in sites} == {768}
+    assert [s.level for s in sites if s.group == "input"] == [0, 0, 1, 1, 2, 2]
+
+
+def test_sites_of_the_real_sdxl_config_on_meta(comfy_ready):
+    from likeness.attention_patches import find_sites
+
+    sites = find_sites(_meta_model("SDXL", SDXL_CONFIG))
+    assert len(sites) == 70
+    counts = {}
+    for s in sites:
+        counts[s.block] = counts.get(s.block, 0) + 1
+    assert counts == {("input", 4): 2, ("input", 5): 2, ("input", 7): 10, ("input", 8): 10, ("middle", 0): 10,
+                      ("output", 0): 10, ("output", 1): 10, ("output", 2): 10, ("output", 3): 2, ("output", 4): 2,
+                      ("output", 5): 2}
+    assert {s.dim_head for s in sites} == {64} and {s.context_dim for s in sites} == {2048}
+    assert len({s.key for s in sites}) == 70
+    by_order = sorted(sites, key=lambda s: s.order)
+    # diffusers order: down blocks (24), up blocks (36), then the mid block (10)
+    assert [s.group for s in by_order] == ["input"] * 24 + ["output"] * 36 + ["middle"] * 10
+    assert by_order[-1].processor_index == 139
+    assert [s.block_index for s in sites if s.block == ("middle", 0)] == list(range(10))
+
+
+def _sample(model, steps=2, cfg=5.0, positive=None, negative=None, latent=None, seed=0):
+    import comfy.sample
+    from host_support import conditioning
+
+    latent = latent if latent is not None else torch.zeros(1, 4, 16, 16)
+    positive = positive if positive is not None else conditioning(seed=1)
+    negative = negative if negative is not None else conditioning(seed=2)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed)
+
+
+class RecordingProvider:
+    """Identity tokens per chunk kind, projected to each site's width; records what it served."""
+
+    def __init__(self, sites, n_tokens=4, seed=0, uncond=True):
+        g = torch.Generator().manual_seed(seed)
+        self.tokens = {kind: {s.index: (torch.randn(1, n_tokens, s.channels, generator=g),
+                                        torch.randn(1, n_tokens, s.channels, generator=g)) for s in sites}
+                       for kind in (0, 1)}
+        self.uncond = uncond
+        self.served = []
+
+    def __call__(self, site, kind):
+        self.served.append((site.index, kind))
+        if kind == 1 and not self.uncond:
+            return None
+        return self.tokens[kind][site.index]
+
+
+def _decoupled(model, weight=1.0, **kw):
+    from likeness.attention_patches import DecoupledInjector, add_injector, find_sites
+
+    provider = RecordingProvider(find_sites(model))
+    patch = add_injector(model, DecoupledInjector("test_decoupled", provider, weight=weight, **kw))
+    return patch, provider
+
+
+def test_every_site_fires_once_per_step_and_model_call(tiny_sd15):
+    model = tiny_sd15.clone()
+    patch, provider = _decoupled(model)
+    steps = 3
+    _sample(model, steps=steps, cfg=5.0)               # cond + uncond batched: 1 UNet call per step
+    assert len(patch.sites) == 16
+    assert sum(patch.site_calls.values()) == 16 * steps * 1
+    assert set(patch.site_calls) == set(range(16)) and set(patch.site_calls.values()) == {steps}
+
+
+def test_every_site_fires_sdxl(tiny_sdxl):
+    from host_support import sdxl_conditioning
+
+    model = tiny_sdxl.clone()
+    patch, _ = _decoupled(model)
+    _sample(model, steps=2, cfg=1.0, positive=sdxl_conditioning(seed=1), negative=sdxl_conditioning(seed=2))
+    n = len(patch.sites)
+    assert n == 22                                    # tiny SDXL: depth 2 instead of 10
+    assert sum(patch.site_calls.values()) == n * 2 * 1   # CFG 1: positive only
+
+
+@pytest.mark.parametrize("kind", ["weight0", "out_of_range"])
+def test_no_op_is_identical_to_the_unpatched_model(tiny_sd15, kind):
+    from likeness.attention_patches import SigmaRange
+
+    reference = _sample(tiny_sd15.clone(), steps=3)
+    model = tiny_sd15.clone()
+    if kind == "weight0":
+        patch, provider = _decoupled(model, weight=0.0)
+    else:  # a range between two of the 3 steps' sigmas (14.6, ~1.5, ~0.03): no step falls inside
+        ms = model.get_model_object("model_sampling")
+        assert ms.percent_to_sigma(0.3) > 2.0 and ms.percent_to_sigma(0.05) < 14.0
+        patch, provider = _decoupled(model, weight=1.0, sigma_range=SigmaRange(0.05, 0.3))
+    out = _sample(model, steps=3)
+    assert (out - reference).abs().max().item() <= 1e-6
+    assert provider.served == []
+    active = tiny_sd15.clone()
+    _decoupled(active, weight=1.0)
+    assert (_sample(active, steps=3) - reference).abs().max().item() > 1e-4
+
+
+def test_two_positives_one_negative_each_chunk_its_own_identity(tiny_sd15):
+    from host_support import conditioning
+    from likeness.attention_patches import DecoupledInjector, add_injector, find_sites
+
+    seen = []
+
+    class Recording(DecoupledInjector):
+        def identity_kv(self, call, kind):
+            seen.append((tuple(call.layout.cond_or_uncond), kind, tuple(call.layout.rows_of_kind(kind))))
+            return super().identity_kv(call, kind)
+
+    model = tiny_sd15.clone()
+    provider = RecordingProvider(find_sites(model))
+    add_injector(model, Recording("rec", provider))
+    left, right = torch.zeros(1, 16, 16), torch.zeros(1, 16, 16)
+    left[:, :, :8] = 1
+    right[:, :, 8:] = 1
+    positive = conditioning(seed=1, mask=left, mask_strength=1.0) + conditioning(seed=3, mask=right, mask_strength=1.0)
+    _sample(model, steps=1, cfg=5.0, positive=positive, negative=conditioning(seed=2), latent=torch.zeros(2, 4, 16, 16))
+    layouts = {s[0] for s in seen}
+    assert layouts == {(1, 0, 0)}                     # negative first, then the two positives (batched)
+    assert {(s[1], s[2]) for s in seen} == {(0, (2, 3, 4, 5)), (1, (0, 1))}   # chunk size 2 = latent batch
+
+
+def test_stacking_and_clone_safety(tiny_sd15):
+    from likeness.attention_patches import find_patch
+
+    base = tiny_sd15.clone()
+    a = base.clone()
+    patch_a, _ = _decoupled(a, weight=1.0)
+    b = a.clone()
+    patch_b = find_patch(b)
+    assert patch_b is not patch_a and patch_b.injectors == patch_a.injectors
+    from likeness.attention_patches import DecoupledInjector, add_injector, find_sites
+
+    second = RecordingProvider(find_sites(b), seed=5)
+    add_injector(b, DecoupledInjector("second", second, weight=1.0))
+    assert len(find_patch(b).injectors) == 2 and len(patch_a.injectors) == 1
+    assert find_patch(base) is None
+    out_a, out_b = _sample(a), _sample(b)
+    assert second.served and (out_a - out_b).abs().max().item() > 1e-5
+    # the wrapper is registered once per model
+    assert len(b.get_wrappers("apply_model", "likeness_identity_attention")) == 1

@@ -1,0 +1,163 @@
+"""Face Fusion in real ComfyUI sampling on the tiny SD1.5/SDXL models: capture modes, exact no-ops,
+multi-reference, two identities with masks (SDXL extra conds), stacking with a decoupled injector,
+and a differentiable forward for the trainer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+
+def _sample(model, steps=2, cfg=5.0, positive=None, negative=None, latent=None, seed=0, sdxl=False):
+    import comfy.sample
+    from host_support import conditioning, sdxl_conditioning
+
+    make = sdxl_conditioning if sdxl else conditioning
+    latent = latent if latent is not None else torch.zeros(1, 4, 16, 16)
+    positive = positive if positive is not None else make(seed=1)
+    negative = negative if negative is not None else make(seed=2)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed)
+
+
+def _refs(n, seed=0, size=16):
+    return torch.randn(n, 4, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _fusion(model, identities=None, **kw):
+    from likeness.attention_patches import find_patch
+    from likeness.techniques.face_fusion import FusionAdapter, FusionIdentityLatents, apply_face_fusion
+
+    adapter = FusionAdapter.from_model(model)
+    identities = identities or [FusionIdentityLatents(_refs(1))]
+    patched = apply_face_fusion(model, adapter, identities, **kw)
+    return patched, find_patch(patched), adapter
+
+
+def test_per_step_capture_runs_once_per_step_and_reaches_every_site(tiny_sd15):
+    model, patch, _ = _fusion(tiny_sd15, capture_mode="per_step")
+    reference = _sample(tiny_sd15.clone(), steps=3)
+    seen = []
+    original = patch.injectors[0].on_captured
+    patch.injectors[0].on_captured = lambda states, p: (seen.append(set(states.states)), original(states, p))
+    out = _sample(model, steps=3)
+    assert patch.capture_passes == 3
+    assert sum(patch.site_calls.values()) == 16 * 3       # every site got the face keys on every step
+    assert seen == [set(range(16))] * 3                    # early stop after the last site lost nothing
+    assert patch.captures == {}                             # per-step states are freed after sampling
+    assert (out - reference).abs().max().item() > 1e-4
+
+
+def test_cached_capture_runs_once_per_clone(tiny_sd15):
+    model, patch, _ = _fusion(tiny_sd15, capture_mode="cached_clean")
+    first = _sample(model, steps=2)
+    second = _sample(model, steps=2)
+    assert patch.capture_passes == 1
+    assert torch.equal(first, second)
+    (states,) = patch.captures.values()
+    assert states.states == {} and len(states.derived) == 16   # only the projected K/V are kept
+    sigma_model, sigma_patch, _ = _fusion(tiny_sd15, capture_mode="cached_sigma", capture_percent=0.5)
+    _sample(sigma_model, steps=2)
+    assert sigma_patch.capture_passes == 1
+
+
+@pytest.mark.parametrize("kind", ["weight0", "out_of_range"])
+def test_fusion_no_op_is_identical_and_skips_capture(tiny_sd15, kind):
+    reference = _sample(tiny_sd15.clone(), steps=3)
+    if kind == "weight0":
+        model, patch, _ = _fusion(tiny_sd15, weight=0.0)
+    else:
+        model, patch, _ = _fusion(tiny_sd15, start_at=0.05, end_at=0.3)   # between the 3 steps' sigmas
+    out = _sample(model, steps=3)
+    assert (out - reference).abs().max().item() <= 1e-6
+    assert patch.capture_passes == 0
+
+
+def test_multi_reference_changes_the_result(tiny_sd15):
+    from likeness.techniques.face_fusion import FusionIdentityLatents
+
+    one, _, _ = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(1))], capture_mode="cached_clean")
+    three, patch, _ = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(3))], capture_mode="cached_clean")
+    a, b = _sample(one), _sample(three)
+    (states,) = patch.captures.values()
+    k, _ = next(iter(states.derived.values()))
+    assert k.shape[0] == 3
+    assert (a - b).abs().max().item() > 1e-5
+
+
+def test_two_identities_with_masks_on_sdxl(tiny_sdxl):
+    from likeness.techniques.face_fusion import FusionIdentityLatents
+
+    left, right = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1
+    right[:, :, 32:] = 1
+    model, patch, _ = _fusion(tiny_sdxl, [FusionIdentityLatents(_refs(1, 1), left),
+                                          FusionIdentityLatents(_refs(2, 2), right)], capture_mode="per_step")
+    out = _sample(model, steps=2, sdxl=True)
+    assert torch.isfinite(out).all()
+    assert patch.capture_passes == 2
+    assert sum(patch.site_calls.values()) == len(patch.sites) * 2
+
+
+def test_fusion_stacked_with_decoupled_both_apply(tiny_sd15):
+    from likeness.attention_patches import DecoupledInjector, add_injector, find_patch, find_sites
+
+    calls = []
+    sites = find_sites(tiny_sd15)
+    g = torch.Generator().manual_seed(3)
+    tokens = {s.index: (torch.randn(1, 4, s.channels, generator=g), torch.randn(1, 4, s.channels, generator=g))
+              for s in sites}
+
+    def provider(site, kind):
+        calls.append((site.index, kind))
+        return tokens[site.index] if kind == 0 else None
+
+    fusion_only, _, _ = _fusion(tiny_sd15, capture_mode="cached_clean")
+    both = fusion_only.clone()
+    add_injector(both, DecoupledInjector("faceid", provider, weight=1.0))
+    decoupled_only = tiny_sd15.clone()
+    add_injector(decoupled_only, DecoupledInjector("faceid", provider, weight=1.0))
+    patch = find_patch(both)
+    assert [i.name for i in patch.injectors] == ["face_fusion", "faceid"]
+    out_both, out_fusion, out_dec = _sample(both), _sample(fusion_only), _sample(decoupled_only)
+    assert patch.capture_passes == 1 and calls
+    assert (out_both - out_fusion).abs().max().item() > 1e-5
+    assert (out_both - out_dec).abs().max().item() > 1e-5
+    assert len(find_patch(fusion_only).injectors) == 1
+
+
+def test_training_forward_is_differentiable(tiny_sd15):
+    """What the trainer does: a direct apply_model with the wrappers merged, autograd on."""
+    from likeness.host.attention import forward_transformer_options
+    from likeness.techniques.face_fusion import FusionIdentityLatents
+
+    model, patch, adapter = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(2))], capture_mode="per_step",
+                                    per_row=True)
+    adapter.requires_grad_(True)
+    base = model.model
+    x = torch.randn(2, 4, 16, 16)
+    sigma = torch.tensor([3.0, 1.0])
+    context = torch.randn(2, 77, 64)
+    out = base.apply_model(x, sigma, c_crossattn=context, transformer_options=forward_transformer_options(model))
+    out.pow(2).mean().backward()
+    grads = [p.grad for p in adapter.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert patch.capture_passes == 1
+    (states,) = patch.captures.values()
+    assert states.key[1:] == ("rows", (3.0, 1.0))
+    patch.injectors[0].set_identities([FusionIdentityLatents(_refs(2, seed=9))])   # next training step
+    base.apply_model(x, sigma, c_crossattn=context, transformer_options=forward_transformer_options(model))
+    assert patch.capture_passes == 2                       # same sigmas, new references: captured again
+
+
+def test_capture_in_bounded_batches_matches_one_pass(tiny_sd15):
+    from likeness.techniques.face_fusion import FusionIdentityLatents
+
+    one, patch_one, _ = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(3))], capture_mode="cached_clean")
+    split, patch_split, _ = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(3))], capture_mode="cached_clean")
+    patch_split.capture_batch = 2
+    a, b = _sample(one, steps=1), _sample(split, steps=1)
+    assert patch_one.capture_passes == 1 and patch_split.capture_passes == 2
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-3)   # batch-size dependent GEMM rounding only
