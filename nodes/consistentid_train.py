@@ -90,8 +90,8 @@ class TrainConsistentID:
         from ..host.folders import save_dir
         from ..host.training import input_path
         from ..techniques.consistentid.loader import load_consistentid
-        from ..techniques.consistentid.training import (ConsistentIDTrainSettings, save_trained, train_consistentid,
-                                                        training_sources)
+        from ..techniques.consistentid.training import ConsistentIDTrainSettings, save_trained, train_consistentid
+        from ..trainers.datasets import training_sources
 
         stem = checked_file_stem(name)
         if not callable(getattr(face_analyzer, "detect", None)):

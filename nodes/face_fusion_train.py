@@ -73,8 +73,8 @@ class TrainFaceFusion:
         from ..host.folders import save_dir
         from ..host.training import input_path
         from ..techniques.face_fusion.adapter import fusion_save_dir
-        from ..techniques.face_fusion.training import (FusionTrainSettings, save_trained_adapter, train_face_fusion,
-                                                       training_sources)
+        from ..techniques.face_fusion.training import FusionTrainSettings, save_trained_adapter, train_face_fusion
+        from ..trainers.datasets import training_sources
 
         stem = checked_file_stem(name)
         folder_path = input_path(folder) if folder and folder.strip() else None

@@ -7,6 +7,7 @@ import torch
 
 from likeness.errors import InvalidInputError
 from likeness.techniques.face_fusion import training as T
+from likeness.trainers.datasets import training_sources
 
 
 def _astronaut():
@@ -52,10 +53,10 @@ def test_training_sources(tmp_path):
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("caption a")
     images = torch.rand(2, 16, 16, 3)
-    sources = T.training_sources(images, "one\ntwo", str(tmp_path))
+    sources = training_sources(images, "one\ntwo", str(tmp_path))
     assert [(n, c) for n, _, c in sources] == [("image_0", "one"), ("image_1", "two"), ("a.png", "caption a")]
     with pytest.raises(InvalidInputError, match="give training images"):
-        T.training_sources(None, "", None)
+        training_sources(None, "", None)
 
 
 @pytest.mark.parametrize("bad", [dict(resolution=60), dict(reference_size=200), dict(steps=0), dict(face_weight=0),

@@ -170,3 +170,19 @@ def collate(items: Sequence):
         return {"image": torch.stack([i.image for i in items]), "caption": [i.caption for i in items],
                 "name": [i.name for i in items]}
     return list(items)
+
+
+def training_sources(images: torch.Tensor | None, captions: str | None,
+                     folder: str | None) -> list[tuple[str, torch.Tensor, str]]:
+    """``(name, image, caption)`` from an IMAGE batch with caption text and/or a folder (same-stem .txt)."""
+    sources: list = []
+    if images is not None:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise InvalidInputError("images must be an IMAGE batch [B, H, W, C]")
+        texts = captions_for(images.shape[0], captions if captions and captions.strip() else None)
+        sources += [(f"image_{i}", images[i], texts[i]) for i in range(images.shape[0])]
+    if folder:
+        sources += list(iter_image_folder(folder))
+    if not sources:
+        raise InvalidInputError("give training images: connect 'images' or set 'folder' to a folder of photos")
+    return sources

@@ -50,7 +50,7 @@ from ...host.training import load_for_training
 from ...trainers import losses
 from ...trainers.autograd import autograd_enabled, detach_inputs, release_inference_tensors
 from ...trainers.checkpoint import atomic_save
-from ...trainers.datasets import captions_for, center_square, iter_image_folder, resize_center_crop
+from ...trainers.datasets import center_square, resize_center_crop
 from ...trainers.loop import LrGroup, StepContext, TrainConfig, TrainResult, train
 from ..faceid.apply import clip_hidden_states
 from ..faceid.checkpoint import FaceIDCheckpoint
@@ -705,22 +705,6 @@ def evaluate_loss(model_patcher, weights: ConsistentIDWeights, data: ConsistentI
     finally:
         session.close()
     return (sum(s[0] for s in stats) / len(stats), sum(s[1] for s in stats) / len(stats))
-
-
-def training_sources(images: torch.Tensor | None, captions: str | None,
-                     folder: str | None) -> list[tuple[str, torch.Tensor, str]]:
-    """``(name, image, caption)`` from an IMAGE batch with caption text and/or a folder (same-stem .txt)."""
-    sources: list = []
-    if images is not None:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise InvalidInputError("images must be an IMAGE batch [B, H, W, C]")
-        texts = captions_for(images.shape[0], captions if captions and captions.strip() else None)
-        sources += [(f"image_{i}", images[i], texts[i]) for i in range(images.shape[0])]
-    if folder:
-        sources += list(iter_image_folder(folder))
-    if not sources:
-        raise InvalidInputError("give training images: connect 'images' or set 'folder' to a folder of photos")
-    return sources
 
 
 def save_trained(weights: ConsistentIDWeights, path: str) -> str:

@@ -37,7 +37,7 @@ from ...host.training import load_for_training
 from ...trainers import losses
 from ...trainers.autograd import release_inference_tensors
 from ...trainers.checkpoint import atomic_save
-from ...trainers.datasets import captions_for, center_square, iter_image_folder, resize_center_crop
+from ...trainers.datasets import center_square, resize_center_crop
 from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
 from .adapter import FusionAdapter
 from .apply import INJECTOR_NAME, FusionIdentityLatents, FusionInjector
@@ -372,22 +372,6 @@ def evaluate_loss(model_patcher, adapter: FusionAdapter, data: FusionTrainingDat
                 total += float(loss) * len(rows)
                 count += len(rows)
     return total / count
-
-
-def training_sources(images: torch.Tensor | None, captions: str | None,
-                     folder: str | None) -> list[tuple[str, torch.Tensor, str]]:
-    """``(name, image, caption)`` from an IMAGE batch with caption text and/or a folder (read lazily)."""
-    sources: list = []
-    if images is not None:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise InvalidInputError("images must be an IMAGE batch [B, H, W, C]")
-        texts = captions_for(images.shape[0], captions if captions and captions.strip() else None)
-        sources += [(f"image_{i}", images[i], texts[i]) for i in range(images.shape[0])]
-    if folder:
-        sources += list(iter_image_folder(folder))
-    if not sources:
-        raise InvalidInputError("give training images: connect 'images' or set 'folder' to a folder of photos")
-    return sources
 
 
 def save_trained_adapter(adapter: FusionAdapter, path: str) -> str:
