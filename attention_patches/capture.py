@@ -120,15 +120,16 @@ class CapturedStates:
 class CaptureRecorder:
     """Collects ``h_f`` during a reference pass; raises :class:`CaptureComplete` when done."""
 
-    def __init__(self, wanted: frozenset[int]):
+    def __init__(self, wanted: frozenset[int], stop_when_done: bool = True):
         self.wanted = wanted
+        self.stop_when_done = stop_when_done   # False when the references ride in the real batch
         self.states: dict[int, torch.Tensor] = {}
         self.zero_context = False   # the reference stream sees an all-zero text context
 
     def record(self, site: AttentionSite, hidden: torch.Tensor) -> None:
         if site.index in self.wanted:
             self.states[site.index] = hidden.detach()
-            if len(self.states) == len(self.wanted):
+            if self.stop_when_done and len(self.states) == len(self.wanted):
                 raise CaptureComplete()
 
 

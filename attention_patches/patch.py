@@ -48,6 +48,10 @@ ON_CLEANUP = "on_cleanup"    # comfy.patcher_extension.CallbacksMP.ON_CLEANUP
 JOINT_STRATEGY = "merge"
 # References per reference pass (more are captured in several passes: bounded activation memory).
 CAPTURE_BATCH = 4
+# Per-step capture: append the references to the real batch instead of a separate pass (True, "auto" =
+# on CPU only, False). Exact, but measured no faster than the separate pass on the 2-core CPU
+# (benchmarks/attention_overhead.py rows per-step / per-step-batched), so off by default.
+CAPTURE_IN_BATCH: bool | str = False
 
 BaseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
 
@@ -66,10 +70,23 @@ class PassContext:
     model_sampling: Any = None
     active: tuple[Injector, ...] = ()
     captures: dict = field(default_factory=dict)
-    recorder: CaptureRecorder | None = None
+    recorder: CaptureRecorder | None = None      # a separate reference pass: record, inject nothing
+    main_rows: int | None = None                 # in-batch capture: rows >= main_rows are the reference
+    inbatch: CaptureRecorder | None = None       # ... and their recorder
 
     def __deepcopy__(self, memo):  # never copied with the options it travels in
         return self
+
+
+@dataclass
+class _ReferenceBatch:
+    """The reference rows of one capture: noised latents, sigmas, text, concat and extra conds."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor | None
+    concat: torch.Tensor | None
+    kwargs: dict
 
 
 class IdentityAttentionPatch:
@@ -86,6 +103,7 @@ class IdentityAttentionPatch:
         self.injectors: list[Injector] = []
         self.joint_strategy = JOINT_STRATEGY
         self.capture_batch = CAPTURE_BATCH
+        self.capture_in_batch: bool | str = CAPTURE_IN_BATCH
         self.previous: dict[int, Callable] = {}   # another pack's attn2 replace found at a site
         self._reset_runtime()
 
@@ -119,6 +137,7 @@ class IdentityAttentionPatch:
         new.injectors = list(self.injectors)
         new.joint_strategy = self.joint_strategy
         new.capture_batch = self.capture_batch
+        new.capture_in_batch = self.capture_in_batch
         new.previous = copy.deepcopy(self.previous, memo)
         new._reset_runtime()
         return new
@@ -133,6 +152,7 @@ class IdentityAttentionPatch:
         model_sampling = getattr(base_model, "model_sampling", None) or self.model_sampling
         sigma = float(t.max())  # the one host read per UNet call
         ctx = PassContext(sigma, model_sampling, self.active_at(sigma, model_sampling))
+        inbatch = None
         if any(i.needs_capture for i in ctx.active):
             layout = ChunkLayout.from_options(transformer_options, x.shape[0])
             for injector in ctx.active:
@@ -143,65 +163,143 @@ class IdentityAttentionPatch:
                     continue
                 if request.sites is None:
                     request.sites = frozenset(s.index for s in self.sites if injector.weight_at(s) != 0.0)
+                stored = self.captures.get(injector.uid)
+                if stored is not None and stored.key == request.key:
+                    ctx.captures[injector.uid] = stored
+                    continue
+                self.captures.pop(injector.uid, None)  # free the previous step's states first
+                if inbatch is None and self._can_capture_in_batch(request, x, control, c_crossattn,
+                                                                  transformer_options):
+                    inbatch = (request, injector)
+                    continue
                 states = self._capture(executor, request, injector, x, c_concat, c_crossattn,
                                        transformer_options, kwargs, base_model, model_sampling)
-                if states is not None:
-                    ctx.captures[injector.uid] = states
+                ctx.captures[injector.uid] = states
         options = dict(transformer_options)
         options[PASS_KEY] = ctx
-        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        if inbatch is None:
+            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        return self._run_with_reference_rows(executor, ctx, inbatch, x, t, c_concat, c_crossattn, options,
+                                             kwargs, base_model, model_sampling)
+
+    # ------------------------------------------------------------------ reference capture
+    def _can_capture_in_batch(self, request: CaptureRequest, x, control, c_crossattn, transformer_options) -> bool:
+        """Whether the references may ride in the real batch (see ``CAPTURE_IN_BATCH``): only when nothing
+        else could be confused by the extra rows: no ControlNet, no other pack's patches or UNet wrappers,
+        references of the latent's size, no autograd, the zero text context."""
+        mode = self.capture_in_batch
+        if mode is False or (mode == "auto" and x.device.type != "cpu"):
+            return False
+        if request.cached or control is not None or request.context is not None or c_crossattn is None:
+            return False
+        if request.latents.count > self.capture_batch or torch.is_grad_enabled():
+            return False
+        if tuple(request.latents.latents.shape[1:]) != tuple(x.shape[1:]):
+            return False   # a reference of another size (or channel count) cannot share the batch
+        if self.previous:
+            return False
+        to = transformer_options
+        for fns in to.get("patches", {}).values():
+            if any(isinstance(fn, tuple) or not _batch_safe(fn) for fn in fns):
+                return False
+        replaces = to.get("patches_replace", {})
+        if any(name != "attn2" for name, table in replaces.items() if table):
+            return False
+        if any(not is_identity_patch(p) for p in replaces.get("attn2", {}).values()):
+            return False
+        wrappers = to.get("wrappers", {})
+        for kind, by_key in wrappers.items():
+            if any(fns and key != WRAPPER_KEY for key, fns in by_key.items()) and kind in (APPLY_MODEL,
+                                                                                         "diffusion_model"):
+                return False
+        return True
+
+    def _run_with_reference_rows(self, executor, ctx: PassContext, inbatch, x, t, c_concat, c_crossattn, options,
+                                 kwargs, base_model, model_sampling) -> torch.Tensor:
+        request, injector = inbatch
+        ref = self._reference_inputs(request, x, c_concat, c_crossattn, kwargs, base_model, model_sampling)
+        recorder = CaptureRecorder(request.sites, stop_when_done=False)
+        recorder.zero_context = True
+        states = CapturedStates(request.key, recorder.states, cached=False)   # filled live, site by site
+        ctx.captures[injector.uid] = states
+        ctx.main_rows, ctx.inbatch = x.shape[0], recorder
+        self.capture_passes += 1
+        batch = x.shape[0]
+        extra = {}
+        for name, value in kwargs.items():
+            ref_value = ref.kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+                extra[name] = torch.cat([value, ref_value.to(value.dtype)])
+            else:
+                extra[name] = value
+        out = executor(torch.cat([x, ref.x]), torch.cat([t, ref.t.to(t.dtype)]),
+                       None if ref.concat is None else torch.cat([c_concat, ref.concat.to(c_concat.dtype)]),
+                       torch.cat([c_crossattn, ref.context.to(c_crossattn.dtype)]), None, options, **extra)
+        self._finish_capture(request, injector, states)
+        return out[:batch]
 
     def _capture(self, executor, request: CaptureRequest, injector, x, c_concat, c_crossattn, transformer_options,
-                 kwargs, base_model, model_sampling) -> CapturedStates | None:
-        stored = self.captures.get(injector.uid)
-        if stored is not None and stored.key == request.key:
-            return stored
-        self.captures.pop(injector.uid, None)  # free the previous step's states before the new pass
+                 kwargs, base_model, model_sampling) -> CapturedStates:
+        ref = self._reference_inputs(request, x, c_concat, c_crossattn, kwargs, base_model, model_sampling)
+        return self._capture_passes(executor, request, injector, ref, transformer_options, model_sampling)
+
+    def _reference_inputs(self, request: CaptureRequest, x, c_concat, c_crossattn, kwargs, base_model,
+                          model_sampling) -> "_ReferenceBatch":
         process_in = getattr(base_model, "process_latent_in", None)
         ref_x = reference_input(request, model_sampling, process_in, x.device, x.dtype)
         count = ref_x.shape[0]
-        ref_t = request.sigma.to(device=x.device, dtype=torch.float32).expand(count) \
-            if request.sigma.numel() == 1 else request.sigma.to(device=x.device, dtype=torch.float32)
+        sigma = request.sigma.to(device=x.device, dtype=torch.float32)
+        ref_t = sigma.expand(count) if sigma.numel() == 1 else sigma
         context = request.context
-        if context is None:
+        if context is None and c_crossattn is not None:
             context = torch.zeros((1,) + tuple(c_crossattn.shape[1:]), device=c_crossattn.device,
-                                  dtype=c_crossattn.dtype) if c_crossattn is not None else None
+                                  dtype=c_crossattn.dtype)
         if context is not None:
             context = context.to(device=x.device).expand(count, *context.shape[1:])
         batch = x.shape[0]
         ref_concat = None
         if isinstance(c_concat, torch.Tensor) and c_concat.shape[0] == batch:
             ref_concat = c_concat[request.template_row:request.template_row + 1].expand(count, *c_concat.shape[1:])
-        ref_kwargs = slice_extra_conds(kwargs, batch, request.template_row, count)
+        return _ReferenceBatch(ref_x, ref_t, context, ref_concat,
+                               slice_extra_conds(kwargs, batch, request.template_row, count))
+
+    def _capture_passes(self, executor, request: CaptureRequest, injector, ref: "_ReferenceBatch",
+                        transformer_options: dict, model_sampling) -> CapturedStates:
+        """Separate reference pass(es), at most ``capture_batch`` references each, stopped after the last site."""
+        count = ref.x.shape[0]
         options = dict(transformer_options)
         options["cond_or_uncond"] = [0]
         options["uuids"] = []
         parts: list[dict[int, torch.Tensor]] = []
-        for start in range(0, count, max(1, self.capture_batch)):  # bounded activation memory
-            stop = min(count, start + max(1, self.capture_batch))
+        step = max(1, self.capture_batch)
+        for start in range(0, count, step):  # bounded activation memory
+            stop = min(count, start + step)
             recorder = CaptureRecorder(request.sites)
             recorder.zero_context = request.context is None
             options[PASS_KEY] = PassContext(0.0, model_sampling, (), {}, recorder)
             self.capture_passes += 1
             try:
                 with torch.no_grad():
-                    executor(ref_x[start:stop], ref_t[start:stop],
-                             None if ref_concat is None else ref_concat[start:stop],
-                             None if context is None else context[start:stop], None, options,
-                             **slice_extra_conds(ref_kwargs, count, start, stop - start, offset=True))
+                    executor(ref.x[start:stop], ref.t[start:stop],
+                             None if ref.concat is None else ref.concat[start:stop],
+                             None if ref.context is None else ref.context[start:stop], None, options,
+                             **slice_extra_conds(ref.kwargs, count, start, stop - start, offset=True))
             except CaptureComplete:
                 pass
             parts.append(recorder.states)
         recorded = parts[0] if len(parts) == 1 else {
             site: torch.cat([p[site] for p in parts]) for site in parts[0] if all(site in p for p in parts)}
         states = CapturedStates(request.key, recorded, cached=request.cached)
+        self._finish_capture(request, injector, states)
+        return states
+
+    def _finish_capture(self, request: CaptureRequest, injector, states: CapturedStates) -> None:
         missing = request.sites - set(states.states)
         if missing:
             self._warn_once("missing", "reference capture did not reach %d site(s) %s; they get no reference "
                             "keys (is another patch replacing the UNet forward?)", len(missing), sorted(missing))
         injector.on_captured(states, self)
         self.captures[injector.uid] = states
-        return states
 
     def _fallback_pass(self, extra_options: dict) -> PassContext:
         """No wrapper ran: derive sigma from ``extra_options["sigmas"]`` (one host read per tensor)."""
@@ -238,10 +336,15 @@ class IdentityAttentionPatch:
     def attn2_input(self, n: torch.Tensor, context, value, extra_options: dict):
         """attn2_patch tap: records the reference stream's ``h_f`` during a capture pass; else a no-op."""
         ctx = extra_options.get(PASS_KEY)
-        if ctx is not None and ctx.recorder is not None:
-            site = self._site(extra_options)
-            if site is not None:
-                ctx.recorder.record(site, n)
+        if ctx is not None:
+            if ctx.recorder is not None:
+                site = self._site(extra_options)
+                if site is not None:
+                    ctx.recorder.record(site, n)
+            elif ctx.inbatch is not None:
+                site = self._site(extra_options)
+                if site is not None:
+                    ctx.inbatch.record(site, n[ctx.main_rows:])
         return n, context, value
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -256,6 +359,13 @@ class IdentityAttentionPatch:
             return torch.zeros_like(q)
         if site is None or ctx.recorder is not None or not ctx.active:
             return self._base(q, k, v, extra_options, site)
+        if ctx.inbatch is not None:  # reference rows ride along: zero context -> exactly zero output
+            rows = ctx.main_rows
+            main = self._inject(q[:rows], k[:rows], v[:rows], extra_options, site, ctx)
+            return torch.cat([main, q.new_zeros((q.shape[0] - rows,) + tuple(q.shape[1:]))])
+        return self._inject(q, k, v, extra_options, site, ctx)
+
+    def _inject(self, q, k, v, extra_options: dict, site: AttentionSite, ctx: PassContext) -> torch.Tensor:
         self.site_calls[site.index] += 1
         heads = extra_options["n_heads"]
         shape = extra_options.get("activations_shape")
@@ -284,9 +394,8 @@ class IdentityAttentionPatch:
         if torch.is_grad_enabled() and (q.requires_grad or any(g.k is not None and g.k.requires_grad for g in groups)):
             out = _joint_concat(call, groups)
             text_only = sdpa(q, k, v, heads) if previous is not None else None
-        elif self.joint_strategy == "concat" and _concat_friendly(groups):
+        elif self.joint_strategy == "concat" and previous is None and _concat_friendly(groups):
             out = self._base(q, k, v, call.extra_options, call.site)
-            text_only = out.clone() if previous is not None else None
             index = row_index(groups[0].rows, q.shape[0], q.device)
             rows_n = len(groups[0].rows)
             keys = torch.cat([take_rows(k, index)] + [g.k.to(q.dtype).expand(rows_n, -1, -1) for g in groups], 1)
@@ -296,8 +405,6 @@ class IdentityAttentionPatch:
                 bias = torch.cat([q.new_zeros(k.shape[1])] + [q.new_full((g.k.shape[1],), g.log_weight) for g in groups])
                 bias = bias.view(1, 1, 1, -1)
             out[index] = sdpa(take_rows(q, index), keys, values, heads, bias)
-            if previous is not None:
-                out = out - text_only + previous(q, k, v, call.extra_options)
             return out
         else:
             o, lse = attention_with_lse(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
@@ -354,6 +461,11 @@ def _joint_concat(call: AttentionCall, groups: list[KeyGroup]) -> torch.Tensor:
         k_blocks.append(k_full)
         v_blocks.append(v_full)
     return joint_attention_concat(q, k_blocks, v_blocks, call.heads, biases)
+
+
+def _batch_safe(fn: Any) -> bool:
+    """Our own tap, or a callable that declares it does not care about extra batch rows."""
+    return is_identity_patch(getattr(fn, "__self__", None)) or bool(getattr(fn, "likeness_batch_safe", False))
 
 
 def add_rows(out: torch.Tensor, rows: list[int], extra: torch.Tensor) -> torch.Tensor:

@@ -137,14 +137,15 @@ def _faceid_plusv2_lora(bench):
     return _faceid_plusv2(bench, lora_strength=1.0)
 
 
-def _fusion(bench, refs: int, mode: str):
+def _fusion(bench, refs: int, mode: str, ref_latent: int = 0):
     from likeness.techniques.face_fusion import FusionAdapter, FusionIdentityLatents, apply_face_fusion
 
     import torch
 
     if bench.adapter is None:
         bench.adapter = FusionAdapter.from_model(bench.base)
-    latents = torch.randn(refs, 4, bench.latent, bench.latent, generator=torch.Generator().manual_seed(refs))
+    side = ref_latent or bench.latent
+    latents = torch.randn(refs, 4, side, side, generator=torch.Generator().manual_seed(refs))
     return apply_face_fusion(bench.base, bench.adapter, [FusionIdentityLatents(latents)], capture_mode=mode)
 
 
@@ -168,9 +169,23 @@ def _per_step(bench):
     return _fusion(bench, 1, "per_step")
 
 
+@register("per-step-batched", "as 'per-step', the reference riding in the sampling batch instead of its own "
+          "UNet pass (opt-in CAPTURE_IN_BATCH; comparison)")
+def _per_step_batched(bench):
+    from likeness.attention_patches import find_patch
+
+    model = _fusion(bench, 1, "per_step")
+    find_patch(model).capture_in_batch = True
+    return model
+
+
 for _n in (2, 4, 8):
     register(f"refs{_n}", f"Face Fusion, {_n} references (Eq. 6), cached capture",
              target=1.6 if _n == 8 else None, target_of="cached")(lambda bench, n=_n: _fusion(bench, n, "cached_clean"))
+
+register("refs8-half", "8 references encoded at half the image size (reference_size 256 for a 512 image: 4x "
+         "fewer keys per reference; not a target row)")(lambda bench: _fusion(bench, 8, "cached_clean",
+                                                                                 max(8, bench.latent // 2)))
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -186,6 +201,8 @@ class SiteTimer:
         self._start = time.perf_counter()
         return n, context, value
 
+    start.likeness_batch_safe = True   # timing only: extra reference rows in the batch are fine
+
     def stop(self, n, extra_options):
         if self._start is not None:
             from likeness.attention_patches import PASS_KEY
@@ -198,6 +215,8 @@ class SiteTimer:
                 self.main += elapsed
             self._start = None
         return n
+
+    stop.likeness_batch_safe = True
 
     def __deepcopy__(self, memo):
         return self

@@ -161,3 +161,31 @@ def test_capture_in_bounded_batches_matches_one_pass(tiny_sd15):
     a, b = _sample(one, steps=1), _sample(split, steps=1)
     assert patch_one.capture_passes == 1 and patch_split.capture_passes == 2
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-3)   # batch-size dependent GEMM rounding only
+
+
+def test_per_step_references_in_the_real_batch_match_a_separate_pass(tiny_sd15):
+    """Opt-in: the per-step references ride in the UNet's batch; same result as a separate pass."""
+    inbatch, patch_in, _ = _fusion(tiny_sd15, capture_mode="per_step")
+    patch_in.capture_in_batch = True
+    separate, patch_sep, _ = _fusion(tiny_sd15, capture_mode="per_step")
+    assert patch_sep.capture_in_batch is False
+    calls = []
+    original = patch_in._run_with_reference_rows
+    patch_in._run_with_reference_rows = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    a, b = _sample(inbatch, steps=3), _sample(separate, steps=3)
+    assert len(calls) == 3 and patch_in.capture_passes == 3 == patch_sep.capture_passes
+    assert sum(patch_in.site_calls.values()) == 16 * 3
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-3), (a - b).abs().max()
+    # another pack's patch on the model: the references go back to a separate pass
+    other = inbatch.clone()
+    other.set_model_attn1_patch(lambda n, context, value, extra_options: (n, context, value))
+    calls.clear()
+    from likeness.attention_patches import find_patch
+
+    patch_other = find_patch(other)
+    seen = []
+    orig_other = patch_other._run_with_reference_rows
+    patch_other._run_with_reference_rows = lambda *a, **k: (seen.append(1), orig_other(*a, **k))[1]
+    c = _sample(other, steps=3)
+    assert seen == [] and patch_other.capture_passes == 3
+    assert torch.allclose(c, b, rtol=1e-4, atol=1e-3)
