@@ -11,13 +11,13 @@ Files are safetensors with one tensor ``embeddings`` [N,D] float32 and string me
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..errors import IncompatibleEmbedsError, InvalidInputError, ModelFileError
+from ..safetensors_io import atomic_save
 from .types import FaceAnalysis
 
 FORMAT = "likeness.face_embeds"
@@ -151,15 +151,9 @@ def inliers(vectors: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def save_embeds(embeds: FaceEmbeds, path: str) -> str:
     """Write a safetensors file (atomically); returns the path."""
-    from safetensors.torch import save_file
-
     metadata = {"format": FORMAT, "version": VERSION, "backend": embeds.backend, "model_id": embeds.model_id,
                 "dims": str(embeds.dims), "count": str(embeds.count), "sources": json.dumps(embeds.sources)}
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    temporary = path + ".tmp"
-    save_file({"embeddings": embeds.embeddings.contiguous()}, temporary, metadata=metadata)
-    os.replace(temporary, path)
-    return path
+    return atomic_save({"embeddings": embeds.embeddings}, path, metadata)
 
 
 def load_embeds(path: str) -> FaceEmbeds:

@@ -484,3 +484,12 @@ def cached_tiny_sd15_checkpoint(seed: int = 0) -> str:
         write_tiny_sd15_checkpoint(partial, seed)
         os.replace(partial, path)
     return path
+
+
+def clip_vision_width(clip_vision) -> int:
+    """Width of a CLIP vision model's penultimate hidden states, probed the way ComfyUI runs models (inference
+    mode: shared tiny models may hold inference tensors left by earlier tests)."""
+    import torch
+
+    with torch.inference_mode():
+        return int(clip_vision.encode_image(torch.rand(1, 32, 32, 3))["penultimate_hidden_states"].shape[-1])

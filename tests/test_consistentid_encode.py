@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import host_support
+
 from faceid_support import random_faceid_checkpoint
 
 pytestmark = pytest.mark.host
@@ -38,7 +40,7 @@ def tiny_consistentid(tiny_sd15, tiny_clip_vision):
     from likeness.techniques.faceid.lora import transformer_blocks
 
     channels = [r.channels for r in transformer_blocks(tiny_sd15)]
-    hidden = tiny_clip_vision.encode_image(torch.rand(1, 32, 32, 3))["penultimate_hidden_states"].shape[-1]
+    hidden = host_support.clip_vision_width(tiny_clip_vision)
     groups = random_faceid_checkpoint(channels, 64, clip_dim=hidden, rank=4, facial_encoder=True)
     return load_consistentid_state_dict(groups, source="tiny-consistentid.bin")
 

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+import host_support
+
 from faceid_support import random_faceid_checkpoint
 
 pytestmark = pytest.mark.host
@@ -83,7 +85,7 @@ def tiny_consistentid(model, clip_vision, seed: int = 0):
     from likeness.techniques.faceid.lora import transformer_blocks
 
     channels = [r.channels for r in transformer_blocks(model)]
-    hidden = clip_vision.encode_image(torch.rand(1, 32, 32, 3))["penultimate_hidden_states"].shape[-1]
+    hidden = host_support.clip_vision_width(clip_vision)
     groups = random_faceid_checkpoint(channels, 64, clip_dim=hidden, rank=4, facial_encoder=True, seed=seed)
     return groups, load_consistentid_state_dict(groups, source="tiny-consistentid.bin")
 

@@ -50,7 +50,7 @@ class LikenessTestTinyFaceIDFile:
                              "kind": (["face_makeup", "plusv2", "consistentid"],)}}
 
     def load(self, model, clip_vision, kind):
-        import torch
+        import host_support
         from faceid_support import random_faceid_checkpoint
         from test_face_makeup_controlnet import tiny_face_makeup_groups
 
@@ -60,7 +60,7 @@ class LikenessTestTinyFaceIDFile:
             return (pack_module("techniques.faceid.checkpoint").load_faceid_state_dict(
                 tiny_face_makeup_groups(model, clip_vision), source="tiny-face-makeup.bin"),)
         channels = [r.channels for r in transformer_blocks(model)]
-        hidden = clip_vision.encode_image(torch.rand(1, 32, 32, 3))["penultimate_hidden_states"].shape[-1]
+        hidden = host_support.clip_vision_width(clip_vision)
         if kind == "plusv2":
             groups = random_faceid_checkpoint(channels, 64, clip_dim=hidden, rank=4)
             return (pack_module("techniques.faceid.checkpoint").load_faceid_state_dict(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import host_support
+
 from faceid_support import random_faceid_checkpoint
 from likeness.techniques.faceid.controlnet_layout import ControlNetShape, expected_controlnet_shapes
 
@@ -26,7 +28,7 @@ def tiny_face_makeup_groups(model, clip_vision) -> dict:
     from likeness.techniques.faceid.lora import transformer_blocks
 
     channels = [r.channels for r in transformer_blocks(model)]
-    hidden = clip_vision.encode_image(torch.rand(1, 32, 32, 3))["penultimate_hidden_states"].shape[-1]
+    hidden = host_support.clip_vision_width(clip_vision)
     groups = random_faceid_checkpoint(channels, 64, clip_dim=hidden, rank=4)
     groups["controlnet"] = random_controlnet_group()
     return groups

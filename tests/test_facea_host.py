@@ -203,7 +203,7 @@ host_support.prepare_comfy({comfy!r})
 from _bootstrap import load_pack
 load_pack()
 import test_facea_host as t
-import likeness.trainers.checkpoint as ckpt
+import likeness.safetensors_io as ckpt  # the atomic writer behind every checkpoint
 calls = []
 original = ckpt._write_safetensors
 def dying_write(tensors, path, metadata):

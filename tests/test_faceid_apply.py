@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import host_support
+
 from faceid_support import random_faceid_checkpoint
 
 pytestmark = pytest.mark.host
@@ -36,7 +38,7 @@ def tiny_plus(tiny_sd15, tiny_clip_vision):
     from likeness.techniques.faceid.lora import transformer_blocks
 
     channels = [r.channels for r in transformer_blocks(tiny_sd15)]
-    hidden = tiny_clip_vision.encode_image(torch.rand(1, 32, 32, 3))["penultimate_hidden_states"].shape[-1]
+    hidden = host_support.clip_vision_width(tiny_clip_vision)
     groups = random_faceid_checkpoint(channels, 64, clip_dim=hidden, rank=4)
     return load_faceid_state_dict(groups, source="tiny-faceid-plusv2.bin")
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from likeness.errors import CheckpointLayoutError, ModelFileError
+from likeness import safetensors_io
 from likeness.trainers import checkpoint as ckpt
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -91,7 +92,7 @@ def test_writer_raising_mid_write_keeps_previous_file(tmp_path, monkeypatch):
             handle.write(b"\x00" * 17)
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", broken)
+    monkeypatch.setattr(safetensors_io, "_write_safetensors", broken)
     with pytest.raises(RuntimeError, match="killed"):
         ckpt.atomic_save({"a": torch.zeros(10)}, path, {"version": "2"})
     tensors, metadata = ckpt.load_tensors(path)

@@ -12,6 +12,7 @@ import torch
 
 from likeness.errors import TrainingError
 from likeness.trainers import LrGroup, TrainConfig, TrainingCancelled, train
+from likeness import safetensors_io
 from likeness.trainers import checkpoint as ckpt
 from likeness.trainers.autograd import release_inference_tensors
 
@@ -139,7 +140,7 @@ def test_cancel_from_progress_keeps_last_checkpoint(tmp_path):
 
 def test_crash_in_the_middle_of_a_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "run.safetensors"
-    real_writer = ckpt._write_safetensors
+    real_writer = safetensors_io._write_safetensors
     calls = {"n": 0}
 
     def torn_writer(tensors, target, metadata):
@@ -151,12 +152,12 @@ def test_crash_in_the_middle_of_a_save_keeps_previous_checkpoint(tmp_path, monke
             raise OSError("disk gone mid-write")
         real_writer(tensors, target, metadata)
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", torn_writer)
+    monkeypatch.setattr(safetensors_io, "_write_safetensors", torn_writer)
     with pytest.raises(OSError, match="mid-write"):
         train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path))
     assert ckpt.load_training_state(str(path)).step == 10
     assert os.listdir(tmp_path) == ["run.safetensors"]
-    monkeypatch.setattr(ckpt, "_write_safetensors", real_writer)
+    monkeypatch.setattr(safetensors_io, "_write_safetensors", real_writer)
     resumed = train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path, resume=True))
     full = train(toy_params(), toy_loss, toy_data(), toy_config(tmp_path / "full"))
     _assert_same_run(full, resumed)

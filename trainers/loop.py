@@ -111,6 +111,16 @@ def is_cancel(exc: BaseException) -> bool:
 
 # --------------------------------------------------------------------------- set-up helpers
 
+def check_run_settings(steps: int, batch_size: int, grad_accumulation: int, lr: float, resolution: int) -> None:
+    """The checks every trainer's settings share (early, before any data is prepared)."""
+    if steps < 1 or batch_size < 1 or grad_accumulation < 1:
+        raise InvalidInputError("steps, batch size and gradient accumulation must be at least 1")
+    if not 0.0 < lr <= 1.0:
+        raise InvalidInputError(f"learning rate must lie in (0, 1], got {lr}")
+    if resolution % 64 or resolution < 64:
+        raise InvalidInputError(f"resolution must be a multiple of 64, got {resolution}")
+
+
 def _check_config(config: TrainConfig, data_size: int) -> None:
     if config.steps < 1:
         raise InvalidInputError("steps must be at least 1")

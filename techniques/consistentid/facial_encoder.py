@@ -20,31 +20,24 @@ import torch
 from torch import nn
 
 from ...errors import CheckpointLayoutError, InvalidInputError
-from ..faceid.projection import PerceiverAttention, attention_heads, count_indexed, feed_forward
+from ..faceid.projection import FacePerceiverResampler, attention_heads, count_indexed
 
 
-class RegionResampler(nn.Module):
-    """Perceiver resampler with ``num_queries`` learned latents (ConsistentID: one query per region)."""
+class RegionResampler(FacePerceiverResampler):
+    """Perceiver resampler with ``num_queries`` learned latents (ConsistentID: one query per region).
+
+    The same resampler as FaceID-Plus's, except that its queries are parameters instead of inputs.
+    """
 
     def __init__(self, *, dim: int = 1024, depth: int = 8, dim_head: int = 64, heads: int = 16,
                  num_queries: int = 1, embedding_dim: int = 1280, output_dim: int = 768, ff_mult: int = 4):
-        super().__init__()
+        super().__init__(dim=dim, depth=depth, dim_head=dim_head, heads=heads, embedding_dim=embedding_dim,
+                         output_dim=output_dim, ff_mult=ff_mult)
         self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim ** 0.5)
-        self.proj_in = nn.Linear(embedding_dim, dim)
-        self.proj_out = nn.Linear(dim, output_dim)
-        self.norm_out = nn.LayerNorm(output_dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), feed_forward(dim, ff_mult)])
-            for _ in range(depth))
 
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """[B, N, embedding_dim] -> [B, num_queries, output_dim]."""
-        latents = self.latents.expand(image_features.shape[0], -1, -1)
-        context = self.proj_in(image_features)
-        for attention, ff in self.layers:
-            latents = attention(context, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
+        return super().forward(self.latents.expand(image_features.shape[0], -1, -1), image_features)
 
 
 class FuseMLP(nn.Module):

@@ -51,7 +51,7 @@ from ...trainers import losses
 from ...trainers.autograd import autograd_enabled, detach_inputs, release_inference_tensors
 from ...trainers.checkpoint import atomic_save
 from ...trainers.datasets import center_square, resize_center_crop
-from ...trainers.loop import LrGroup, StepContext, TrainConfig, TrainResult, train
+from ...trainers.loop import LrGroup, StepContext, TrainConfig, TrainResult, check_run_settings, train
 from ..faceid.apply import clip_hidden_states
 from ..faceid.checkpoint import FaceIDCheckpoint
 from ..faceid.lora import apply_lora, check_adapter_fits, lora_factors, transformer_blocks
@@ -88,12 +88,7 @@ class ConsistentIDTrainSettings:
     max_grad_norm: float | None = 1.0
 
     def check(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
-            raise InvalidInputError("steps, batch size and gradient accumulation must be at least 1")
-        if not 0.0 < self.lr <= 1.0:
-            raise InvalidInputError(f"learning rate must lie in (0, 1], got {self.lr}")
-        if self.resolution % 64 or self.resolution < 64:
-            raise InvalidInputError(f"resolution must be a multiple of 64, got {self.resolution}")
+        check_run_settings(self.steps, self.batch_size, self.grad_accumulation, self.lr, self.resolution)
         if self.localization_weight < 0:
             raise InvalidInputError("the localization weight must not be negative (0 turns the facial loss off)")
         for name in ("condition_dropout", "background_mask_prob"):

@@ -31,6 +31,7 @@ from torch import nn
 
 from ...attention_patches.sites import AttentionSite, find_sites, transformer_blocks
 from ...errors import CheckpointLayoutError, InvalidInputError, ModelFileError
+from ...safetensors_io import atomic_save
 
 logger = logging.getLogger("likeness")
 
@@ -191,15 +192,8 @@ def _version(tensor: torch.Tensor) -> tuple:
 
 
 def save_fusion_adapter(adapter: FusionAdapter, path: str, extra_metadata: dict[str, Any] | None = None) -> str:
-    """Write ``adapter`` to ``path`` atomically (temp file + rename). Returns the path."""
-    from safetensors.torch import save_file
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(adapter.file_state_dict(), tmp, metadata=adapter.file_metadata(extra_metadata))
-    os.replace(tmp, path)
-    return path
+    """Write ``adapter`` to ``path`` atomically (temp file + fsync + rename). Returns the path."""
+    return atomic_save(adapter.file_state_dict(), path, adapter.file_metadata(extra_metadata))
 
 
 def load_fusion_adapter(path: str) -> FusionAdapter:

@@ -38,7 +38,7 @@ from ...trainers import losses
 from ...trainers.autograd import release_inference_tensors
 from ...trainers.checkpoint import atomic_save
 from ...trainers.datasets import center_square, resize_center_crop
-from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
+from ...trainers.loop import LrGroup, TrainConfig, TrainResult, check_run_settings, train
 from .adapter import FusionAdapter
 from .apply import INJECTOR_NAME, FusionIdentityLatents, FusionInjector
 
@@ -68,12 +68,7 @@ class FusionTrainSettings:
     max_grad_norm: float | None = 1.0
 
     def check(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
-            raise InvalidInputError("steps, batch size and gradient accumulation must be at least 1")
-        if not 0.0 < self.lr <= 1.0:
-            raise InvalidInputError(f"learning rate must lie in (0, 1], got {self.lr}")
-        if self.resolution % 64 or self.resolution < 64:
-            raise InvalidInputError(f"resolution must be a multiple of 64, got {self.resolution}")
+        check_run_settings(self.steps, self.batch_size, self.grad_accumulation, self.lr, self.resolution)
         if self.reference_size % 8 or not (self.reference_size % 112 == 0 or self.reference_size % 128 == 0):
             raise InvalidInputError(f"reference size must be one of {REFERENCE_SIZES}, got {self.reference_size}")
         if self.reference_noise not in REFERENCE_NOISE:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ...errors import InvalidInputError, ModelFileError
+from ...safetensors_io import atomic_save
 
 TASKS = ("face", "left_eye", "right_eye", "nose", "mouth")
 ATTRIBUTES = TASKS[1:]
@@ -85,7 +86,6 @@ def validate_feats(feats: dict[str, torch.Tensor]) -> None:
 
 def save_identity(identity: Identity, path: str) -> str:
     """Write ``identity`` to ``path`` (a temporary file renamed into place) and return the path."""
-    from safetensors.torch import save_file
 
     ident = identity.detached()
     tensors = {f"feat.{task}": ident.feats[task].contiguous() for task in ident.tasks}
@@ -100,11 +100,7 @@ def save_identity(identity: Identity, path: str) -> str:
         "embedding_model_id": ident.embedding_model_id,
         "meta": json.dumps(ident.metadata, sort_keys=True, default=str),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return atomic_save(tensors, path, meta)
 
 
 def load_identity(path: str) -> Identity:
