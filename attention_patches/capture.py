@@ -125,6 +125,7 @@ class CaptureRecorder:
         self.stop_when_done = stop_when_done   # False when the references ride in the real batch
         self.states: dict[int, torch.Tensor] = {}
         self.zero_context = False   # the reference stream sees an all-zero text context
+        self.trim_text_attention = False   # ... and attn2 runs on one query token (patch.TRIM_REFERENCE_...)
 
     def record(self, site: AttentionSite, hidden: torch.Tensor) -> None:
         if site.index in self.wanted:

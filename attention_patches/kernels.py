@@ -123,3 +123,49 @@ def joint_attention_weights(q: torch.Tensor, k: torch.Tensor, heads: int,
     if mask is not None:
         logits = logits + (mask.unsqueeze(1) if mask.ndim == 3 else mask)
     return torch.softmax(logits, dim=-1)
+
+
+def reference_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int] | None:
+    """The token grid ``(h, w)`` of a reference at a site: the latent size halved (rounding up, like the
+    UNet's stride-2 convs) until ``h * w == tokens``; None if no level matches."""
+    h, w = latent_hw
+    for _ in range(8):
+        if h * w == tokens:
+            return h, w
+        h, w = -(-h // 2), -(-w // 2)
+    return None
+
+
+def pooling_window(references: int, budget: float, grid: tuple[int, int]) -> tuple[int, int]:
+    """Smallest power-of-two window ``(kh, kw)`` (widths doubled first) so that ``references`` references
+    pooled by it hold at most ``budget`` references' worth of keys; ``(1, 1)`` when already within budget
+    (``budget <= 0``: no limit). Never larger than the grid."""
+    kh = kw = 1
+    if budget <= 0:
+        return kh, kw
+    while references / (kh * kw) > budget and (kh < grid[0] or kw < grid[1]):
+        if kw <= kh and kw < grid[1]:
+            kw *= 2
+        else:
+            kh *= 2
+    return kh, kw
+
+
+def pool_key_grid(x: torch.Tensor, grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
+    """Average keys (or values) ``[B, h*w, C]`` over ``window`` blocks of their ``grid`` → ``[B, N', C]``.
+
+    Key downsampling as ToDo (Smith et al. 2024) does for SD's high-resolution self-attention; pair it with
+    a ``log(kh*kw)`` logit bias on the pooled block (ToMe's proportional attention, Bolya et al. 2023) so a
+    pooled key carries the attention mass of the keys it stands for: exact when a window's keys and values
+    are equal, a close approximation for the spatially smooth reference features. Edge windows of a grid
+    not divisible by the window average fewer tokens.
+    """
+    if window == (1, 1):
+        return x
+    b, n, c = x.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"grid {grid} does not hold {n} tokens")
+    image = x.transpose(1, 2).reshape(b, c, h, w)
+    pooled = F.avg_pool2d(image, window, stride=window, ceil_mode=True, count_include_pad=False)
+    return pooled.flatten(2).transpose(1, 2)

@@ -52,6 +52,12 @@ CAPTURE_BATCH = 4
 # on CPU only, False). Exact, but measured no faster than the separate pass on the 2-core CPU
 # (benchmarks/attention_overhead.py rows per-step / per-step-batched), so off by default.
 CAPTURE_IN_BATCH: bool | str = False
+# Reference passes with the all-zero text context: attn2's output is exactly to_out's bias at every token
+# (K = V = 0), so the capture tap hands ComfyUI a single query token and ``x + n`` broadcasts it; this
+# skips to_q and to_out on every token of every site (~5 % of a reference pass at 512 px). Only when
+# every other attn2 input/output patch in the options declares itself token-count agnostic.
+TRIM_REFERENCE_TEXT_ATTENTION = True
+TOKEN_SAFE_ATTR = "likeness_token_safe"
 
 BaseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
 
@@ -104,6 +110,7 @@ class IdentityAttentionPatch:
         self.joint_strategy = JOINT_STRATEGY
         self.capture_batch = CAPTURE_BATCH
         self.capture_in_batch: bool | str = CAPTURE_IN_BATCH
+        self.trim_reference_text_attention = TRIM_REFERENCE_TEXT_ATTENTION
         self.previous: dict[int, Callable] = {}   # another pack's attn2 replace found at a site
         self._reset_runtime()
 
@@ -138,6 +145,7 @@ class IdentityAttentionPatch:
         new.joint_strategy = self.joint_strategy
         new.capture_batch = self.capture_batch
         new.capture_in_batch = self.capture_in_batch
+        new.trim_reference_text_attention = self.trim_reference_text_attention
         new.previous = copy.deepcopy(self.previous, memo)
         new._reset_runtime()
         return new
@@ -272,10 +280,12 @@ class IdentityAttentionPatch:
         options["uuids"] = []
         parts: list[dict[int, torch.Tensor]] = []
         step = max(1, self.capture_batch)
+        trim = self.trim_reference_text_attention and _token_safe_patches(transformer_options, self)
         for start in range(0, count, step):  # bounded activation memory
             stop = min(count, start + step)
             recorder = CaptureRecorder(request.sites)
             recorder.zero_context = request.context is None
+            recorder.trim_text_attention = recorder.zero_context and trim
             options[PASS_KEY] = PassContext(0.0, model_sampling, (), {}, recorder)
             self.capture_passes += 1
             try:
@@ -340,7 +350,9 @@ class IdentityAttentionPatch:
             if ctx.recorder is not None:
                 site = self._site(extra_options)
                 if site is not None:
-                    ctx.recorder.record(site, n)
+                    ctx.recorder.record(site, n)   # raises CaptureComplete after the last needed site
+                    if ctx.recorder.trim_text_attention and site.index not in self.previous:
+                        return n[:, :1], context, value   # see TRIM_REFERENCE_TEXT_ATTENTION
             elif ctx.inbatch is not None:
                 site = self._site(extra_options)
                 if site is not None:
@@ -461,6 +473,17 @@ def _joint_concat(call: AttentionCall, groups: list[KeyGroup]) -> torch.Tensor:
         k_blocks.append(k_full)
         v_blocks.append(v_full)
     return joint_attention_concat(q, k_blocks, v_blocks, call.heads, biases)
+
+
+def _token_safe_patches(transformer_options: dict, patch: "IdentityAttentionPatch") -> bool:
+    """Whether every attn2 input/output patch besides ``patch``'s own tap accepts a one-token ``n``."""
+    patches = transformer_options.get("patches", {})
+    for name in ("attn2_patch", "attn2_output_patch"):
+        for fn in patches.get(name, ()):
+            if getattr(fn, "__self__", None) is patch or getattr(fn, TOKEN_SAFE_ATTR, False):
+                continue
+            return False
+    return True
 
 
 def _batch_safe(fn: Any) -> bool:

@@ -8,7 +8,12 @@ fp32, random weights: norms 1/0, biases 0, the rest N(0, 0.02)) with ``--cpu --u
 512 px = 64x64 latent, 2 steps) under ``torch.inference_mode()``, as the executor does.
 
 Every configuration is a clone of the same model (registry :data:`CONFIGS`; add rows for other techniques
-with :func:`register`). After one warm-up round (which also pays the one-off reference capture of the
+with :func:`register`). Rows: the engine's decoupled and joint (Face Fusion: cached, per-step, 1/2/4/8
+references with the default reference budget, 8 exact) paths, FaceID-PlusV2 (= Face-MakeUp's adapter half),
+ConsistentID (model and merge-step conditioning as its encode node makes them) and Face-MakeUp whole (its
+pose ControlNet's cost reported against faceid-plusv2); comparison rows (``default=False``) run only when
+named in ``--configs``. Technique weights are random tensors in the official checkpoint layouts
+(``tests/data/checkpoint_layouts``) loaded by the pack's own loaders. After one warm-up round (which also pays the one-off reference capture of the
 cached modes, reported separately) the configurations run interleaved, in a rotating order, round after
 round, until every ratio's median moved less than ``--tol`` in the last round (or ``--max-rounds`` /
 ``--budget`` is reached). Printed per configuration: wall time median and min-max, and the ratios to
@@ -48,6 +53,8 @@ class Config:
     build: Callable          # (Bench) -> ModelPatcher
     target: float | None = None       # maximal wall ratio
     target_of: str = "unpatched"      # ... relative to this configuration
+    default: bool = True              # run without --configs (False: comparison rows, on request only)
+    conds: tuple | None = None        # (positive, negative) of this row; None = the bench's
     walls: list = field(default_factory=list)
     cpus: list = field(default_factory=list)
     sites: list = field(default_factory=list)
@@ -59,12 +66,40 @@ class Config:
 CONFIGS: dict[str, Config] = {}
 
 
-def register(name: str, description: str, target: float | None = None, target_of: str = "unpatched"):
-    """Decorator: add a row. ``build(bench)`` returns a patched clone of ``bench.base``."""
+def register(name: str, description: str, target: float | None = None, target_of: str = "unpatched",
+             default: bool = True):
+    """Decorator: add a row. ``build(bench)`` returns a patched clone of ``bench.base``, or
+    ``(model, positive, negative)`` when the technique also changes the conditioning."""
     def wrap(fn):
-        CONFIGS[name] = Config(name, description, fn, target, target_of)
+        CONFIGS[name] = Config(name, description, fn, target, target_of, default)
         return fn
     return wrap
+
+
+LAYOUTS = os.path.join(ROOT, "tests", "data", "checkpoint_layouts")
+
+
+def random_groups_from_layout(name: str, seed: int) -> dict:
+    """``{group: {key: tensor}}`` of an official checkpoint layout (real keys and shapes), random fp32 values:
+    matrices N(0, 0.02), vectors 0 (norm weights 1)."""
+    import json
+
+    import torch
+
+    with open(os.path.join(LAYOUTS, name), encoding="utf-8") as f:
+        layout = json.load(f)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for group, keys in layout["groups"].items():
+        tensors = {}
+        for key, spec in keys.items():
+            shape = spec["shape"]
+            if len(shape) >= 2:
+                tensors[key] = torch.randn(shape, generator=g) * 0.02
+            else:
+                tensors[key] = torch.ones(shape) if "norm" in key and key.endswith("weight") else torch.zeros(shape)
+        out[group] = tensors
+    return out
 
 
 @register("unpatched", "the model as loaded")
@@ -137,7 +172,7 @@ def _faceid_plusv2_lora(bench):
     return _faceid_plusv2(bench, lora_strength=1.0)
 
 
-def _fusion(bench, refs: int, mode: str, ref_latent: int = 0):
+def _fusion(bench, refs: int, mode: str, ref_latent: int = 0, **options):
     from likeness.techniques.face_fusion import FusionAdapter, FusionIdentityLatents, apply_face_fusion
 
     import torch
@@ -146,7 +181,7 @@ def _fusion(bench, refs: int, mode: str, ref_latent: int = 0):
         bench.adapter = FusionAdapter.from_model(bench.base)
     side = ref_latent or bench.latent
     latents = torch.randn(refs, 4, side, side, generator=torch.Generator().manual_seed(refs))
-    return apply_face_fusion(bench.base, bench.adapter, [FusionIdentityLatents(latents)], capture_mode=mode)
+    return apply_face_fusion(bench.base, bench.adapter, [FusionIdentityLatents(latents)], capture_mode=mode, **options)
 
 
 @register("cached", "Face Fusion, 1 reference (image-sized), cached capture (clean), uncond none", target=1.12)
@@ -155,7 +190,7 @@ def _cached(bench):
 
 
 @register("cached-cat", "as 'cached', joint attention as one SDPA over concatenated keys instead of the "
-          "log-sum-exp merge of two (strategy comparison)")
+          "log-sum-exp merge of two (strategy comparison)", default=False)
 def _cached_concat(bench):
     from likeness.attention_patches import find_patch
 
@@ -170,7 +205,7 @@ def _per_step(bench):
 
 
 @register("per-step-batched", "as 'per-step', the reference riding in the sampling batch instead of its own "
-          "UNet pass (opt-in CAPTURE_IN_BATCH; comparison)")
+          "UNet pass (opt-in CAPTURE_IN_BATCH; comparison)", default=False)
 def _per_step_batched(bench):
     from likeness.attention_patches import find_patch
 
@@ -180,12 +215,63 @@ def _per_step_batched(bench):
 
 
 for _n in (2, 4, 8):
-    register(f"refs{_n}", f"Face Fusion, {_n} references (Eq. 6), cached capture",
+    register(f"refs{_n}", f"Face Fusion, {_n} references (Eq. 6), cached capture, default reference_budget 2 "
+             f"({'exact' if _n <= 2 else 'each reference pooled to 2 references worth of keys per layer'})",
              target=1.6 if _n == 8 else None, target_of="cached")(lambda bench, n=_n: _fusion(bench, n, "cached_clean"))
 
+register("refs8-exact", "8 references, reference_budget 0: every key of every reference (Eq. 6 literally)")(
+    lambda bench: _fusion(bench, 8, "cached_clean", reference_budget=0))
+
 register("refs8-half", "8 references encoded at half the image size (reference_size 256 for a 512 image: 4x "
-         "fewer keys per reference; not a target row)")(lambda bench: _fusion(bench, 8, "cached_clean",
-                                                                                 max(8, bench.latent // 2)))
+         "fewer keys per reference; comparison)", default=False)(
+    lambda bench: _fusion(bench, 8, "cached_clean", max(8, bench.latent // 2)))
+
+
+@register("consistentid", "ConsistentID as its encode node patches the model: the loader on a random state dict of "
+          "the official layout (consistentid_v1_sd15.json), the ID tokens from its projector, the decoupled ID "
+          "branch at all 16 sites, and the two timestep-ranged positive conditionings of the merge step (plain text "
+          "before 31/50, fused after). LoRA merged as in faceid-plusv2 (strength 0 here)", target=1.03)
+def _consistentid(bench):
+    import torch
+
+    from likeness.techniques.consistentid.encode import DEFAULT_MERGE_AT
+    from likeness.techniques.consistentid.loader import load_consistentid_state_dict
+    from likeness.techniques.faceid.apply import apply_faceid_adapter, encode_id_tokens
+
+    checkpoint = load_consistentid_state_dict(random_groups_from_layout("consistentid_v1_sd15.json", 3),
+                                              source="benchmark")
+    g = torch.Generator().manual_seed(4)
+    arcface = torch.nn.functional.normalize(torch.randn(1, 512, generator=g), dim=-1)
+    clip_hidden, zero_clip = torch.randn(1, 257, 1280, generator=g), torch.randn(1, 257, 1280, generator=g)
+    with torch.no_grad():
+        tokens = encode_id_tokens(checkpoint, arcface, clip_hidden, zero_clip, shortcut=False)
+    model = apply_faceid_adapter(bench.base, checkpoint, tokens, weight=1.0, lora_strength=0.0, name="consistentid")
+    plain, fused, negative = (torch.randn(1, 77, 768, generator=g) for _ in range(3))
+    positive = [[plain, {"start_percent": 0.0, "end_percent": DEFAULT_MERGE_AT}],
+                [fused, {"start_percent": DEFAULT_MERGE_AT, "end_percent": 1.0}]]
+    return model, positive, [[negative, {}]]
+
+
+@register("face-makeup", "Face-MakeUp whole: the faceid-plusv2 adapter half (ID scale 0.6) plus its pose ControlNet "
+          "(full SD1.5 ControlNet, 361 M params, from the official layout face_makeup_sd15.json, random weights; "
+          "ID tokens as context; strength 0.2) on a 512 px 5-keypoint map. The ControlNet's cost = this row / "
+          "faceid-plusv2", target=None, target_of="faceid-plusv2")
+def _face_makeup(bench):
+    import torch
+
+    from likeness.techniques.faceid.apply import IDTokens, apply_face_makeup
+    from likeness.techniques.faceid.checkpoint import load_faceid_state_dict
+
+    checkpoint = load_faceid_state_dict(random_groups_from_layout("face_makeup_sd15.json", 5), source="benchmark")
+    g = torch.Generator().manual_seed(6)
+    tokens = IDTokens(torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g))
+    pose = torch.zeros(1, bench.latent * 8, bench.latent * 8, 3)
+    for x, y in ((0.38, 0.42), (0.62, 0.42), (0.5, 0.55), (0.41, 0.68), (0.59, 0.68)):
+        cx, cy = int(x * pose.shape[2]), int(y * pose.shape[1])
+        pose[:, cy - 6:cy + 6, cx - 6:cx + 6] = 1.0
+    model, positive, negative = apply_face_makeup(bench.base, checkpoint, tokens, bench.positive, bench.negative,
+                                                  pose, weight=0.6, lora_strength=0.0, controlnet_strength=0.2)
+    return model, positive, negative
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -202,6 +288,7 @@ class SiteTimer:
         return n, context, value
 
     start.likeness_batch_safe = True   # timing only: extra reference rows in the batch are fine
+    start.likeness_token_safe = True   # ... and any token count
 
     def stop(self, n, extra_options):
         if self._start is not None:
@@ -217,6 +304,7 @@ class SiteTimer:
         return n
 
     stop.likeness_batch_safe = True
+    stop.likeness_token_safe = True
 
     def __deepcopy__(self, memo):
         return self
@@ -256,19 +344,20 @@ class Bench:
     negative: list
     adapter: object = None
 
-    def run(self, model, timer: SiteTimer) -> tuple[float, float, float, float]:
+    def run(self, model, timer: SiteTimer, conds: tuple | None = None) -> tuple[float, float, float, float]:
         import comfy.sample
         import torch
 
         latent = torch.zeros(1, 4, self.latent, self.latent)
         noise = comfy.sample.prepare_noise(latent, 42)
+        positive, negative = conds or (self.positive, self.negative)
         timer.main = timer.capture = 0.0
         CaptureClock.seconds = 0.0
         gc.collect()
         wall0, cpu0 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
-            out = comfy.sample.sample(model, noise, self.steps, self.cfg, "euler", "normal", self.positive,
-                                      self.negative, latent, seed=42, disable_pbar=True)
+            out = comfy.sample.sample(model, noise, self.steps, self.cfg, "euler", "normal", positive, negative,
+                                      latent, seed=42, disable_pbar=True)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         if not torch.isfinite(out).all():
             raise RuntimeError("non-finite output")
@@ -348,9 +437,13 @@ def main() -> int:
 
     from likeness.attention_patches import find_sites
 
-    names = [n for n in CONFIGS if not args.configs or n == "unpatched" or n in args.configs.split(",")]
+    wanted = args.configs.split(",") if args.configs else [n for n, c in CONFIGS.items() if c.default]
+    unknown = sorted(set(wanted) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    names = [n for n in CONFIGS if n == "unpatched" or n in wanted]
     for name in names:   # a target's reference row must run too
-        if CONFIGS[name].target and CONFIGS[name].target_of not in names:
+        if CONFIGS[name].target_of not in names:
             names.append(CONFIGS[name].target_of)
     names = [n for n in CONFIGS if n in names]
     t0 = time.perf_counter()
@@ -364,6 +457,9 @@ def main() -> int:
     timer = SiteTimer()
     for name in names:
         model = CONFIGS[name].build(bench)
+        if isinstance(model, tuple):
+            model, positive, negative = model
+            CONFIGS[name].conds = (positive, negative)
         model.set_model_attn2_patch(timer.start)
         model.set_model_attn2_output_patch(timer.stop)
         CONFIGS[name].model = model
@@ -385,7 +481,7 @@ def main() -> int:
 
     print("== warm-up (pays one-off captures of cached modes)")
     for name in names:
-        wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer)
+        wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer, CONFIGS[name].conds)
         CONFIGS[name].warmup = {"wall": wall, "capture": capture}
         print(f"  {name:10s} {wall:7.2f} s  (capture {capture:.2f} s)")
         sys.stdout.flush()
@@ -396,7 +492,7 @@ def main() -> int:
     while rounds < max_rounds:
         order = names[rounds % len(names):] + names[:rounds % len(names)]
         for name in order:
-            wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer)
+            wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer, CONFIGS[name].conds)
             c = CONFIGS[name]
             for series, value in ((c.walls, wall), (c.cpus, cpu), (c.sites, site), (c.captures, capture)):
                 series.append(value)
@@ -438,6 +534,10 @@ def main() -> int:
             target = (f"{value:.3f}; {value_min:.3f} vs {c.target_of} <= {c.target} "
                       f"{'PASS' if ok else 'MISS'}{'' if value_min <= c.target else ' (min: MISS)'}")
             verdicts.append((name, ok))
+        elif c.target_of != "unpatched":
+            ref = CONFIGS[c.target_of]
+            target = (f"{med(c.walls) / med(ref.walls):.3f}; {min(c.walls) / min(ref.walls):.3f} vs {c.target_of} "
+                      f"(reported, no target)")
         print(f"{name:10s} {med(c.walls):10.2f} {min(c.walls):6.2f}-{max(c.walls):<6.2f} {wall_r:6.3f} "
               f"{paired_medians(name):6.3f} {min_r:6.3f} {cpu_r:6.3f} {site_r:6.3f} {med(c.sites):7.2f} "
               f"{med(c.captures):9.2f}  {target}")

@@ -144,11 +144,15 @@ class ApplyFaceFusion:
             "reference_prompt": ("CONDITIONING", {"tooltip": "Text the reference pass sees (e.g. 'a photo of a face'). "
                                                               "Default: none (zeros), as the adapter was trained."}),
             "noise_seed": int_input(0, 0, 2**31 - 1, "Seed of the fixed noise used to noise the reference."),
+            "reference_budget": int_input(2, 0, 64, "Per person, at most this many references' worth of face keys "
+                                          "per layer: with more references each one's keys are averaged over small "
+                                          "blocks (with matching attention weight), so 8 references cost about "
+                                          "what 2 do. Up to this many references are exact. 0 = no limit."),
         }}
 
     def apply(self, model, fusion_adapter, vae, weight, start_at, end_at, capture, reference=None, mask=None,
               identities=None, reference_size=512, capture_at=0.5, uncond="none", layers="all", other_layers=0.25,
-              custom_layers="", reference_prompt=None, noise_seed=0):
+              custom_layers="", reference_prompt=None, noise_seed=0, reference_budget=2):
         from ..attention_patches import SiteWeights
         from ..techniques.face_fusion.apply import apply_face_fusion_images, chain_identity
 
@@ -168,7 +172,8 @@ class ApplyFaceFusion:
         patched = apply_face_fusion_images(
             model, fusion_adapter, vae, people, reference_size=reference_size, reference_conditioning=reference_prompt,
             weight=weight, start_at=start_at, end_at=end_at, capture_mode=CAPTURE_CHOICES[capture],
-            capture_percent=capture_at, uncond=uncond, site_weights=sites, noise_seed=noise_seed)
+            capture_percent=capture_at, uncond=uncond, site_weights=sites, noise_seed=noise_seed,
+            reference_budget=reference_budget)
         return (patched,)
 
 

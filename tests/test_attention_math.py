@@ -154,3 +154,32 @@ def test_concat_path_with_bias_is_differentiable_and_matches():
     with torch.no_grad():
         fast = _merged(q.detach(), [(k_c, v_c), (k_f.detach(), v_f)], [None, bias])
     assert torch.allclose(out.detach(), fast, atol=1e-5)
+
+
+def test_pooling_window_and_reference_grid():
+    from likeness.attention_patches.kernels import pooling_window, reference_grid
+
+    assert [pooling_window(n, 2, (64, 64)) for n in (1, 2, 3, 4, 8, 16)] == [
+        (1, 1), (1, 1), (1, 2), (1, 2), (2, 2), (2, 4)]
+    assert pooling_window(8, 0, (64, 64)) == (1, 1)              # 0 = no limit
+    assert pooling_window(64, 1, (2, 2)) == (2, 2)               # never beyond the grid
+    assert reference_grid(4096, (64, 64)) == (64, 64) and reference_grid(64, (64, 64)) == (8, 8)
+    assert reference_grid(20, (9, 7)) == (5, 4)                  # odd sizes round up like stride-2 convs
+    assert reference_grid(7, (8, 8)) is None
+
+
+def test_pooled_keys_with_log_bias_equal_full_attention_on_constant_windows():
+    """ToDo-style key pooling + ToMe proportional attention is exact when each window's keys/values are equal."""
+    from likeness.attention_patches.kernels import joint_attention_concat, pool_key_grid
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 10, 16, generator=g)
+    k_text, v_text = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    coarse_k, coarse_v = torch.randn(1, 16, 3, 3, generator=g), torch.randn(1, 16, 3, 3, generator=g)
+    full = [c.repeat_interleave(2, 2).repeat_interleave(2, 3).flatten(2).transpose(1, 2) for c in (coarse_k, coarse_v)]
+    pooled = [pool_key_grid(x, (6, 6), (2, 2)) for x in full]
+    assert pooled[0].shape == (1, 9, 16)
+    exact = joint_attention_concat(q, [k_text, full[0]], [v_text, full[1]], heads=2)
+    bias = torch.full((1, 10), math.log(4.0))
+    approx = joint_attention_concat(q, [k_text, pooled[0]], [v_text, pooled[1]], heads=2, block_bias=[None, bias])
+    torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-5)

@@ -189,3 +189,72 @@ def test_per_step_references_in_the_real_batch_match_a_separate_pass(tiny_sd15):
     c = _sample(other, steps=3)
     assert seen == [] and patch_other.capture_passes == 3
     assert torch.allclose(c, b, rtol=1e-4, atol=1e-3)
+
+
+def _captured_states(model, patch, steps=2):
+    seen = []
+    original = patch.injectors[0].on_captured
+    patch.injectors[0].on_captured = lambda states, p: (seen.append(dict(states.states)), original(states, p))
+    out = _sample(model, steps=steps)
+    return out, seen
+
+
+def test_reference_pass_trims_text_attention_exactly(tiny_sd15):
+    """Zero text context: the reference pass runs attn2 on one query token (to_out's bias, broadcast); the
+    captured h_f and the sampled result equal the untrimmed pass."""
+    trimmed, patch_t, _ = _fusion(tiny_sd15, capture_mode="per_step")
+    full, patch_f, _ = _fusion(tiny_sd15, capture_mode="per_step")
+    patch_f.trim_reference_text_attention = False
+    tokens = []
+    for model in (trimmed, full):
+        def count(n, extra_options, model=model):
+            tokens.append((model is trimmed, extra_options.get("likeness_identity_pass").recorder is not None,
+                           n.shape[1]))
+            return n
+        count.likeness_token_safe = True
+        model.set_model_attn2_output_patch(count)
+    a, states_t = _captured_states(trimmed, patch_t)
+    b, states_f = _captured_states(full, patch_f)
+    assert len(states_t) == len(states_f) == 2 and set(states_t[0]) == set(states_f[0]) and len(states_t[0]) == 16
+    for step_t, step_f in zip(states_t, states_f):
+        for site, h in step_t.items():
+            torch.testing.assert_close(h, step_f[site], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ref_tokens = {(t, n) for t, in_ref, n in tokens if in_ref}
+    assert {n for t, n in ref_tokens if t} == {1}              # trimmed: one token at every site
+    assert min(n for t, n in ref_tokens if not t) > 1          # untrimmed: the full grid
+
+
+def test_reference_pass_keeps_full_tokens_for_foreign_output_patches(tiny_sd15):
+    """Another pack's attn2 output patch may need every token: then the reference pass is not trimmed."""
+    model, patch, _ = _fusion(tiny_sd15, capture_mode="per_step")
+    shapes = []
+
+    def foreign(n, extra_options):
+        if extra_options.get("likeness_identity_pass") is not None and \
+                extra_options["likeness_identity_pass"].recorder is not None:
+            shapes.append(n.shape[1])
+        return n
+
+    model.set_model_attn2_output_patch(foreign)
+    _sample(model, steps=1)
+    assert shapes and min(shapes) > 1 and patch.capture_passes == 1
+
+
+def test_reference_budget_pools_every_site_for_many_references(tiny_sd15):
+    from likeness.techniques.face_fusion import FusionIdentityLatents
+
+    refs = _refs(4, seed=5)
+    pooled, patch_p, _ = _fusion(tiny_sd15, [FusionIdentityLatents(refs)], capture_mode="cached_clean")
+    exact, patch_e, _ = _fusion(tiny_sd15, [FusionIdentityLatents(refs)], capture_mode="cached_clean",
+                                reference_budget=0)
+    plain = _sample(tiny_sd15, steps=2)
+    a, b = _sample(pooled, steps=2), _sample(exact, steps=2)
+    (states,) = patch_p.captures.values()
+    windows = {slot[0]: (slot[3], kv[0].shape[1]) for slot, kv in states.derived.items() if slot[1] == "pooled"}
+    full = {slot[0]: kv[0].shape[1] for slot, kv in states.derived.items() if slot[1] == "kv"}
+    assert set(windows) == set(full) and len(windows) == 16                       # every site pooled...
+    assert all(w == (1, 2) and n * 2 == 4 * full[s] for s, (w, n) in windows.items())  # ...to 2 refs' worth
+    (states_e,) = patch_e.captures.values()
+    assert not any(slot[1] == "pooled" for slot in states_e.derived)
+    assert not torch.equal(a, b) and (a - b).abs().mean() < (b - plain).abs().mean()

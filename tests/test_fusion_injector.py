@@ -67,10 +67,45 @@ def test_one_reference_is_eq3_on_positive_rows_only():
 def test_multi_reference_is_eq6():
     adapter = _adapter()
     h_f = _rand(3, N_H, C, seed=9)
-    out, (q, k, v) = _run(FusionInjector(adapter, [_identity(3)]), h_f, cond_or_uncond=(0,))
+    out, (q, k, v) = _run(FusionInjector(adapter, [_identity(3)], reference_budget=0), h_f, cond_or_uncond=(0,))
     k_f, v_f = _kv(adapter, h_f)
     eq6 = sdpa(q, torch.cat([k, k_f[0:1], k_f[1:2], k_f[2:3]], 1), torch.cat([v, v_f[0:1], v_f[1:2], v_f[2:3]], 1), HEADS)
     assert torch.allclose(out, eq6, atol=1e-5)
+
+
+def _run_with_states(injector, h_f, seed=3):
+    patch = IdentityAttentionPatch([SITE])
+    patch.add(injector)
+    states = CapturedStates(("step", 1.0), {0: h_f})
+    ctx = PassContext(1.0, None, patch.active_at(1.0, None), {injector.uid: states})
+    q, k, v = _rand(1, 16, C, seed=seed), _rand(1, 5, C, seed=seed + 1), _rand(1, 5, C, seed=seed + 2)
+    opts = {"block": SITE.block, "block_index": 0, "n_heads": HEADS, "cond_or_uncond": [0],
+            "activations_shape": [1, C, *GRID], PASS_KEY: ctx}
+    with torch.no_grad():
+        return patch(q, k, v, opts), states
+
+
+def test_reference_budget_pools_keys_with_proportional_attention():
+    """4 references over a budget of 2: each reference's 4x4 token grid is pooled by 1x2 windows with a log 2
+    bias. Exact when the two tokens of every window are equal; a close approximation otherwise."""
+    adapter = _adapter()
+    coarse = _rand(4, 4, 2, C, seed=9)                                   # refs, grid rows, half the columns
+    h_pairs = coarse.repeat_interleave(2, dim=2).reshape(4, 16, C)      # equal tokens in each 1x2 window
+    exact, _ = _run_with_states(FusionInjector(adapter, [_identity(4)], reference_budget=0), h_pairs)
+    pooled, states = _run_with_states(FusionInjector(adapter, [_identity(4)], reference_budget=2), h_pairs)
+    ((slot, (k_p, v_p)),) = [(s, kv) for s, kv in states.derived.items() if s[1] == "pooled"]
+    assert slot[3] == (1, 2) and k_p.shape == (1, 4 * 8, C) == v_p.shape   # 2 references' worth of keys
+    torch.testing.assert_close(pooled, exact, rtol=1e-5, atol=1e-5)
+    h_rand = _rand(4, 16, C, seed=11)
+    exact, _ = _run_with_states(FusionInjector(adapter, [_identity(4)], reference_budget=0), h_rand)
+    approx, _ = _run_with_states(FusionInjector(adapter, [_identity(4)], reference_budget=2), h_rand)
+    text_only, _ = _run_with_states(FusionInjector(adapter, [_identity(4)], weight=0.0), h_rand)
+    assert (approx - exact).norm() < 0.5 * (text_only - exact).norm()   # far closer than dropping the face
+    within, _ = _run_with_states(FusionInjector(adapter, [_identity(2)], reference_budget=2), h_rand[:2])
+    exact2, _ = _run_with_states(FusionInjector(adapter, [_identity(2)], reference_budget=0), h_rand[:2])
+    assert torch.equal(within, exact2)                                  # within budget: Eq. 6 untouched
+    with pytest.raises(InvalidInputError):
+        FusionInjector(adapter, [_identity(1)], reference_budget=-1)
 
 
 def test_uncond_modes():
