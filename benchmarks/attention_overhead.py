@@ -13,10 +13,12 @@ references with the default reference budget, 8 exact) paths, FaceID-PlusV2 (= F
 ConsistentID (model and merge-step conditioning as its encode node makes them) and Face-MakeUp whole (its
 pose ControlNet's cost reported against faceid-plusv2); comparison rows (``default=False``) run only when
 named in ``--configs``. Technique weights are random tensors in the official checkpoint layouts
-(``tests/data/checkpoint_layouts``) loaded by the pack's own loaders. After one warm-up round (which also pays the one-off reference capture of the
-cached modes, reported separately) the configurations run interleaved, in a rotating order, round after
-round, until every ratio's median moved less than ``--tol`` in the last round (or ``--max-rounds`` /
-``--budget`` is reached). Printed per configuration: wall time median and min-max, and the ratios to
+(``tests/data/checkpoint_layouts``) loaded by the pack's own loaders.
+
+After one warm-up round (which also pays the one-off reference capture of the cached modes, reported
+separately) the configurations run interleaved, in a new seeded random order each round, until every
+ratio's median moved less than ``--tol`` in the last round (or ``--max-rounds`` / ``--budget`` is
+reached). Printed per configuration: wall time median and min-max, and the ratios to
 ``unpatched`` of the wall time, of the process CPU time and of the time spent inside the cross-attention
 sites (norm2 → to_out bracket at all 16 sites, main passes only); reference-capture passes are timed
 separately. Walls on a shared 2-core machine vary by ±17 %; CPU time and site time are steadier.
@@ -29,6 +31,7 @@ import argparse
 import gc
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -133,9 +136,8 @@ def _decoupled(bench):
 
 
 @register("faceid-plusv2", "FaceID-PlusV2 / Face-MakeUp adapter half / ConsistentID ID branch: decoupled injector "
-          "with 4 ID tokens (cond and uncond) from the real to_k_ip/to_v_ip layout, all 16 sites. The rank-128 LoRA "
-          "is merged into the weights (zero cost per step; ComfyUI re-patches 128 weights whenever the sampled model "
-          "changes, which this interleaved benchmark would charge to every run): see row faceid-plusv2-lora",
+          "with 4 ID tokens (cond and uncond) from the real to_k_ip/to_v_ip layout, all 16 sites; LoRA strength 0 (the "
+          "rank-128 LoRA is merged into the weights at load, zero cost per step: row faceid-plusv2-lora)",
           target=1.03)
 def _faceid_plusv2(bench, lora_strength: float = 0.0):
     import torch
@@ -166,8 +168,8 @@ def _faceid_plusv2(bench, lora_strength: float = 0.0):
     return apply_faceid_adapter(bench.base, checkpoint, tokens, weight=1.0, lora_strength=lora_strength)
 
 
-@register("faceid-plusv2-lora", "as faceid-plusv2 plus the merged rank-128 LoRA: includes ComfyUI's weight re-patch on "
-          "every model switch (interleaved runs), i.e. the cost of loading any LoRA")
+@register("faceid-plusv2-lora", "as faceid-plusv2 plus the merged rank-128 LoRA (merged into the weights when the "
+          "model loads: no cost per step; the re-patch on every model switch is timed unless --preload)")
 def _faceid_plusv2_lora(bench):
     return _faceid_plusv2(bench, lora_strength=1.0)
 
@@ -343,6 +345,7 @@ class Bench:
     positive: list
     negative: list
     adapter: object = None
+    preload: bool = False
 
     def run(self, model, timer: SiteTimer, conds: tuple | None = None) -> tuple[float, float, float, float]:
         import comfy.sample
@@ -354,6 +357,14 @@ class Bench:
         timer.main = timer.capture = 0.0
         CaptureClock.seconds = 0.0
         gc.collect()
+        if self.preload:
+            # switching between the interleaved clones makes ComfyUI unpatch the previous clone's weights and
+            # patch this one's (e.g. a LoRA): a cost of the interleaving, charged to whichever row runs next;
+            # in real use one model samples again and again. Load it before the clock starts.
+            import comfy.model_management
+
+            with torch.inference_mode():
+                comfy.model_management.load_models_gpu([model])
         wall0, cpu0 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             out = comfy.sample.sample(model, noise, self.steps, self.cfg, "euler", "normal", positive, negative,
@@ -421,6 +432,9 @@ def main() -> int:
     parser.add_argument("--tol", type=float, default=0.01, help="stop when every median ratio moved less than this")
     parser.add_argument("--budget", type=float, default=60.0, help="minutes; stop starting new rounds after this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--preload", action="store_true",
+                        help="load each row's model before its clock starts (the model switch between interleaved "
+                             "clones, e.g. re-patching a LoRA, is then not timed)")
     args = parser.parse_args()
     if not args.comfyui or not os.path.isfile(os.path.join(args.comfyui, "comfy", "model_patcher.py")):
         parser.error("set COMFYUI_PATH or --comfyui to a ComfyUI checkout")
@@ -452,7 +466,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     positive = [[torch.randn(1, 77, 768, generator=g), {}]]
     negative = [[torch.randn(1, 77, 768, generator=g), {}]]
-    bench = Bench(base, find_sites(base), latent, steps, args.cfg, positive, negative)
+    bench = Bench(base, find_sites(base), latent, steps, args.cfg, positive, negative, preload=args.preload)
     CaptureClock.install()
     timer = SiteTimer()
     for name in names:
@@ -473,7 +487,8 @@ def main() -> int:
     print(f"model: SD15 unet {params / 1e6:.1f} M params fp32, random weights (built in {build_s:.1f} s); "
           f"{len(bench.sites)} cross-attention sites")
     print(f"sampling: {steps} step(s) euler/normal, CFG {args.cfg} (cond+uncond batched), latent {latent}x{latent} "
-          f"({latent * 8} px), inference_mode; rounds {args.min_rounds}..{max_rounds}, tol {args.tol}, "
+          f"({latent * 8} px), inference_mode, model {'loaded before the clock' if args.preload else 'switch timed'}; "
+          f"rounds {args.min_rounds}..{max_rounds}, tol {args.tol}, "
           f"budget {args.budget} min{' [QUICK]' if args.quick else ''}")
     for name in names:
         print(f"  {name:10s} {CONFIGS[name].description}")
@@ -490,7 +505,8 @@ def main() -> int:
     history: list[dict] = []
     rounds = 0
     while rounds < max_rounds:
-        order = names[rounds % len(names):] + names[:rounds % len(names)]
+        order = list(names)   # a new seeded shuffle each round: no row always follows the same one (a rotation
+        random.Random(rounds).shuffle(order)   # did, and carry-over from the previous run biased some rows)
         for name in order:
             wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer, CONFIGS[name].conds)
             c = CONFIGS[name]
