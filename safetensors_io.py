@@ -85,16 +85,17 @@ def _storable(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to("cpu").contiguous().clone()
 
 
-def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file; ModelFileError with the path when it is missing or not a valid file."""
+def load_tensors(path: str, what: str = "checkpoint",
+                 hint: str = "delete it to start over") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file and its metadata; ModelFileError naming ``what`` and the path when it is missing
+    or not a valid file (``hint``: what the user should do then)."""
     if not os.path.isfile(path):
-        raise ModelFileError(f"checkpoint '{path}' does not exist")
+        raise ModelFileError(f"{what} '{path}' does not exist")
     try:
         from safetensors import safe_open
         with safe_open(path, framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"checkpoint '{path}' is not a readable safetensors file ({exc}); "
-                             "delete it to start over") from exc
+        raise ModelFileError(f"{what} '{path}' is not a readable safetensors file ({exc}); {hint}") from exc
     return tensors, metadata

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ...attention_patches.sites import AttentionSite, find_sites, transformer_blocks
-from ...errors import CheckpointLayoutError, InvalidInputError, ModelFileError
-from ...safetensors_io import atomic_save
+from ...errors import CheckpointLayoutError, InvalidInputError
+from ...safetensors_io import atomic_save, load_tensors
 
 logger = logging.getLogger("likeness")
 
@@ -198,17 +198,7 @@ def save_fusion_adapter(adapter: FusionAdapter, path: str, extra_metadata: dict[
 
 def load_fusion_adapter(path: str) -> FusionAdapter:
     """Read a Fusion adapter file (safetensors only)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    if not os.path.isfile(path):
-        raise ModelFileError(f"Fusion adapter file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"could not read Fusion adapter {path}: {exc}. Is it a complete .safetensors file?") from exc
+    tensors, metadata = load_tensors(path, "Fusion adapter", "is it a complete .safetensors file? Train or copy it again")
     if metadata.get("format") not in (None, FORMAT):
         raise CheckpointLayoutError(f"{path} is a '{metadata.get('format')}' file, not a Face Fusion adapter")
     adapter = FusionAdapter.from_state_dict(tensors, metadata)
