@@ -1,9 +1,13 @@
 """Shared bits for node classes: the category root and small input-spec helpers."""
 from __future__ import annotations
 
+import logging
 import re
+from typing import Callable
 
 from ..errors import InvalidInputError
+
+logger = logging.getLogger("likeness")
 
 CATEGORY = "Likeness"
 
@@ -37,3 +41,13 @@ def checked_file_stem(name: str) -> str:
     if not stem or not _FILE_STEM.match(stem) or stem in (".", ".."):
         raise InvalidInputError(f"name {name!r} must be a plain file name (letters, digits, space, . _ -)")
     return stem
+
+
+def file_choices(list_fn: Callable[[], list[str]], placeholder: str) -> list[str]:
+    """A loader's combo choices: ``list_fn()``, or ``[placeholder]`` when it finds nothing or fails (a broken or
+    unreadable models folder must not hide the node; the placeholder explains what to install)."""
+    try:
+        return list(list_fn()) or [placeholder]
+    except Exception:  # noqa: BLE001 - any failure of a folder listing
+        logger.debug("Likeness: listing files for a loader failed", exc_info=True)
+        return [placeholder]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import InvalidInputError, ModelFileError
-from ._common import category, float_input
+from ._common import category, file_choices, float_input
 
 logger = logging.getLogger("likeness")
 
@@ -17,10 +17,7 @@ DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality,
 def _files() -> list[str]:
     from ..host.folders import list_files
 
-    try:
-        return list_files(FOLDER, SUBFOLDER) or [NO_FILE]
-    except Exception:  # a broken folder must not hide the node
-        return [NO_FILE]
+    return file_choices(lambda: list_files(FOLDER, SUBFOLDER), NO_FILE)
 
 
 class ConsistentIDLoader:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..errors import InvalidInputError
-from ._common import category, float_input, int_input
+from ._common import category, file_choices, float_input, int_input
 
 CATEGORY = category("Face")
 NO_PACK = "(no pack found in models/insightface/models)"
@@ -38,10 +38,7 @@ class InsightFaceAnalyzerLoader:
     def INPUT_TYPES(cls):
         from ..face_analysis.analyzers.insightface_backend import LANDMARK_CHOICES, PROVIDER_CHOICES, list_packs
 
-        try:
-            packs = list_packs() or [NO_PACK]
-        except Exception:  # a broken folder must not hide the node
-            packs = [NO_PACK]
+        packs = file_choices(list_packs, NO_PACK)
         default = "antelopev2" if "antelopev2" in packs else packs[0]
         return {"required": {
             "pack": (packs, {"default": default, "tooltip": "Folder under models/insightface/models/ holding the pack's "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import InvalidInputError
-from ._common import category, float_input, int_input, percent_range_inputs
+from ._common import category, file_choices, float_input, int_input, percent_range_inputs
 
 CATEGORY = category("Face Fusion")
 NO_ADAPTER = "(no adapter in models/likeness/fusion)"
@@ -28,10 +28,7 @@ class FusionAdapterLoader:
     def INPUT_TYPES(cls):
         from ..techniques.face_fusion import list_fusion_adapters
 
-        try:
-            names = list_fusion_adapters() or [NO_ADAPTER]
-        except Exception:  # a broken folder must not hide the node
-            names = [NO_ADAPTER]
+        names = file_choices(list_fusion_adapters, NO_ADAPTER)
         return {"required": {
             "adapter_name": (names, {"tooltip": "Adapter file in models/likeness/fusion/ (made by the Fusion trainer)."}),
         }}

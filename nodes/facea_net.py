@@ -6,7 +6,7 @@ import os
 import re
 
 from ..errors import InvalidInputError, TrainingError
-from ._common import category, float_input, int_input
+from ._common import category, file_choices, float_input, int_input
 
 logger = logging.getLogger("likeness")
 
@@ -244,10 +244,7 @@ class LoadIdentity:
     def INPUT_TYPES(cls):
         from ..host.folders import list_files
 
-        try:
-            files = list_files("likeness", "identities", {".safetensors"}) or [NO_IDENTITY]
-        except Exception:  # an unreadable folder must not hide the node
-            files = [NO_IDENTITY]
+        files = file_choices(lambda: list_files("likeness", "identities", {".safetensors"}), NO_IDENTITY)
         return {"required": {
             "identity": (files, {"default": files[0], "tooltip": "An identity file in models/likeness/identities/."}),
         }}
