@@ -186,6 +186,16 @@ def _fusion(bench, refs: int, mode: str, ref_latent: int = 0, **options):
     return apply_face_fusion(bench.base, bench.adapter, [FusionIdentityLatents(latents)], capture_mode=mode, **options)
 
 
+def _with_patch_settings(model, **settings):
+    """Set engine options (e.g. ``joint_strategy``) on the model's identity-attention patch (comparison rows)."""
+    from likeness.attention_patches import find_patch
+
+    patch = find_patch(model)
+    for name, value in settings.items():
+        setattr(patch, name, value)
+    return model
+
+
 @register("cached", "Face Fusion, 1 reference (image-sized), cached capture (clean), uncond none", target=1.12)
 def _cached(bench):
     return _fusion(bench, 1, "cached_clean")
@@ -194,11 +204,7 @@ def _cached(bench):
 @register("cached-cat", "as 'cached', joint attention as one SDPA over concatenated keys instead of the "
           "log-sum-exp merge of two (strategy comparison)", default=False)
 def _cached_concat(bench):
-    from likeness.attention_patches import find_patch
-
-    model = _fusion(bench, 1, "cached_clean")
-    find_patch(model).joint_strategy = "concat"
-    return model
+    return _with_patch_settings(_fusion(bench, 1, "cached_clean"), joint_strategy="concat")
 
 
 @register("per-step", "Face Fusion, 1 reference, per-step capture (the paper), uncond none", target=1.65)
@@ -209,11 +215,7 @@ def _per_step(bench):
 @register("per-step-batched", "as 'per-step', the reference riding in the sampling batch instead of its own "
           "UNet pass (opt-in CAPTURE_IN_BATCH; comparison)", default=False)
 def _per_step_batched(bench):
-    from likeness.attention_patches import find_patch
-
-    model = _fusion(bench, 1, "per_step")
-    find_patch(model).capture_in_batch = True
-    return model
+    return _with_patch_settings(_fusion(bench, 1, "per_step"), capture_in_batch=True)
 
 
 for _n in (2, 4, 8):

@@ -5,7 +5,7 @@ import logging
 import re
 from typing import Callable
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, ModelFileError
 
 logger = logging.getLogger("likeness")
 
@@ -51,3 +51,12 @@ def file_choices(list_fn: Callable[[], list[str]], placeholder: str) -> list[str
     except Exception:  # noqa: BLE001 - any failure of a folder listing
         logger.debug("Likeness: listing files for a loader failed", exc_info=True)
         return [placeholder]
+
+
+def resolved_path(resolver: Callable[..., str], *args) -> str:
+    """``resolver(*args)`` (a models-folder lookup), its FileNotFoundError turned into a ModelFileError whose message
+    says which folders were searched."""
+    try:
+        return resolver(*args)
+    except FileNotFoundError as exc:
+        raise ModelFileError(str(exc)) from exc

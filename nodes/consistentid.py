@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import InvalidInputError, ModelFileError
-from ._common import category, file_choices, float_input
+from ._common import category, file_choices, float_input, resolved_path
 
 logger = logging.getLogger("likeness")
 
@@ -45,10 +45,7 @@ class ConsistentIDLoader:
             raise ModelFileError("No ConsistentID file in models/likeness/consistentid/. Put ConsistentID-v1.bin "
                                  "(huggingface JackAILab/ConsistentID) there, or run `python <pack> models fetch "
                                  "consistentid-sd15`.")
-        try:
-            path = resolve(FOLDER, model_name, SUBFOLDER)
-        except FileNotFoundError as exc:
-            raise ModelFileError(str(exc)) from exc
+        path = resolved_path(resolve, FOLDER, model_name, SUBFOLDER)
         return (load_consistentid(path),)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import InvalidInputError
-from ._common import category, file_choices, float_input, int_input, percent_range_inputs
+from ._common import category, file_choices, float_input, int_input, percent_range_inputs, resolved_path
 
 CATEGORY = category("Face Fusion")
 NO_ADAPTER = "(no adapter in models/likeness/fusion)"
@@ -40,10 +40,7 @@ class FusionAdapterLoader:
         if adapter_name == NO_ADAPTER:
             raise ModelFileError("No Fusion adapter found in models/likeness/fusion/. Train one with the Fusion "
                                  "trainer node, or start from 'Fusion Adapter New'.")
-        try:
-            path = fusion_adapter_path(adapter_name)
-        except FileNotFoundError as exc:
-            raise ModelFileError(str(exc)) from exc
+        path = resolved_path(fusion_adapter_path, adapter_name)
         return (load_fusion_adapter(path),)
 
 

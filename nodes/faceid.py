@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import InvalidInputError, ModelFileError
-from ._common import category, float_input, percent_range_inputs
+from ._common import category, float_input, percent_range_inputs, resolved_path
 
 logger = logging.getLogger("likeness")
 
@@ -55,10 +55,7 @@ class FaceIDLoader:
             raise ModelFileError("No FaceID-family file found. Put ip-adapter-faceid-plusv2_sd15.bin in "
                                  "models/likeness/faceid/ (or Face-MakeUp's model.bin in models/likeness/face_makeup/).")
         sub, name = model_name.split("/", 1)
-        try:
-            path = resolve(FOLDER, name, sub)
-        except FileNotFoundError as exc:
-            raise ModelFileError(str(exc)) from exc
+        path = resolved_path(resolve, FOLDER, name, sub)
         checkpoint = load_faceid_checkpoint(path, shortcut=SHORTCUT_CHOICES.get(shortcut))
         return (checkpoint, checkpoint.name)
 

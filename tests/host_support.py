@@ -493,3 +493,19 @@ def clip_vision_width(clip_vision) -> int:
 
     with torch.inference_mode():
         return int(clip_vision.encode_image(torch.rand(1, 32, 32, 3))["penultimate_hidden_states"].shape[-1])
+
+
+def sample_tiny(model, steps: int = 2, cfg: float = 5.0, positive=None, negative=None, latent=None, seed: int = 0,
+                sdxl: bool = False):
+    """Euler/normal sampling of a tiny model under inference mode, as the executor runs it (16x16 latent and
+    seeded random tiny conditioning unless given)."""
+    import comfy.sample
+    import torch
+
+    make = sdxl_conditioning if sdxl else conditioning
+    latent = latent if latent is not None else torch.zeros(1, 4, 16, 16)
+    positive = positive if positive is not None else make(seed=1)
+    negative = negative if negative is not None else make(seed=2)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed)

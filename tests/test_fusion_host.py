@@ -10,16 +10,9 @@ pytestmark = pytest.mark.host
 
 
 def _sample(model, steps=2, cfg=5.0, positive=None, negative=None, latent=None, seed=0, sdxl=False):
-    import comfy.sample
-    from host_support import conditioning, sdxl_conditioning
+    from host_support import sample_tiny
 
-    make = sdxl_conditioning if sdxl else conditioning
-    latent = latent if latent is not None else torch.zeros(1, 4, 16, 16)
-    positive = positive if positive is not None else make(seed=1)
-    negative = negative if negative is not None else make(seed=2)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    with torch.inference_mode():
-        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed)
+    return sample_tiny(model, steps, cfg, positive, negative, latent, seed, sdxl)
 
 
 def _refs(n, seed=0, size=16):
