@@ -3,7 +3,9 @@
 Both run on the same UNet (the full SD1.5-inpainting UNet config by default: 859.5 M parameters, 9 input
 channels, random weights), the same reference photos (the astronaut and two faces of insightface's
 t1.jpg, cropped to the working size), the same LoRA rank, batch size and number of steps, on the CPU.
-Everything else is each trainer's own default: ours trains in fp32; TrainLoraNode in its default bf16
+Everything else is each trainer's own default: ours trains with precision "auto" (bf16 mixed precision on
+a CPU with bf16 units, else fp32; ``--ours-precision``), releasing freed heap pages between layers on
+the CPU; TrainLoraNode in its default bf16
 (``training_dtype`` / ``lora_dtype``; ``--native-dtype fp32`` for comparison), lr 5e-4, gradient
 checkpointing on. Each trainer runs in its own subprocess so that its peak RSS is its own.
 
@@ -197,7 +199,7 @@ def worker(args) -> dict:
     patcher, clip, vae = build_models(args)
     settings = TrainSettings(class_word="woman", steps=args.steps, rank=args.rank, batch_size=args.batch, seed=0,
                              working_size=args.size, final_preview=False, checkpoint_every=0,
-                             gradient_checkpointing=args.ours_checkpointing == "on")
+                             gradient_checkpointing=args.ours_checkpointing == "on", precision=args.ours_precision)
     with torch.inference_mode():
         refs = prepare_references(reference_photos(), load_dlib(), settings)
     params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
@@ -207,13 +209,16 @@ def worker(args) -> dict:
         with torch.inference_mode():
             trainer = IdentityTrainer(patcher, clip, vae, refs, settings)
             trained = sum(p.numel() for p in trainer.params().values())
+            compute = "bf16 mixed precision (fp32 LoRA/AdamW)" if trainer.compute_dtype else "fp32"
+            release = "on" if trainer.release_memory and settings.gradient_checkpointing else "off"
             rss_before = _rss_kib()
             start = time.perf_counter()
             with RssSampler() as sampler:
                 trainer.run()
         info.update(config=f"FaceA-Net trainer: LoRA rank {args.rank} on attention to_q/k/v/out only "
-                           f"(activation-side adapters), + [feat] embeddings; fp32; AdamW lr 1.2e-4 / 2e-3; "
-                           f"masked eps loss; gradient checkpointing {args.ours_checkpointing}",
+                           f"(activation-side adapters), + [feat] embeddings; precision {args.ours_precision} = "
+                           f"{compute}; AdamW lr 1.2e-4 / 2e-3; masked eps loss; gradient checkpointing "
+                           f"{args.ours_checkpointing}; freed-memory release {release}",
                     trainable_params=trained)
     else:
         import comfy_extras.nodes_train as nodes_train
@@ -253,7 +258,8 @@ def run_worker(kind: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--comfyui", args.comfyui,
                "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank), "--size", str(args.size),
                "--model", args.model, "--threads", str(args.threads), "--native-dtype", args.native_dtype,
-               "--native-checkpointing", args.native_checkpointing, "--ours-checkpointing", args.ours_checkpointing]
+               "--native-checkpointing", args.native_checkpointing, "--ours-checkpointing", args.ours_checkpointing,
+               "--ours-precision", args.ours_precision]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
@@ -281,6 +287,8 @@ def main(argv=None) -> int:
                         help="TrainLoraNode's gradient checkpointing (its default is on)")
     parser.add_argument("--ours-checkpointing", choices=["on", "off"], default="on",
                         help="our trainer's gradient checkpointing (the Train Identity node's default is on)")
+    parser.add_argument("--ours-precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="our trainer's precision setting (the Train Identity node's default is auto)")
     parser.add_argument("--worker", choices=["ours", "native"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.comfyui:
@@ -288,7 +296,7 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
-    print(f"UNet: SD1.5-inpainting config ({args.model}), random weights, fp32, CPU, {args.threads} threads; "
+    print(f"UNet: SD1.5-inpainting config ({args.model}), random weights, fp32 weights, CPU, {args.threads} threads; "
           f"crops {args.size}x{args.size} (latent {args.size // 8}x{args.size // 8}); batch {args.batch}; "
           f"rank {args.rank}; {args.steps} steps; one subprocess per trainer", flush=True)
     results = {kind: run_worker(kind, args) for kind in ("ours", "native")}

@@ -116,10 +116,11 @@ def fixed_eval_loss(trainer, seed: int = 123, repeats: int = 4) -> float:
 
 @pytest.fixture(scope="module")
 def trained(host_models, photos):
-    """One 60-step run on the 9-channel model (shared by the loss, LoRA and identity tests)."""
+    """One 60-step run on the 9-channel model (shared by the loss, LoRA and identity tests), in bf16 mixed
+    precision (what "auto" picks on CPUs with bf16 units and on GPUs)."""
     from likeness.techniques.facea_net.training import IdentityTrainer, prepare_references
 
-    s = settings(steps=60)
+    s = settings(steps=60, precision="bf16")
     with torch.inference_mode():
         refs = prepare_references(photos, analyzer(), s)
         trainer = IdentityTrainer(host_models["model"], host_models["clip"], host_models["vae"], refs, s,
@@ -252,6 +253,36 @@ def test_gradient_checkpointing_gives_the_same_training(host_models, photos, mon
         assert torch.allclose(checkpointed.lora_state[key], value, atol=1e-5), key
     unet = m.model.diffusion_model
     assert all("forward" not in b.__dict__ for b in unet.modules())
+
+
+def test_mixed_precision_computes_in_bf16_and_keeps_the_identity_fp32(trained, host_models, photos):
+    output = trained["output"]
+    assert output.identity.metadata["precision"] == "bf16"
+    assert all(t.dtype == torch.float32 for t in output.lora_state.values())
+    assert all(f.dtype == torch.float32 for f in output.identity.feats.values())
+    unet = host_models["model"].model.diffusion_model
+    assert all(p.dtype == torch.float32 for p in unet.parameters())  # the shared model is not cast
+
+    seen = []
+    probe = next(m for n, m in unet.named_modules() if n.endswith("attn1.to_q"))
+    handle = probe.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    try:
+        m, c, v = host_models["model"], host_models["clip"], host_models["vae"]
+        run_training(m, c, v, photos[:2], settings(steps=1, precision="fp32"))
+        run_training(m, c, v, photos[:2], settings(steps=1, precision="bf16"))
+    finally:
+        handle.remove()
+    assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
+
+
+def test_cpu_training_hands_freed_memory_back_after_every_layer(host_models, photos, monkeypatch):
+    import likeness.techniques.facea_net.training as training
+
+    calls = []
+    monkeypatch.setattr(training, "release_free_memory", lambda: calls.append(1) or True)
+    m, c, v = host_models["model"], host_models["clip"], host_models["vae"]
+    run_training(m, c, v, photos[:2], settings(steps=2, gradient_checkpointing=True))
+    assert len(calls) >= 2 * 2 * 20  # every checkpointed layer, forward and backward, every step
 
 
 def test_four_channel_model_trains_with_a_noise_mask(photos, comfy_ready):

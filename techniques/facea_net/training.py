@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from ...errors import InvalidInputError, NoFaceError
 from ...trainers import losses as diffusion_losses
 from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
+from ...trainers.memory import release_free_memory, trims_cpu_memory
+from ...trainers.precision import PRECISIONS, compute_dtype, compute_precision
 from .identity import ATTRIBUTES, DEFAULT_FEAT_TOKENS, TASKS, Identity
 from .inpaint import CropInfo, crop_image, crop_region_masks, grow_mask, make_crop_info, masked_pixels
 from .lora import IdentityLoRA, autograd_safe_weights
@@ -65,6 +67,7 @@ class TrainSettings:
     local_only: bool = False                # attribute transfer: local task only
     train_feats: tuple[str, ...] | None = None   # None: every task trained; else only these tasks' feats
     gradient_checkpointing: bool = False
+    precision: str = "auto"                 # "auto" (bf16 where native, else fp32), "bf16", "fp32"
     checkpoint_every: int = 100
     checkpoint_path: str | None = None
     resume: bool = False
@@ -86,6 +89,8 @@ class TrainSettings:
             raise InvalidInputError("The local-only task (attribute transfer) needs at least one attribute.")
         if self.mask_shape not in ("box", "region"):
             raise InvalidInputError(f"mask_shape must be 'box' or 'region', got {self.mask_shape!r}.")
+        if self.precision not in PRECISIONS:
+            raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
         if self.working_size % LATENT_SCALE:
             raise InvalidInputError(f"The working size must be a multiple of {LATENT_SCALE}, got {self.working_size}.")
 
@@ -190,16 +195,22 @@ def model_in_channels(base_model) -> int:
 
 
 @contextlib.contextmanager
-def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
+def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, release_memory: bool = False):
     """Gradient checkpointing on the UNet's layers (ResBlocks, transformers, up/downsamplers).
 
     ComfyUI's UNet runs the layers of each block itself (``forward_timestep_embed`` iterates over the
     block), so the layers, not the blocks, get a temporary checkpointing ``forward``; restored on exit.
+    ``release_memory`` (CPU): hand the freed heap pages back to the OS after each layer's forward and
+    backward (see :mod:`trainers.memory`), so the resident set follows the live activations.
     """
     if not enabled:
         yield
         return
     import torch.utils.checkpoint as cp
+
+    def release_after_backward(grad):
+        release_free_memory()
+        return None
 
     blocks = list(getattr(diffusion_model, "input_blocks", [])) + [getattr(diffusion_model, "middle_block", None)] \
         + list(getattr(diffusion_model, "output_blocks", []))
@@ -213,7 +224,12 @@ def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
                 continue  # someone else patched it; leave it alone
 
             def forward(*args, _original=layer.forward, **kwargs):
-                return cp.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+                out = cp.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+                if release_memory:
+                    release_free_memory()
+                    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+                        args[0].register_hook(release_after_backward)  # fires once this layer's backward is done
+                return out
             layer.forward = forward
             patched.append(layer)
         yield
@@ -273,6 +289,9 @@ class IdentityTrainer:
             if settings.preview_every or settings.final_preview:
                 self.negative = clip.encode_from_tokens(clip.tokenize(""))
         self.task_index = {t: i for i, t in enumerate(tasks)}
+        self.compute_dtype = compute_dtype(settings.precision, next(self.unet.parameters()).device)
+        logger.info("%s: computing in %s (precision %s)", settings.label,
+                    "bf16 mixed precision" if self.compute_dtype else "fp32", settings.precision)
         trained = settings.train_feats if settings.train_feats is not None else tasks
         self.trained_feats = tuple(t for t in trained if t in self.feats)
 
@@ -328,7 +347,8 @@ class IdentityTrainer:
         if self.in_channels == 9:
             c_concat = torch.cat([batch["mask_in"][rows, cols], batch["masked"][rows, cols]], dim=1).to(device)
         cond = self.conditioning(tasks).to(device)
-        denoised = self.base_model.apply_model(x_t, sigma, c_concat=c_concat, c_crossattn=cond)
+        with compute_precision(self.compute_dtype, device):
+            denoised = self.base_model.apply_model(x_t, sigma, c_concat=c_concat, c_crossattn=cond)
         prediction, target = diffusion_losses.native_space(ms, sigma, x_t, denoised, latent)
         error = ((prediction.float() - target.float()) ** 2 * loss_mask).flatten(1).sum(1)
         per_item = error / (loss_mask.flatten(1).sum(1) * latent.shape[1]).clamp_min(1e-8)
@@ -369,11 +389,15 @@ class IdentityTrainer:
             progress_factory=self.progress_factory, interrupt_check=self.interrupt_check,
             step_callback=self.step_callback)
 
+    @property
+    def release_memory(self) -> bool:
+        return trims_cpu_memory(next(self.unet.parameters()).device)
+
     def run(self) -> TrainingOutput:
         params = self.params()
         loss_fn = lambda batch, ctx: self.loss(batch, ctx)[0]  # noqa: E731
         with torch.inference_mode(False), self.lora.attached(self.unet), autograd_safe_weights(self.unet), \
-                checkpointed_blocks(self.unet, self.settings.gradient_checkpointing):
+                checkpointed_blocks(self.unet, self.settings.gradient_checkpointing, self.release_memory):
             result = train(params, loss_fn, self.items, self.config())
             if self.settings.final_preview and not result.cancelled and not (
                     result.validations and result.validations[-1][0] == result.step):
@@ -400,7 +424,7 @@ class IdentityTrainer:
             meta.setdefault("history", [])
             meta["history"] = list(meta["history"]) + [{"attribute_transfer": list(s.attributes), "steps": result.step}]
         else:
-            meta.update({"steps": result.step, "lr_lora": s.lr_lora, "lr_embed": s.lr_embed, "batch_size": s.batch_size,
+            meta.update({"steps": result.step, "precision": "bf16" if self.compute_dtype else "fp32", "lr_lora": s.lr_lora, "lr_embed": s.lr_embed, "batch_size": s.batch_size,
                          "seed": s.seed, "attributes": list(s.attributes)})
         identity = Identity(feats=feats, class_word=self.class_word, lora_name=base.lora_name if base else "",
                             metadata=meta, name=base.name if base else "", lora=lora_state,
