@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .capture import (CaptureComplete, CaptureRecorder, CaptureRequest, CapturedStates, reference_input,
-                      slice_extra_conds)
+from .capture import (CaptureComplete, CaptureRecorder, CaptureRequest, CapturedStates, ReferenceKeyDownsampling,
+                      reference_input, slice_extra_conds)
 from .injectors import AttentionCall, ChunkLayout, Injector, KeyGroup, row_index, take_rows
 from .kernels import attention_with_lse, joint_attention_concat, merge_heads, merge_into, sdpa, split_heads
 from .sites import AttentionSite, find_sites, sites_by_key
@@ -200,6 +200,8 @@ class IdentityAttentionPatch:
             return False
         if request.cached or control is not None or request.context is not None or c_crossattn is None:
             return False
+        if request.key_downsample > 1:
+            return False   # the pooling applies to the reference pass only
         if request.latents.count > self.capture_batch or torch.is_grad_enabled():
             return False
         if tuple(request.latents.latents.shape[1:]) != tuple(x.shape[1:]):
@@ -281,6 +283,7 @@ class IdentityAttentionPatch:
         parts: list[dict[int, torch.Tensor]] = []
         step = max(1, self.capture_batch)
         trim = self.trim_reference_text_attention and _token_safe_patches(transformer_options, self)
+        self._add_key_downsampling(options, request, ref.x)
         for start in range(0, count, step):  # bounded activation memory
             stop = min(count, start + step)
             recorder = CaptureRecorder(request.sites)
@@ -302,6 +305,21 @@ class IdentityAttentionPatch:
         states = CapturedStates(request.key, recorded, cached=request.cached)
         self._finish_capture(request, injector, states)
         return states
+
+    def _add_key_downsampling(self, options: dict, request: CaptureRequest, ref_x: torch.Tensor) -> None:
+        """Append the reference pass's self-attention key pooling (see capture.py) to its own copy of the
+        options, unless another pack replaces attn1 (its kernel might not expect fewer keys)."""
+        if request.key_downsample <= 1:
+            return
+        if any(options.get("patches_replace", {}).get("attn1", {}).values()):
+            self._warn_once("attn1", "another patch replaces self-attention: the reference pass keeps every "
+                            "self-attention key (reference_downsample ignored)")
+            return
+        patches = dict(options.get("patches", {}))
+        tokens = int(ref_x.shape[-2] * ref_x.shape[-1])
+        patches["attn1_patch"] = list(patches.get("attn1_patch", ())) + [
+            ReferenceKeyDownsampling(request.key_downsample, tokens)]
+        options["patches"] = patches
 
     def _finish_capture(self, request: CaptureRequest, injector, states: CapturedStates) -> None:
         missing = request.sites - set(states.states)

@@ -9,7 +9,7 @@ fp32, random weights: norms 1/0, biases 0, the rest N(0, 0.02)) with ``--cpu --u
 
 Every configuration is a clone of the same model (registry :data:`CONFIGS`; add rows for other techniques
 with :func:`register`). Rows: the engine's decoupled and joint (Face Fusion: cached, per-step, 1/2/4/8
-references with the default reference budget, 8 exact) paths, FaceID-PlusV2 (= Face-MakeUp's adapter half),
+references with the default reference budget, 8 exact; per-step also with the exact reference stream) paths, FaceID-PlusV2 (= Face-MakeUp's adapter half),
 ConsistentID (model and merge-step conditioning as its encode node makes them) and Face-MakeUp whole (its
 pose ControlNet's cost reported against faceid-plusv2); comparison rows (``default=False``) run only when
 named in ``--configs``. Technique weights are random tensors in the official checkpoint layouts
@@ -207,9 +207,16 @@ def _cached_concat(bench):
     return _with_patch_settings(_fusion(bench, 1, "cached_clean"), joint_strategy="concat")
 
 
-@register("per-step", "Face Fusion, 1 reference, per-step capture (the paper), uncond none", target=1.65)
+@register("per-step", "Face Fusion, 1 reference, per-step capture (the paper), uncond none, default "
+          "reference_downsample 2 (reference pass's top-level self-attention keys pooled 2x2)", target=1.65)
 def _per_step(bench):
     return _fusion(bench, 1, "per_step")
+
+
+@register("per-step-exact", "as 'per-step' with reference_downsample 1 (every self-attention key in the "
+          "reference pass)")
+def _per_step_exact(bench):
+    return _fusion(bench, 1, "per_step", reference_downsample=1)
 
 
 @register("per-step-batched", "as 'per-step', the reference riding in the sampling batch instead of its own "
@@ -493,14 +500,14 @@ def main() -> int:
           f"rounds {args.min_rounds}..{max_rounds}, tol {args.tol}, "
           f"budget {args.budget} min{' [QUICK]' if args.quick else ''}")
     for name in names:
-        print(f"  {name:10s} {CONFIGS[name].description}")
+        print(f"  {name:14s} {CONFIGS[name].description}")
     sys.stdout.flush()
 
     print("== warm-up (pays one-off captures of cached modes)")
     for name in names:
         wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer, CONFIGS[name].conds)
         CONFIGS[name].warmup = {"wall": wall, "capture": capture}
-        print(f"  {name:10s} {wall:7.2f} s  (capture {capture:.2f} s)")
+        print(f"  {name:14s} {wall:7.2f} s  (capture {capture:.2f} s)")
         sys.stdout.flush()
 
     start = time.perf_counter()
@@ -533,7 +540,7 @@ def main() -> int:
           f"min = fastest / fastest of unpatched (least disturbed by other load); cpu, sites: ratios of medians)")
     base_cfg = CONFIGS["unpatched"]
     med = statistics.median
-    header = (f"{'config':10s} {'wall med s':>10s} {'min-max':>13s} {'wall':>6s} {'paired':>6s} {'min':>6s} {'cpu':>6s} "
+    header = (f"{'config':14s} {'wall med s':>10s} {'min-max':>13s} {'wall':>6s} {'paired':>6s} {'min':>6s} {'cpu':>6s} "
               f"{'sites':>6s} {'site s':>7s} {'capture s':>9s}  target (median; min)")
     print(header)
     verdicts = []
@@ -556,7 +563,7 @@ def main() -> int:
             ref = CONFIGS[c.target_of]
             target = (f"{med(c.walls) / med(ref.walls):.3f}; {min(c.walls) / min(ref.walls):.3f} vs {c.target_of} "
                       f"(reported, no target)")
-        print(f"{name:10s} {med(c.walls):10.2f} {min(c.walls):6.2f}-{max(c.walls):<6.2f} {wall_r:6.3f} "
+        print(f"{name:14s} {med(c.walls):10.2f} {min(c.walls):6.2f}-{max(c.walls):<6.2f} {wall_r:6.3f} "
               f"{paired_medians(name):6.3f} {min_r:6.3f} {cpu_r:6.3f} {site_r:6.3f} {med(c.sites):7.2f} "
               f"{med(c.captures):9.2f}  {target}")
     for name in names:

@@ -142,11 +142,15 @@ class ApplyFaceFusion:
                                           "per layer: with more references each one's keys are averaged over small "
                                           "blocks (with matching attention weight), so 8 references cost about "
                                           "what 2 do. Up to this many references are exact. 0 = no limit."),
+            "reference_downsample": int_input(2, 1, 4, "The reference pass's highest-resolution self-attention uses "
+                                              "keys averaged over NxN blocks (ToDo): 2 is ~10% faster per step with "
+                                              "every reference token kept; 1 = exact. Match the adapter's training "
+                                              "(the trainer uses 2)."),
         }}
 
     def apply(self, model, fusion_adapter, vae, weight, start_at, end_at, capture, reference=None, mask=None,
               identities=None, reference_size=512, capture_at=0.5, uncond="none", layers="all", other_layers=0.25,
-              custom_layers="", reference_prompt=None, noise_seed=0, reference_budget=2):
+              custom_layers="", reference_prompt=None, noise_seed=0, reference_budget=2, reference_downsample=2):
         from ..attention_patches import SiteWeights
         from ..techniques.face_fusion.apply import apply_face_fusion_images, chain_identity
 
@@ -167,7 +171,7 @@ class ApplyFaceFusion:
             model, fusion_adapter, vae, people, reference_size=reference_size, reference_conditioning=reference_prompt,
             weight=weight, start_at=start_at, end_at=end_at, capture_mode=CAPTURE_CHOICES[capture],
             capture_percent=capture_at, uncond=uncond, site_weights=sites, noise_seed=noise_seed,
-            reference_budget=reference_budget)
+            reference_budget=reference_budget, reference_downsample=reference_downsample)
         return (patched,)
 
 

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from likeness.attention_patches.kernels import (attention_with_lse, joint_attention_concat, joint_attention_weights,
                                                 merge_heads, merge_into, sdpa, split_heads)
@@ -183,3 +184,36 @@ def test_pooled_keys_with_log_bias_equal_full_attention_on_constant_windows():
     bias = torch.full((1, 10), math.log(4.0))
     approx = joint_attention_concat(q, [k_text, pooled[0]], [v_text, pooled[1]], heads=2, block_bias=[None, bias])
     torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_self_attention_downsampling_is_exact_on_constant_windows():
+    """ToDo in the reference pass: with 2x2-constant tokens the pooled self-attention equals the full one
+    (the uniform log 4 bias cancels in the softmax); queries keep every token."""
+    from likeness.attention_patches.capture import ReferenceKeyDownsampling
+    from likeness.attention_patches.kernels import sdpa
+
+    torch.manual_seed(0)
+    coarse = torch.randn(2, 16, 8, 8)
+    n = F.interpolate(coarse, scale_factor=2, mode="nearest").flatten(2).transpose(1, 2)   # [2, 256, 16]
+    pool = ReferenceKeyDownsampling(2, tokens=256)
+    q, k, v = pool(n, n, n, {"activations_shape": [2, 16, 16, 16]})
+    assert q is n and k.shape == (2, 64, 16) and v is k and pool.pooled_calls == 1
+    torch.testing.assert_close(sdpa(q, k, v, heads=2), sdpa(n, n, n, heads=2), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_self_attention_downsampling_leaves_other_calls_alone():
+    from likeness.attention_patches.capture import ReferenceKeyDownsampling
+
+    n = torch.randn(1, 63, 8)
+    context = torch.randn(1, 77, 8)
+    pool = ReferenceKeyDownsampling(2, tokens=63)
+    extra = {"activations_shape": [1, 8, 7, 9]}
+    assert pool(n, context, context, extra)[1] is context                    # cross-attention context
+    smaller = torch.randn(1, 16, 8)
+    assert pool(smaller, smaller, smaller, {"activations_shape": [1, 8, 4, 4]})[1] is smaller  # lower level
+    assert pool(n, n, n, {})[1] is n                                          # grid unknown
+    k = pool(n, n, n, extra)[1]
+    assert k.shape == (1, 4 * 5, 8)                                            # odd grid: ceil windows
+    assert ReferenceKeyDownsampling(1, tokens=63)(n, n, n, extra)[1] is n
+    with pytest.raises(ValueError):
+        ReferenceKeyDownsampling(0, tokens=63)

@@ -157,10 +157,11 @@ def test_capture_in_bounded_batches_matches_one_pass(tiny_sd15):
 
 
 def test_per_step_references_in_the_real_batch_match_a_separate_pass(tiny_sd15):
-    """Opt-in: the per-step references ride in the UNet's batch; same result as a separate pass."""
-    inbatch, patch_in, _ = _fusion(tiny_sd15, capture_mode="per_step")
+    """Opt-in: the per-step references ride in the UNet's batch; same result as a separate pass (with the
+    exact reference stream: key downsampling is a reference-pass-only patch)."""
+    inbatch, patch_in, _ = _fusion(tiny_sd15, capture_mode="per_step", reference_downsample=1)
     patch_in.capture_in_batch = True
-    separate, patch_sep, _ = _fusion(tiny_sd15, capture_mode="per_step")
+    separate, patch_sep, _ = _fusion(tiny_sd15, capture_mode="per_step", reference_downsample=1)
     assert patch_sep.capture_in_batch is False
     calls = []
     original = patch_in._run_with_reference_rows
@@ -182,6 +183,70 @@ def test_per_step_references_in_the_real_batch_match_a_separate_pass(tiny_sd15):
     c = _sample(other, steps=3)
     assert seen == [] and patch_other.capture_passes == 3
     assert torch.allclose(c, b, rtol=1e-4, atol=1e-3)
+
+
+def _attn1_key_tokens(model):
+    """Record (batch, query tokens, key tokens) of every self-attention call of ``model``'s UNet."""
+    seen = []
+    unet = model.model.diffusion_model
+    handles = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn1"):
+            def hook(mod, args, kwargs, out):
+                context = kwargs.get("context")
+                seen.append((args[0].shape[0], args[0].shape[1], (context if context is not None else args[0]).shape[1]))
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    return seen, handles
+
+
+def test_reference_pass_pools_top_level_self_attention_keys(tiny_sd15, caplog):
+    """Default reference_downsample 2: only the reference pass's highest-resolution self-attention sees 2x2
+    pooled keys; queries (and so every captured h_f) keep all tokens; the sampling batch is untouched."""
+    pooled, patch_p, _ = _fusion(tiny_sd15, capture_mode="per_step")
+    exact, patch_e, _ = _fusion(tiny_sd15, capture_mode="per_step", reference_downsample=1)
+    assert patch_p.injectors[0].reference_downsample == 2
+    calls = {}
+    for label, model in (("pooled", pooled), ("exact", exact)):
+        seen, handles = _attn1_key_tokens(model)
+        try:
+            out, states = _captured_states(model, patch_p if model is pooled else patch_e)
+        finally:
+            for h in handles:
+                h.remove()
+        calls[label] = (seen, out, states)
+    seen_p, out_p, states_p = calls["pooled"]
+    seen_e, out_e, states_e = calls["exact"]
+    top = 16 * 16
+    reference_top = [(q, k) for b, q, k in seen_p if b == 1 and q == top]
+    sampling = [(q, k) for b, q, k in seen_p if b == 2]
+    assert reference_top and all(k == top // 4 for q, k in reference_top)
+    assert all(q == k for q, k in sampling)                                   # the real batch: every key
+    assert all(q == k for b, q, k in seen_p if b == 1 and q != top)           # lower levels: every key
+    assert all(q == k for b, q, k in seen_e)                                  # reference_downsample=1: exact
+    for step_p, step_e in zip(states_p, states_e):
+        assert set(step_p) == set(step_e)
+        for site, h in step_p.items():
+            assert h.shape == step_e[site].shape
+    assert torch.isfinite(out_p).all() and not torch.equal(out_p, out_e)
+
+    # another pack replaces self-attention: no pooling (it may not expect fewer keys), said once
+    other = pooled.clone()
+    other.set_model_attn1_replace(lambda q, k, v, extra_options: q, "input", 1)
+    seen, handles = _attn1_key_tokens(other)
+    try:
+        with caplog.at_level("WARNING", logger="likeness"):
+            _sample(other, steps=1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert "reference_downsample ignored" in caplog.text
+
+
+def test_reference_downsample_is_validated(tiny_sd15):
+    from likeness.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="reference_downsample"):
+        _fusion(tiny_sd15, reference_downsample=0)
 
 
 def _captured_states(model, patch, steps=2):

@@ -21,6 +21,10 @@ Choices the paper leaves open (made here, used identically by the trainer):
   each pooled key carries the attention mass of the keys it stands for (ToDo's key downsampling with
   ToMe's proportional attention). One or two references stay exact (Eq. 6 literally); 8 references cost
   about what 2 do instead of 4x more. 0 = no limit (exact for any number).
+- ``reference_downsample`` (default 2): the reference pass's highest-resolution self-attention attends to
+  keys pooled 2x2 (ToDo; see ``attention_patches/capture.py``): ~10 % less time per reference pass, the
+  captured ``h_f`` keep every token. 1 = the exact reference stream. The trainer uses the same default,
+  so an adapter is trained with the reference stream it is applied with.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ logger = logging.getLogger("likeness")
 
 UNCOND_MODES = ("none", "zeros", "same")
 DEFAULT_REFERENCE_BUDGET = 2.0
+DEFAULT_REFERENCE_DOWNSAMPLE = 2
 INJECTOR_NAME = "face_fusion"
 
 
@@ -72,7 +77,8 @@ class FusionInjector(JointInjector):
                  capture_mode: str = "per_step", capture_percent: float = 0.5, uncond: str = "none",
                  reference_context: torch.Tensor | None = None, per_row: bool = False, noise_seed: int = 0,
                  name: str = INJECTOR_NAME, weight: float = 1.0, sigma_range: SigmaRange | None = None,
-                 site_weights: SiteWeights | None = None, reference_budget: float = DEFAULT_REFERENCE_BUDGET):
+                 site_weights: SiteWeights | None = None, reference_budget: float = DEFAULT_REFERENCE_BUDGET,
+                 reference_downsample: int = DEFAULT_REFERENCE_DOWNSAMPLE):
         super().__init__(name, weight=weight, sigma_range=sigma_range, site_weights=site_weights)
         if capture_mode not in CAPTURE_MODES:
             raise InvalidInputError(f"capture mode must be one of {CAPTURE_MODES}, got {capture_mode!r}")
@@ -89,6 +95,10 @@ class FusionInjector(JointInjector):
         if reference_budget < 0:
             raise InvalidInputError(f"reference_budget must be >= 0 (0 = no limit), got {reference_budget}")
         self.reference_budget = float(reference_budget)
+        if int(reference_downsample) != reference_downsample or reference_downsample < 1:
+            raise InvalidInputError(f"reference_downsample must be a whole number >= 1 (1 = exact), "
+                                    f"got {reference_downsample}")
+        self.reference_downsample = int(reference_downsample)
         self.noise_seed = noise_seed
         self._version = 0
         self.set_identities(identities)
@@ -142,7 +152,8 @@ class FusionInjector(JointInjector):
             ref_sigma = torch.full((count,), value)
             key = ("sigma", self.capture_percent, value)
         return CaptureRequest(self.references, ref_sigma, (self._version,) + key, cached=self.capture_mode != "per_step",
-                              context=self.reference_context, template_row=template)
+                              context=self.reference_context, template_row=template,
+                              key_downsample=self.reference_downsample)
 
     def on_captured(self, states: CapturedStates, patch: Any) -> None:
         if not states.cached or self.training():
@@ -253,12 +264,13 @@ def apply_face_fusion(model: Any, adapter: FusionAdapter, identities: Sequence[F
                       capture_mode: str = "per_step", capture_percent: float = 0.5, uncond: str = "none",
                       site_weights: SiteWeights | None = None, reference_context: torch.Tensor | None = None,
                       noise_seed: int = 0, per_row: bool = False,
-                      reference_budget: float = DEFAULT_REFERENCE_BUDGET) -> Any:
+                      reference_budget: float = DEFAULT_REFERENCE_BUDGET,
+                      reference_downsample: int = DEFAULT_REFERENCE_DOWNSAMPLE) -> Any:
     """A clone of ``model`` with Face Fusion installed (other identity techniques on it keep working).
 
     ``per_row=True`` (training): one identity whose i-th reference belongs to batch row i (per chunk),
-    captured at that row's sigma. ``reference_budget``: see the module doc. The injector is ``find_patch(clone).injectors[-1]``; swap references
-    with its ``set_identities``.
+    captured at that row's sigma. ``reference_budget``, ``reference_downsample``: see the module doc. The
+    injector is ``find_patch(clone).injectors[-1]``; swap references with its ``set_identities``.
     """
     clone = model.clone()
     patch = install(clone)
@@ -266,7 +278,8 @@ def apply_face_fusion(model: Any, adapter: FusionAdapter, identities: Sequence[F
     patch.add(FusionInjector(adapter, identities, capture_mode=capture_mode, capture_percent=capture_percent,
                              uncond=uncond, reference_context=reference_context, noise_seed=noise_seed,
                              per_row=per_row, weight=weight, sigma_range=SigmaRange(start_at, end_at),
-                             site_weights=site_weights, reference_budget=reference_budget))
+                             site_weights=site_weights, reference_budget=reference_budget,
+                             reference_downsample=reference_downsample))
     return clone
 
 

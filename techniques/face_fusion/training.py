@@ -40,7 +40,7 @@ from ...trainers.checkpoint import atomic_save
 from ...trainers.datasets import center_square, resize_center_crop
 from ...trainers.loop import LrGroup, TrainConfig, TrainResult, check_run_settings, train
 from .adapter import FusionAdapter
-from .apply import INJECTOR_NAME, FusionIdentityLatents, FusionInjector
+from .apply import DEFAULT_REFERENCE_DOWNSAMPLE, INJECTOR_NAME, FusionIdentityLatents, FusionInjector
 
 logger = logging.getLogger("likeness")
 
@@ -66,6 +66,7 @@ class FusionTrainSettings:
     caption_dropout: float = 0.0     # probability of training a row with the empty caption
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
+    reference_downsample: int = DEFAULT_REFERENCE_DOWNSAMPLE   # as Apply Face Fusion's default (see apply.py)
 
     def check(self) -> None:
         check_run_settings(self.steps, self.batch_size, self.grad_accumulation, self.lr, self.resolution)
@@ -77,6 +78,8 @@ class FusionTrainSettings:
             raise InvalidInputError("face weight must be positive (1 = no face weighting)")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise InvalidInputError("caption dropout must lie in [0, 1)")
+        if self.reference_downsample < 1:
+            raise InvalidInputError("reference downsample must be >= 1 (1 = exact reference stream)")
 
 
 # --------------------------------------------------------------------------- examples (host-independent)
@@ -271,7 +274,8 @@ def make_loss(model_patcher, adapter: FusionAdapter, data: FusionTrainingData, s
         reference_seed = int(torch.randint(0, 2 ** 62, (1,), generator=ctx.generator))
         # A fresh injector per micro-batch: its reference rows, their noise and its capture belong to this step.
         patch.add(FusionInjector(adapter, [FusionIdentityLatents(batch["reference"])], capture_mode=capture,
-                                 per_row=True, noise_seed=reference_seed))
+                                 per_row=True, noise_seed=reference_seed,
+                                 reference_downsample=settings.reference_downsample))
         x_t = losses.noised(model_sampling, sigma, noise, clean)
         denoised = base.apply_model(x_t.to(dtype), sigma, c_crossattn=context.to(device, dtype),
                                     transformer_options=options).float()
@@ -312,7 +316,7 @@ def train_on_data(model_patcher, data: FusionTrainingData, settings: FusionTrain
         fingerprint={"technique": "face_fusion", "data": data.fingerprint, "resolution": settings.resolution,
                      "reference_size": settings.reference_size, "face_weight": settings.face_weight,
                      "reference_noise": settings.reference_noise, "caption_dropout": settings.caption_dropout,
-                     "crop_scale": settings.crop_scale},
+                     "crop_scale": settings.crop_scale, "reference_downsample": settings.reference_downsample},
         **loop_options)
     try:
         result = train(params, loss_fn, data, config)
@@ -324,7 +328,7 @@ def train_on_data(model_patcher, data: FusionTrainingData, settings: FusionTrain
         "grad_accumulation": str(settings.grad_accumulation), "seed": str(settings.seed),
         "images": str(len(data)), "resolution": str(settings.resolution),
         "reference_size": str(settings.reference_size), "reference_noise": settings.reference_noise,
-        "face_weight": str(settings.face_weight),
+        "face_weight": str(settings.face_weight), "reference_downsample": str(settings.reference_downsample),
         "final_loss": f"{result.losses[-1]:.6g}" if result.losses else "",
     })
     return adapter, result
