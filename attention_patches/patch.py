@@ -50,7 +50,8 @@ JOINT_STRATEGY = "merge"
 CAPTURE_BATCH = 4
 # Per-step capture: append the references to the real batch instead of a separate pass (True, "auto" =
 # on CPU only, False). Exact, but measured no faster than the separate pass on the 2-core CPU
-# (benchmarks/attention_overhead.py rows per-step / per-step-batched), so off by default.
+# (benchmarks/attention_overhead.py rows per-step / per-step-batched), so off by default. Never with a
+# request's key_downsample > 1 (that pooling is a patch of the separate reference pass).
 CAPTURE_IN_BATCH: bool | str = False
 # Reference passes with the all-zero text context: attn2's output is exactly to_out's bias at every token
 # (K = V = 0), so the capture tap hands ComfyUI a single query token and ``x + n`` broadcasts it; this

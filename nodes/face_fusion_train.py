@@ -64,12 +64,16 @@ class TrainFaceFusion:
                                            "loss; 2-3 focus training on the face). Needs the face analyzer."),
                 "reference_noise": (list(REFERENCE_NOISE_CHOICES), {"tooltip": "Noise the reference at the training "
                                     "step's level (as at per-step inference) or keep it clean (as cached inference)."}),
+                "reference_downsample": int_input(2, 1, 4, "Reference pass: the highest-resolution self-attention "
+                                                  "uses keys averaged over NxN blocks (ToDo; faster). Use the same "
+                                                  "value in Apply Face Fusion (its default is 2). 1 = exact."),
             },
         }
 
     def train(self, model, vae, clip, name, steps, learning_rate, batch_size, grad_accumulation, seed,
               checkpoint_every, resume, resolution, reference_size, images=None, captions="", folder="",
-              face_analyzer=None, fusion_adapter=None, face_weight=1.0, reference_noise="same noise level (paper)"):
+              face_analyzer=None, fusion_adapter=None, face_weight=1.0, reference_noise="same noise level (paper)",
+              reference_downsample=2):
         from ..host.folders import save_dir
         from ..host.training import input_path
         from ..techniques.face_fusion.adapter import fusion_save_dir
@@ -82,7 +86,8 @@ class TrainFaceFusion:
         settings = FusionTrainSettings(
             steps=steps, lr=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed,
             checkpoint_every=checkpoint_every, resolution=resolution, reference_size=int(reference_size),
-            face_weight=face_weight, reference_noise=REFERENCE_NOISE_CHOICES.get(reference_noise, reference_noise))
+            face_weight=face_weight, reference_noise=REFERENCE_NOISE_CHOICES.get(reference_noise, reference_noise),
+            reference_downsample=reference_downsample)
         checkpoint = os.path.join(save_dir("likeness", "training/fusion"), stem + ".safetensors")
         output = train_face_fusion(model, vae, clip, sources, settings, analyzer=face_analyzer,
                                    adapter=fusion_adapter, checkpoint_path=checkpoint, resume=resume)
