@@ -219,10 +219,10 @@ def _per_step_exact(bench):
     return _fusion(bench, 1, "per_step", reference_downsample=1)
 
 
-@register("per-step-batched", "as 'per-step', the reference riding in the sampling batch instead of its own "
-          "UNet pass (opt-in CAPTURE_IN_BATCH; comparison)", default=False)
+@register("per-step-batched", "as 'per-step-exact', the reference riding in the sampling batch instead of its "
+          "own UNet pass (opt-in CAPTURE_IN_BATCH; comparison)", default=False)
 def _per_step_batched(bench):
-    return _with_patch_settings(_fusion(bench, 1, "per_step"), capture_in_batch=True)
+    return _with_patch_settings(_fusion(bench, 1, "per_step", reference_downsample=1), capture_in_batch=True)
 
 
 for _n in (2, 4, 8):
