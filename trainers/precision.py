@@ -33,10 +33,16 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
-def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for a precision setting on ``device``; None = plain fp32."""
+def check_precision(precision: str) -> str:
+    """``precision`` if it is a known setting, else InvalidInputError."""
     if precision not in PRECISIONS:
         raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+    return precision
+
+
+def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for a precision setting on ``device``; None = plain fp32."""
+    check_precision(precision)
     device = torch.device(device)
     if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
         return None

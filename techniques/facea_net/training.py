@@ -35,7 +35,7 @@ from ...errors import InvalidInputError, NoFaceError
 from ...trainers import losses as diffusion_losses
 from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
 from ...trainers.memory import release_free_memory, trims_cpu_memory
-from ...trainers.precision import PRECISIONS, compute_dtype, compute_precision
+from ...trainers.precision import check_precision, compute_dtype, compute_precision
 from .identity import ATTRIBUTES, DEFAULT_FEAT_TOKENS, TASKS, Identity
 from .inpaint import CropInfo, crop_image, crop_region_masks, grow_mask, make_crop_info, masked_pixels
 from .lora import IdentityLoRA, autograd_safe_weights
@@ -89,8 +89,7 @@ class TrainSettings:
             raise InvalidInputError("The local-only task (attribute transfer) needs at least one attribute.")
         if self.mask_shape not in ("box", "region"):
             raise InvalidInputError(f"mask_shape must be 'box' or 'region', got {self.mask_shape!r}.")
-        if self.precision not in PRECISIONS:
-            raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
+        check_precision(self.precision)
         if self.working_size % LATENT_SCALE:
             raise InvalidInputError(f"The working size must be a multiple of {LATENT_SCALE}, got {self.working_size}.")
 
@@ -424,7 +423,8 @@ class IdentityTrainer:
             meta.setdefault("history", [])
             meta["history"] = list(meta["history"]) + [{"attribute_transfer": list(s.attributes), "steps": result.step}]
         else:
-            meta.update({"steps": result.step, "precision": "bf16" if self.compute_dtype else "fp32", "lr_lora": s.lr_lora, "lr_embed": s.lr_embed, "batch_size": s.batch_size,
+            meta.update({"steps": result.step, "precision": "bf16" if self.compute_dtype else "fp32",
+                         "lr_lora": s.lr_lora, "lr_embed": s.lr_embed, "batch_size": s.batch_size,
                          "seed": s.seed, "attributes": list(s.attributes)})
         identity = Identity(feats=feats, class_word=self.class_word, lora_name=base.lora_name if base else "",
                             metadata=meta, name=base.name if base else "", lora=lora_state,
