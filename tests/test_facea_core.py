@@ -339,3 +339,12 @@ def test_batches_mix_the_global_and_local_tasks():
     assert trainer.batch_tasks(3, g) == ["nose"] * 3
     trainer.settings = TrainSettings(attributes=())
     assert trainer.batch_tasks(2, g) == ["face", "face"]
+
+
+def test_train_settings_check_the_precision():
+    from likeness.techniques.facea_net.training import TrainSettings
+
+    assert TrainSettings().precision == "auto"
+    assert TrainSettings(precision="fp32").precision == "fp32"
+    with pytest.raises(InvalidInputError, match="precision must be one of auto, bf16, fp32"):
+        TrainSettings(precision="fp16")
