@@ -59,7 +59,7 @@ def test_bf16_training_converges_like_fp32():
             opt.zero_grad()
             loss.backward()
             opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     fp32, bf16 = run(None), run(torch.bfloat16)
     assert fp32 < 0.05
