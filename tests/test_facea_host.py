@@ -276,10 +276,10 @@ def test_mixed_precision_computes_in_bf16_and_keeps_the_identity_fp32(trained, h
 
 
 def test_cpu_training_hands_freed_memory_back_after_every_layer(host_models, photos, monkeypatch):
-    import likeness.techniques.facea_net.training as training
+    import likeness.trainers.memory as memory
 
     calls = []
-    monkeypatch.setattr(training, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: calls.append(1) or True)
     m, c, v = host_models["model"], host_models["clip"], host_models["vae"]
     run_training(m, c, v, photos[:2], settings(steps=2, gradient_checkpointing=True))
     assert len(calls) >= 2 * 2 * 20  # every checkpointed layer, forward and backward, every step

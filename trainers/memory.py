@@ -1,4 +1,4 @@
-"""Handing freed CPU memory back to the operating system during training.
+"""Training memory on the CPU: freed heap pages handed back to the OS, and layer-wise gradient checkpointing.
 
 On the CPU, tensors come from the C library's ``malloc``. glibc serves blocks below its *dynamic* mmap
 threshold (which climbs to 32 MiB after the first large free) from its heaps, and a freed block in the
@@ -12,6 +12,7 @@ process-wide side effect. Where there is no glibc (macOS, Windows, musl) this is
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -45,3 +46,47 @@ def release_free_memory() -> bool:
 def trims_cpu_memory(device: torch.device | str) -> bool:
     """Whether trimming helps on ``device`` (CUDA/MPS memory has its own caching allocator)."""
     return torch.device(device).type == "cpu" and _malloc_trim() is not None
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, release_memory: bool = False):
+    """Gradient checkpointing on a ComfyUI UNet's layers (ResBlocks, transformers, up/downsamplers).
+
+    ComfyUI's UNet runs the layers of each block itself (``forward_timestep_embed`` iterates over the
+    block), so the layers, not the blocks, get a temporary checkpointing ``forward``; restored on exit.
+    ``release_memory`` (CPU): hand the freed heap pages back to the OS after each layer's forward and
+    backward (see the module doc), so the resident set follows the live activations.
+    """
+    if not enabled:
+        yield
+        return
+    import torch.utils.checkpoint as cp
+
+    def release_after_backward(grad):
+        release_free_memory()
+        return None
+
+    blocks = list(getattr(diffusion_model, "input_blocks", [])) + [getattr(diffusion_model, "middle_block", None)] \
+        + list(getattr(diffusion_model, "output_blocks", []))
+    layers = []
+    for block in (b for b in blocks if b is not None):
+        layers += list(block) if isinstance(block, torch.nn.Sequential) else [block]
+    patched = []
+    try:
+        for layer in layers:
+            if "forward" in layer.__dict__:
+                continue  # someone else patched it; leave it alone
+
+            def forward(*args, _original=layer.forward, **kwargs):
+                out = cp.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+                if release_memory:
+                    release_free_memory()
+                    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+                        args[0].register_hook(release_after_backward)  # fires once this layer's backward is done
+                return out
+            layer.forward = forward
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward

@@ -22,7 +22,6 @@ itself is only imported lazily to load a ModelPatcher onto its device.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from ...errors import InvalidInputError, NoFaceError
 from ...trainers import losses as diffusion_losses
 from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
-from ...trainers.memory import release_free_memory, trims_cpu_memory
+from ...trainers.memory import checkpointed_blocks, trims_cpu_memory
 from ...trainers.precision import check_precision, compute_dtype, compute_precision
 from .identity import ATTRIBUTES, DEFAULT_FEAT_TOKENS, TASKS, Identity
 from .inpaint import CropInfo, crop_image, crop_region_masks, grow_mask, make_crop_info, masked_pixels
@@ -191,50 +190,6 @@ def model_in_channels(base_model) -> int:
         raise InvalidInputError(f"The model's UNet takes {channels} input channels; FaceA-Net needs an SD-style "
                                 "UNet (9 = inpainting model, 4 = normal model with a noise mask).")
     return channels
-
-
-@contextlib.contextmanager
-def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, release_memory: bool = False):
-    """Gradient checkpointing on the UNet's layers (ResBlocks, transformers, up/downsamplers).
-
-    ComfyUI's UNet runs the layers of each block itself (``forward_timestep_embed`` iterates over the
-    block), so the layers, not the blocks, get a temporary checkpointing ``forward``; restored on exit.
-    ``release_memory`` (CPU): hand the freed heap pages back to the OS after each layer's forward and
-    backward (see :mod:`trainers.memory`), so the resident set follows the live activations.
-    """
-    if not enabled:
-        yield
-        return
-    import torch.utils.checkpoint as cp
-
-    def release_after_backward(grad):
-        release_free_memory()
-        return None
-
-    blocks = list(getattr(diffusion_model, "input_blocks", [])) + [getattr(diffusion_model, "middle_block", None)] \
-        + list(getattr(diffusion_model, "output_blocks", []))
-    layers = []
-    for block in (b for b in blocks if b is not None):
-        layers += list(block) if isinstance(block, torch.nn.Sequential) else [block]
-    patched = []
-    try:
-        for layer in layers:
-            if "forward" in layer.__dict__:
-                continue  # someone else patched it; leave it alone
-
-            def forward(*args, _original=layer.forward, **kwargs):
-                out = cp.checkpoint(_original, *args, use_reentrant=False, **kwargs)
-                if release_memory:
-                    release_free_memory()
-                    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
-                        args[0].register_hook(release_after_backward)  # fires once this layer's backward is done
-                return out
-            layer.forward = forward
-            patched.append(layer)
-        yield
-    finally:
-        for layer in patched:
-            del layer.forward
 
 
 # ------------------------------------------------------------------------------------- training
