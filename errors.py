@@ -12,6 +12,10 @@ class InvalidInputError(LikenessError, ValueError):
     """An input tensor or value has the wrong shape, range or type."""
 
 
+class PathNotAllowedError(InvalidInputError):
+    """A path named by a workflow lies outside the folders the ComfyUI server may read (host/paths.py)."""
+
+
 class NoFaceError(LikenessError):
     """No face was found where one is required."""
 

@@ -37,6 +37,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..host.paths import local_user_paths
+
 logger = logging.getLogger("likeness")
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +142,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         prompt = to_api_prompt(workflow)
         apply_overrides(prompt, overrides)
         printer = ProgressPrinter(prompt)
-        outputs = execute_prompt(prompt, on_event=printer)
+        with local_user_paths():  # the command line runs as the local user: any path it names is accepted
+            outputs = execute_prompt(prompt, on_event=printer)
         written = collect_outputs(outputs, out_dir)
         print_text_outputs(prompt, outputs)
     except RunnerError as exc:

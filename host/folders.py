@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_available
+from .paths import MODEL, resolve_user_path
 
 WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".sft"}
 INSIGHTFACE_EXTENSIONS = {".onnx", ".pth", ".safetensors"}
@@ -84,21 +85,15 @@ def list_files(folder: str, subfolder: str = "", extensions: set[str] | None = N
     return sorted(names)
 
 
-def list_subdirs(folder: str, subfolder: str = "") -> list[str]:
-    """Immediate sub-directories of ``folder[/subfolder]`` in every search path, sorted."""
-    names: set[str] = set()
-    for base in folder_candidates(folder):
-        root = os.path.join(base, subfolder) if subfolder else base
-        if os.path.isdir(root):
-            names.update(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    return sorted(names)
-
-
 def resolve(folder: str, name: str, subfolder: str = "") -> str:
-    """Full path of ``name`` in ``folder[/subfolder]``; FileNotFoundError says where it was looked for."""
+    """Full path of ``name`` in ``folder[/subfolder]``; FileNotFoundError says where it was looked for.
+
+    In a ComfyUI server a ``name`` that leads out of the model folders (``..``, an absolute path) is refused
+    with PathNotAllowedError (host/paths.py), before anything is looked up."""
     tried = []
     for base in folder_candidates(folder):
         path = os.path.join(base, subfolder, name) if subfolder else os.path.join(base, name)
+        path = resolve_user_path(path, MODEL, f"{folder} file '{name}'")
         tried.append(path)
         if os.path.exists(path):
             return path

@@ -1,11 +1,10 @@
-"""Host side of the in-graph trainers: load the model the way samplers do, and resolve input paths.
+"""Host side of the in-graph trainers: load the model the way samplers do.
 
-``comfy`` / ``folder_paths`` are imported inside the functions; outside ComfyUI both degrade to plain
-behaviour (the model is used where it is, paths are taken as given).
+``comfy`` is imported inside the function; outside ComfyUI the model is used where it is. Training folders
+are resolved by :mod:`host.paths`.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -25,17 +24,3 @@ def load_for_training(model_patcher: Any) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
-
-
-def input_path(path: str) -> str:
-    """``path`` as given when absolute; else relative to ComfyUI's input folder (or the working folder)."""
-    path = os.path.expanduser(path.strip())
-    if os.path.isabs(path):
-        return path
-    if comfy_available():
-        import folder_paths
-
-        candidate = os.path.join(folder_paths.get_input_directory(), path)
-        if os.path.exists(candidate) or not os.path.exists(path):
-            return candidate
-    return os.path.abspath(path)

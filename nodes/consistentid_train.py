@@ -71,7 +71,7 @@ class TrainConsistentID:
                 "captions": ("STRING", {"multiline": True, "default": "", "tooltip": "Captions for 'images': one "
                              "line per image, or one text for all. Empty = 'a photo of a person'."}),
                 "folder": ("STRING", {"default": "", "tooltip": "Folder of training images with same-stem .txt "
-                           "captions (absolute, or relative to ComfyUI's input folder)."}),
+                           "captions, relative to ComfyUI's input folder."}),
                 "localization_weight": float_input(0.01, 0.0, 1.0, 0.001, "Weight of the facial attention-"
                                                    "localization loss (paper: 0.01; 0 = noise loss only)."),
                 "condition_dropout": float_input(0.1, 0.0, 1.0, 0.01, "Share of steps trained with empty text and "
@@ -88,7 +88,7 @@ class TrainConsistentID:
               background_mask_prob=0.5):
         from ..face_analysis.parsing import FaceParser
         from ..host.folders import save_dir
-        from ..host.training import input_path
+        from ..host.paths import INPUT, resolve_user_path
         from ..techniques.consistentid.loader import load_consistentid
         from ..techniques.consistentid.training import ConsistentIDTrainSettings, save_trained, train_consistentid
         from ..trainers.datasets import training_sources
@@ -101,7 +101,7 @@ class TrainConsistentID:
             raise InvalidInputError("'parser' must come from the Face Parser Loader node.")
         if consistentid is not None and getattr(consistentid, "facial_encoder", None) is None:
             raise InvalidInputError("'consistentid' must come from the ConsistentID Loader.")
-        folder_path = input_path(folder) if folder and folder.strip() else None
+        folder_path = resolve_user_path(folder, INPUT, "training folder") if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)
         settings = ConsistentIDTrainSettings(
             steps=steps, lr=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed,

@@ -55,7 +55,7 @@ class TrainFaceFusion:
                 "captions": ("STRING", {"multiline": True, "default": "", "tooltip": "Captions for 'images': one "
                              "line per image, or one text for all. Empty = 'a photo of a person'."}),
                 "folder": ("STRING", {"default": "", "tooltip": "Folder of training images with same-stem .txt "
-                           "captions (absolute, or relative to ComfyUI's input folder)."}),
+                           "captions, relative to ComfyUI's input folder."}),
                 "face_analyzer": ("FACE_ANALYZER", {"tooltip": "Finds and aligns each face for the reference crop "
                                   "(recommended). Without it the middle of each image is used."}),
                 "fusion_adapter": ("FUSION_ADAPTER", {"tooltip": "Start from this adapter (a copy is trained) "
@@ -75,13 +75,13 @@ class TrainFaceFusion:
               face_analyzer=None, fusion_adapter=None, face_weight=1.0, reference_noise="same noise level (paper)",
               reference_downsample=2):
         from ..host.folders import save_dir
-        from ..host.training import input_path
+        from ..host.paths import INPUT, resolve_user_path
         from ..techniques.face_fusion.adapter import fusion_save_dir
         from ..techniques.face_fusion.training import FusionTrainSettings, save_trained_adapter, train_face_fusion
         from ..trainers.datasets import training_sources
 
         stem = checked_file_stem(name)
-        folder_path = input_path(folder) if folder and folder.strip() else None
+        folder_path = resolve_user_path(folder, INPUT, "training folder") if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)
         settings = FusionTrainSettings(
             steps=steps, lr=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed,

@@ -181,7 +181,8 @@ def _onnx_files(directory: str) -> list[str]:
 def resolve_pack(name: str) -> str:
     """The folder of pack ``name`` (or a folder path); ModelFileError with the expected tree otherwise."""
     if os.path.isabs(name) or os.sep in name or "/" in name:
-        candidates = [name]
+        from ...host.paths import MODEL, resolve_user_path
+        candidates = [resolve_user_path(name, MODEL, "insightface pack folder")]
     else:
         candidates = [os.path.join(root, name) for root in pack_roots()]
     roots = pack_roots()

@@ -139,7 +139,8 @@ def load_face_parser(choice: str, device: str = "auto"):
     if choice == LANDMARKS_CHOICE:
         return landmark_parser()
     if os.path.isabs(choice):
-        path = choice
+        from ...host.paths import MODEL, resolve_user_path
+        path = resolve_user_path(choice, MODEL, "face parser file")
     else:
         from ...host.folders import resolve
         try:
