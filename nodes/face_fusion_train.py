@@ -80,7 +80,8 @@ class TrainFaceFusion:
         from ..techniques.face_fusion.training import FusionTrainSettings, save_trained_adapter, train_face_fusion
         from ..trainers.datasets import training_sources
 
-        stem = checked_file_stem(name)
+        stem = checked_file_stem(name, "name", [(save_dir("likeness", "training/fusion"), "{}.safetensors"),
+                                                (fusion_save_dir(), "{}.safetensors")])
         folder_path = input_path(folder) if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)
         settings = FusionTrainSettings(
