@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ._common import category, checked_file_stem, float_input, int_input
+from ._common import category, check_analyzer, checked_file_stem, float_input, int_input
 
 logger = logging.getLogger("likeness")
 
@@ -82,6 +82,8 @@ class TrainFaceFusion:
 
         stem = checked_file_stem(name, "name", [(save_dir("likeness", "training/fusion"), "{}.safetensors"),
                                                 (fusion_save_dir(), "{}.safetensors")])
+        if face_analyzer is not None:
+            check_analyzer(face_analyzer, "face_analyzer")
         folder_path = input_path(folder) if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)
         settings = FusionTrainSettings(
