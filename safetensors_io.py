@@ -18,10 +18,45 @@ from safetensors.torch import load_file, save_file
 from .errors import ModelFileError
 
 _TEMP_SUFFIX = ".partial"
+_TEMP_RANDOM_CHARS = 8          # the random part of a tempfile.mkdtemp name
+# The temporary folder is named "." + file name + "." + random + ".partial": this much longer than the file name.
+TEMP_NAME_OVERHEAD = 2 + _TEMP_RANDOM_CHARS + len(_TEMP_SUFFIX)
+# Used where the file system does not report its limits (Windows): NTFS names, and MAX_PATH without long paths.
+_FALLBACK_NAME_MAX, _FALLBACK_PATH_MAX = 255, 260
 
 
 def _temp_prefix(path: str) -> str:
     return "." + os.path.basename(path) + "."
+
+
+def _name_limits(directory: str) -> tuple[int, int]:
+    """The file system's longest file name and longest path (with its terminating NUL) at ``directory``, in
+    bytes; asked of the nearest folder that exists, since ``directory`` may not be created yet."""
+    existing = directory
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    limits = []
+    for name, fallback in (("PC_NAME_MAX", _FALLBACK_NAME_MAX), ("PC_PATH_MAX", _FALLBACK_PATH_MAX)):
+        try:
+            value = os.pathconf(existing, name)
+        except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or not reported here
+            value = -1
+        limits.append(value if value > 0 else fallback)
+    return limits[0], limits[1]
+
+
+def longest_file_name(directory: str) -> int:
+    """The longest file name, in bytes, that :func:`atomic_save` can write into ``directory``.
+
+    Both paths of a write must fit the file system: the temporary folder next to the file (its name is the
+    file name plus ``TEMP_NAME_OVERHEAD``) within the name limit, and the temporary file inside it
+    (``directory/folder/name``) within the path limit; the final path is shorter than either.
+    """
+    directory = os.path.abspath(directory)
+    name_max, path_max = _name_limits(directory)
+    used_by_directory = len(os.fsencode(directory)) + 2 * len(os.sep) + 1    # + separators + the NUL
+    by_path = (path_max - used_by_directory - TEMP_NAME_OVERHEAD) // 2
+    return max(0, min(name_max - TEMP_NAME_OVERHEAD, by_path))
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:

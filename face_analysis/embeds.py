@@ -11,6 +11,7 @@ Files are safetensors with one tensor ``embeddings`` [N,D] float32 and string me
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,6 +149,25 @@ def inliers(vectors: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- files
+
+NUMBERED_LIMIT = 999
+# The file names embeds_path makes, longest first, with "{}" where the stem goes (for the node's name check).
+EMBEDS_FILE_NAMES = ("{}_" + str(NUMBERED_LIMIT) + ".safetensors", "{}.safetensors")
+
+
+def embeds_path(folder: str, stem: str, overwrite: bool) -> str:
+    """Where to save embeds named ``stem``: ``folder/<stem>.safetensors``; without ``overwrite`` and when that file
+    exists, the first free ``<stem>_001.safetensors`` ... ``<stem>_999.safetensors``."""
+    path = os.path.join(folder, f"{stem}.safetensors")
+    number = 0
+    while not overwrite and os.path.exists(path):
+        number += 1
+        if number > NUMBERED_LIMIT:
+            raise InvalidInputError(f"'{stem}' and all {NUMBERED_LIMIT} numbered copies already exist in {folder}; "
+                                    "choose another name or turn overwrite on.")
+        path = os.path.join(folder, f"{stem}_{number:03d}.safetensors")
+    return path
+
 
 def save_embeds(embeds: FaceEmbeds, path: str) -> str:
     """Write a safetensors file (atomically); returns the path."""

@@ -1,7 +1,9 @@
-"""Host adapters: the only modules of the pack that import ComfyUI (``comfy.*``, ``folder_paths``).
+"""Host adapters: the only modules of the pack that import ComfyUI (``comfy.*``, ``folder_paths``, ...).
 
-Everything else takes plain tensors and dataclasses, so it runs and is tested without ComfyUI.
-Every function here degrades to a sensible stand-alone behaviour when ComfyUI is not importable.
+Everything else takes plain tensors and dataclasses, so it runs and is tested without ComfyUI
+(``tests/test_import_boundary.py`` checks every import). Functions that act on ComfyUI objects (weight
+patches, ControlNets, sampling) need the host; the others degrade to a sensible stand-alone behaviour when
+ComfyUI is not importable.
 """
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
-"""Shared bits for node classes: the category root and small input-spec helpers."""
+"""Shared bits for node classes: the category root, small input-spec helpers, and the input checks every node
+shares (the face analyzer, output file names)."""
 from __future__ import annotations
 
 import logging
+import os
 import re
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 from ..errors import InvalidInputError, ModelFileError
+from ..safetensors_io import longest_file_name
 
 logger = logging.getLogger("likeness")
 
@@ -31,15 +34,38 @@ def percent_range_inputs(start_tip: str = "When the effect starts, as a fraction
 
 
 _FILE_STEM = re.compile(r"^[\w.\- ]+$")
+STEM_PLACEHOLDER = "{}"
 
 
-def checked_file_stem(name: str) -> str:
-    """A user-typed output name as a plain file stem (no folders, no extension), or InvalidInputError."""
+def check_analyzer(analyzer, input_name: str = "analyzer"):
+    """``analyzer`` as given, or InvalidInputError when it is not a FACE_ANALYZER from one of the pack's loaders."""
+    if not callable(getattr(analyzer, "detect", None)) or not hasattr(analyzer, "model_id"):
+        raise InvalidInputError(f"'{input_name}' must come from a Likeness face analyzer loader node.")
+    return analyzer
+
+
+def longest_stem(outputs: Iterable[tuple[str, str]]) -> int:
+    """The longest stem (bytes) that makes every output writable; ``outputs`` as in :func:`checked_file_stem`."""
+    return min(longest_file_name(folder) - len(os.fsencode(template.replace(STEM_PLACEHOLDER, "")))
+               for folder, template in outputs)
+
+
+def checked_file_stem(name: str, input_name: str, outputs: Iterable[tuple[str, str]]) -> str:
+    """A user-typed output name as a plain file stem (no folders, no extension), checked before any work starts.
+
+    ``outputs`` are the files the node will write, as ``(folder, file name with "{}" where the stem goes)``.
+    Every one of them, and the temporary folder the atomic writer makes next to it, must fit the file
+    system's limits there (:func:`safetensors_io.longest_file_name`). InvalidInputError names ``input_name``.
+    """
     stem = (name or "").strip()
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
     if not stem or not _FILE_STEM.match(stem) or stem in (".", ".."):
-        raise InvalidInputError(f"name {name!r} must be a plain file name (letters, digits, space, . _ -)")
+        raise InvalidInputError(f"'{input_name}' {name!r} must be a plain file name (letters, digits, space, . _ -)")
+    longest = longest_stem(outputs)
+    if len(os.fsencode(stem)) > longest:
+        raise InvalidInputError(f"'{input_name}' is {len(os.fsencode(stem))} characters (bytes) long; at most "
+                                f"{longest} fit in the file names written here. Choose a shorter name.")
     return stem
 
 

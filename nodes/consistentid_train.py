@@ -5,7 +5,7 @@ import logging
 import os
 
 from ..errors import InvalidInputError
-from ._common import category, checked_file_stem, float_input, int_input
+from ._common import category, check_analyzer, checked_file_stem, float_input, int_input
 
 logger = logging.getLogger("likeness")
 
@@ -93,10 +93,9 @@ class TrainConsistentID:
         from ..techniques.consistentid.training import ConsistentIDTrainSettings, save_trained, train_consistentid
         from ..trainers.datasets import training_sources
 
-        stem = checked_file_stem(name)
-        if not callable(getattr(face_analyzer, "detect", None)):
-            raise InvalidInputError("'face_analyzer' must come from a Likeness face analyzer loader (InsightFace, "
-                                    "buffalo_l).")
+        stem = checked_file_stem(name, "name", [(save_dir(FOLDER, TRAINING_SUBFOLDER), "{}.safetensors"),
+                                                (save_dir(FOLDER, SUBFOLDER), "{}.safetensors")])
+        check_analyzer(face_analyzer, "face_analyzer")
         if not isinstance(parser, FaceParser):
             raise InvalidInputError("'parser' must come from the Face Parser Loader node.")
         if consistentid is not None and getattr(consistentid, "facial_encoder", None) is None:

@@ -4,15 +4,10 @@ from __future__ import annotations
 import os
 
 from ..errors import InvalidInputError
-from ._common import category, file_choices, float_input, int_input
+from ._common import category, check_analyzer, checked_file_stem, file_choices, float_input, int_input
 
 CATEGORY = category("Face")
 NO_PACK = "(no pack found in models/insightface/models)"
-
-
-def _check_analyzer(analyzer) -> None:
-    if not callable(getattr(analyzer, "detect", None)) or not hasattr(analyzer, "model_id"):
-        raise InvalidInputError("'analyzer' must come from a Likeness face analyzer loader node.")
 
 
 def _check_faces(faces, name: str = "faces"):
@@ -126,7 +121,7 @@ class AnalyzeFaces:
     def analyze(self, analyzer, image, selection, face_index, on_no_face, retry, reference=None):
         from ..face_analysis.analyze import analyze, draw_preview
 
-        _check_analyzer(analyzer)
+        check_analyzer(analyzer)
         result = analyze(analyzer, image, selection=selection, face_index=face_index, reference=reference,
                          on_no_face=on_no_face, retry=retry)
         return (result.faces, draw_preview(result), len(result.faces.all_faces()))
@@ -264,22 +259,19 @@ class SaveFaceEmbeds:
     def INPUT_TYPES(cls):
         return {"required": {
             "embeds": ("FACE_EMBEDS", {"tooltip": "Embeddings to save."}),
-            "name": ("STRING", {"default": "identity", "tooltip": "File name (without .safetensors)."}),
+            "name": ("STRING", {"default": "identity", "tooltip": "File name (without .safetensors): letters, "
+                     "digits, space, . _ -."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name; otherwise "
                           "a number is appended."}),
         }}
 
     def save(self, embeds, name, overwrite):
-        from ..face_analysis.embeds import save_embeds
+        from ..face_analysis.embeds import EMBEDS_FILE_NAMES, embeds_path, save_embeds
         from ..host.folders import save_dir
 
-        stem = "".join(c for c in str(name).strip() if c.isalnum() or c in "-_. ").strip(" .") or "identity"
         folder = save_dir("likeness", "embeds")
-        path = os.path.join(folder, f"{stem}.safetensors")
-        number = 1
-        while not overwrite and os.path.exists(path):
-            path = os.path.join(folder, f"{stem}_{number:03d}.safetensors")
-            number += 1
+        stem = checked_file_stem(name, "name", [(folder, file_name) for file_name in EMBEDS_FILE_NAMES])
+        path = embeds_path(folder, stem, overwrite)
         save_embeds(embeds, path)
         return {"ui": {"text": [path]}, "result": (path,)}
 
@@ -344,7 +336,7 @@ class FaceSimilarity:
         from ..face_analysis.embeds import concat, embeds_from_faces
         from ..face_analysis.similarity import compare_images
 
-        _check_analyzer(analyzer)
+        check_analyzer(analyzer)
         references = []
         if reference_faces is not None:
             references.append(embeds_from_faces(_check_faces(reference_faces, "reference_faces")))

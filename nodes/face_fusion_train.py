@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ._common import category, checked_file_stem, float_input, int_input
+from ._common import category, check_analyzer, checked_file_stem, float_input, int_input
 
 logger = logging.getLogger("likeness")
 
@@ -80,7 +80,10 @@ class TrainFaceFusion:
         from ..techniques.face_fusion.training import FusionTrainSettings, save_trained_adapter, train_face_fusion
         from ..trainers.datasets import training_sources
 
-        stem = checked_file_stem(name)
+        stem = checked_file_stem(name, "name", [(save_dir("likeness", "training/fusion"), "{}.safetensors"),
+                                                (fusion_save_dir(), "{}.safetensors")])
+        if face_analyzer is not None:
+            check_analyzer(face_analyzer, "face_analyzer")
         folder_path = resolve_user_path(folder, INPUT, "training folder") if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)
         settings = FusionTrainSettings(

@@ -2,33 +2,17 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
 
 from ..errors import InvalidInputError, TrainingError
 from ..trainers.precision import PRECISIONS
-from ._common import category, file_choices, float_input, int_input
+from ._common import category, check_analyzer, checked_file_stem, file_choices, float_input, int_input
 
 logger = logging.getLogger("likeness")
 
 CATEGORY = category("FaceA-Net")
 NO_IDENTITY = "(no identity in models/likeness/identities)"
-FALLBACK_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]
-FALLBACK_SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
 ATTRIBUTES_TIP = ("Facial attributes for the local task, comma separated: left_eye, right_eye, nose, mouth "
                   "('eyes' = both eyes; left/right = the image's left/right).")
-
-
-def _samplers() -> tuple[list[str], list[str]]:
-    from ..host import comfy_available
-
-    if comfy_available():
-        try:
-            import comfy.samplers
-            return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
-        except Exception:  # a partially importable host must not hide the node
-            pass
-    return FALLBACK_SAMPLERS, FALLBACK_SCHEDULERS
 
 
 def _check_identity(identity, name: str = "identity"):
@@ -40,18 +24,6 @@ def _check_identity(identity, name: str = "identity"):
     return identity
 
 
-def _check_analyzer(analyzer) -> None:
-    if not callable(getattr(analyzer, "detect", None)) or not hasattr(analyzer, "model_id"):
-        raise InvalidInputError("'analyzer' must come from a Likeness face analyzer loader node.")
-
-
-def _safe_name(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip()).strip("._")
-    if not cleaned:
-        raise InvalidInputError("The identity name is empty; give it a name such as 'anna'.")
-    return cleaned
-
-
 def _attributes(spec: str) -> tuple[str, ...]:
     from ..techniques.facea_net.inpaint import parse_regions
 
@@ -61,23 +33,6 @@ def _attributes(spec: str) -> tuple[str, ...]:
     if "face" in names:
         raise InvalidInputError("'face' is the global task, not an attribute; list eyes, nose or mouth.")
     return tuple(names)
-
-
-def _save_outputs(output, name: str) -> tuple[str, str]:
-    """Write the LoRA (loras/likeness/<name>.safetensors) and the identity file; returns their paths."""
-    from ..host.folders import LORA_SUBFOLDER, save_dir
-    from ..techniques.facea_net.identity import save_identity
-    from ..trainers.checkpoint import atomic_save
-
-    lora_path = os.path.join(save_dir("loras", LORA_SUBFOLDER), f"{name}.safetensors")
-    meta = {"likeness.kind": "facea_net_lora", "ss_network_dim": str(output.identity.metadata.get("rank", "")),
-            "ss_network_module": "attention to_q/to_k/to_v/to_out (UNet)"}
-    atomic_save(output.lora_state, lora_path, meta)
-    output.identity.lora_name = f"{LORA_SUBFOLDER}/{name}.safetensors"
-    output.identity.name = name
-    identity_path = save_identity(output.identity, os.path.join(save_dir("likeness", "identities"), f"{name}.safetensors"))
-    logger.info("FaceA-Net: saved LoRA %s and identity %s", lora_path, identity_path)
-    return lora_path, identity_path
 
 
 def _previews(output):
@@ -117,7 +72,7 @@ class TrainIdentity:
             "class_word": (["woman", "man", "person"], {"default": "woman", "tooltip": "The word the prompts use "
                            "('a woman face [feat]...'); also sets the default [feat] token count (man 3, else 4)."}),
             "name": ("STRING", {"default": "my_identity", "tooltip": "File name for the LoRA and the identity "
-                     "(letters, digits, _ . -). Training again with the same name overwrites them."}),
+                     "(letters, digits, space, _ . -). Training again with the same name overwrites them."}),
             "steps": int_input(600, 1, 20000, "Optimizer steps. 600 keeps prompts controllable; 1000 (the paper) "
                                "fits the references tighter."),
             "seed": int_input(0, 0, 2**31 - 1, "Seed for LoRA init, noise, timesteps and task picks."),
@@ -150,18 +105,18 @@ class TrainIdentity:
               lr_embeddings=2e-3, batch_size=4, feat_tokens=0, attributes="left_eye, right_eye, nose, mouth",
               working_size=512, mask_shape="box", checkpoint_every=100, resume=True, preview_every=0,
               gradient_checkpointing=True, precision="auto", parser=None, validation_image=None):
-        from ..host.folders import save_dir
+        from ..techniques.facea_net.files import identity_file, identity_outputs, save_trained_identity
         from ..techniques.facea_net.training import TrainSettings, train_identity
 
-        _check_analyzer(analyzer)
-        name = _safe_name(name)
+        check_analyzer(analyzer)
+        name = checked_file_stem(name, "name", identity_outputs())
         if images.shape[0] < 3:
             logger.warning("FaceA-Net: %d reference photo(s); 3-5 give a much better identity", images.shape[0])
         settings = TrainSettings(
             class_word=class_word, feat_tokens=feat_tokens or None, steps=steps, rank=rank, lr_lora=lr_lora,
             lr_embed=lr_embeddings, batch_size=batch_size, seed=seed, attributes=_attributes(attributes),
             working_size=working_size, mask_shape=mask_shape, checkpoint_every=checkpoint_every,
-            checkpoint_path=os.path.join(save_dir("likeness", "training"), f"facea_{name}.safetensors"),
+            checkpoint_path=identity_file("checkpoint", name),
             resume=resume, preview_every=preview_every, gradient_checkpointing=gradient_checkpointing,
             precision=precision, label=f"FaceA-Net {name}")
         try:
@@ -174,7 +129,7 @@ class TrainIdentity:
             settings.resume = False
             output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser,
                                     validation_image=validation_image)
-        _save_outputs(output, name)
+        save_trained_identity(output.identity, output.lora_state, name)
         return (output.identity, output.lora_state, output.result.loss_curve, _previews(output))
 
 
@@ -214,12 +169,13 @@ class AttributeTransfer:
 
     def transfer(self, model, clip, vae, identity, images, analyzer, attributes, name, steps, seed, lr_lora=1.2e-4,
                  lr_embeddings=2e-3, batch_size=4, working_size=512, parser=None):
+        from ..techniques.facea_net.files import identity_outputs, save_trained_identity
         from ..techniques.facea_net.lora import identity_lora_state
         from ..techniques.facea_net.training import TrainSettings, attribute_transfer_settings, train_identity
 
         identity = _check_identity(identity)
-        _check_analyzer(analyzer)
-        name = _safe_name(name)
+        check_analyzer(analyzer)
+        name = checked_file_stem(name, "name", identity_outputs(("lora", "identity")))
         chosen = _attributes(attributes)
         if not chosen:
             raise InvalidInputError("Attribute Transfer needs at least one attribute (e.g. 'nose').")
@@ -230,7 +186,7 @@ class AttributeTransfer:
         settings = attribute_transfer_settings(base, chosen, steps)
         output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser, base_identity=identity,
                                 base_lora=identity_lora_state(identity))
-        _save_outputs(output, name)
+        save_trained_identity(output.identity, output.lora_state, name)
         return (output.identity, output.lora_state, output.result.loss_curve)
 
 
@@ -325,7 +281,9 @@ class ApplyIdentityLora:
 
 
 def _inpaint_inputs() -> dict:
-    samplers, schedulers = _samplers()
+    from ..host.sampling import sampler_names
+
+    samplers, schedulers = sampler_names()
     return {
         "text": ("STRING", {"multiline": True, "default": "a photo of a face, natural skin, sharp focus",
                  "tooltip": "T_id: what the face should look like (expression, accessories, style)."}),
@@ -407,7 +365,7 @@ class FaceInpaint:
         from ..host.progress import Progress
         from ..techniques.facea_net.pipeline import InpaintSettings, inpaint_faces
 
-        _check_analyzer(analyzer)
+        check_analyzer(analyzer)
         identities = [_check_identity(i, n) for i, n in ((identity, "identity"), (identity_2, "identity_2"),
                                                            (identity_3, "identity_3"), (identity_4, "identity_4"))
                       if i is not None]

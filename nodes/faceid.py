@@ -97,6 +97,7 @@ class FaceIDApply:
               clip_vision=None, mix_weights="", mask=None):
         from ..techniques.faceid.apply import apply_faceid_adapter
         from ..techniques.faceid.checkpoint import FaceIDCheckpoint, Variant
+        from ..techniques.faceid.references import faceid_tokens
 
         if not isinstance(faceid, FaceIDCheckpoint):
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
@@ -147,6 +148,7 @@ class FaceMakeUpApply:
               controlnet_strength, start_at, end_at, pose_map=None, mix_weights=""):
         from ..techniques.faceid.apply import apply_face_makeup
         from ..techniques.faceid.checkpoint import FaceIDCheckpoint
+        from ..techniques.faceid.references import faceid_tokens, reference_pose_map
 
         if not isinstance(faceid, FaceIDCheckpoint):
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
@@ -156,14 +158,6 @@ class FaceMakeUpApply:
         return apply_face_makeup(model, faceid, tokens, positive, negative, pose_map, weight=weight,
                                  lora_strength=lora_strength, controlnet_strength=controlnet_strength,
                                  start_at=start_at, end_at=end_at)
-
-
-def reference_pose_map(faces):
-    """The 5-keypoint map of the first reference image with a face (drawn as Face-MakeUp draws it)."""
-    from ..face_analysis.pose import kps_maps
-
-    first = next((i for i, f in enumerate(faces.first_face_per_image()) if f is not None), 0)
-    return kps_maps(faces).image[first:first + 1]
 
 
 class IdentityMixBalance:
@@ -190,59 +184,14 @@ class IdentityMixBalance:
 
     def measure(self, source_faces, result_faces, mix_weights=""):
         from ..techniques.faceid.mixing_readout import mixing_readout
+        from ..techniques.faceid.references import parse_mix_weights
 
-        readout = mixing_readout(source_faces, result_faces, parse_weights(mix_weights, len(
+        readout = mixing_readout(source_faces, result_faces, parse_mix_weights(mix_weights, len(
             [f for f in source_faces.first_face_per_image() if f is not None])))
         text = readout.to_text()
         means = [readout.mean_cosine(i) for i in range(len(readout.source_images))] + [float("nan")]
         first, second = (0.0 if m != m else m for m in means[:2])
         return {"ui": {"text": [text]}, "result": (text, first, second)}
-
-
-def parse_weights(text: str, count: int) -> list[float] | None:
-    if not text or not text.strip():
-        return None
-    try:
-        weights = [float(w) for w in text.replace(";", ",").split(",") if w.strip()]
-    except ValueError as exc:
-        raise InvalidInputError(f"mix_weights must be numbers separated by commas, got {text!r}.") from exc
-    if len(weights) != count:
-        raise InvalidInputError(f"mix_weights has {len(weights)} value(s) but {count} image(s) have a face.")
-    return weights
-
-
-def faceid_tokens(checkpoint, image, faces, clip_vision, s_scale: float, mix_weights: str = ""):
-    """Cond/uncond ID tokens from the faces of ``image`` (one per image, blended)."""
-    import torch
-
-    from ..face_analysis.align import align_faces
-    from ..techniques.faceid.apply import arcface_from_faces, clip_hidden_states, encode_id_tokens
-    from ..techniques.faceid.mixing import mix_identities
-
-    if len(faces) != image.shape[0]:
-        raise InvalidInputError(f"FACES describes {len(faces)} image(s) but the IMAGE batch has {image.shape[0]}.")
-    arcfaces = arcface_from_faces(faces)
-    with_face = [i for i, f in enumerate(faces.first_face_per_image()) if f is not None]
-    if not with_face:
-        raise InvalidInputError("no face in any reference image.")
-    clip_rows = [None] * len(with_face)
-    zero = None
-    if checkpoint.needs_clip_vision:
-        if clip_vision is None:
-            raise InvalidInputError(f"{checkpoint.name} needs the CLIP vision model (CLIP-ViT-H-14).")
-        aligned = align_faces(image, faces, size=224)
-        first_crop = {}
-        for crop_index, (img, number) in enumerate(zip(aligned.image_indices, aligned.face_numbers)):
-            if number == 0 and img not in first_crop:
-                first_crop[img] = crop_index
-        crops = aligned.crops[[first_crop[i] for i in with_face]]
-        with torch.no_grad():
-            hidden = clip_hidden_states(clip_vision, crops)
-            zero = clip_hidden_states(clip_vision, None)
-        clip_rows = list(hidden.split(1))
-    identities = [(arcfaces[i:i + 1], c) for i, c in zip(with_face, clip_rows)]
-    arcface, clip = mix_identities(identities, parse_weights(mix_weights, len(identities)))
-    return encode_id_tokens(checkpoint, arcface, clip, zero, s_scale=s_scale)
 
 
 NODE_CLASSES = [FaceIDLoader, FaceIDApply, FaceMakeUpApply, IdentityMixBalance]

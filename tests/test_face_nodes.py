@@ -45,7 +45,9 @@ def test_full_chain_analyze_align_paste_embeds_save_load_similarity(tiny_pack, m
     assert number == 3 and embeds.dims == 512
     combined, = nodes.CombineFaceEmbeds().combine(embeds, "normalized_mean", 2.5, embeds_2=embeds)
     assert combined.count == 1 and combined.sources == ["normalized_mean of 6"]
-    saved = nodes.SaveFaceEmbeds().save(combined, "../anna/bob", False)
+    with pytest.raises(InvalidInputError, match="'name' '../anna/bob' must be a plain file name"):
+        nodes.SaveFaceEmbeds().save(combined, "../anna/bob", False)
+    saved = nodes.SaveFaceEmbeds().save(combined, "annabob", False)
     path = saved["result"][0]
     assert os.path.dirname(path) == os.path.join(models_root, "likeness", "embeds")
     assert os.path.basename(path) == "annabob.safetensors"

@@ -69,7 +69,8 @@ def test_id_tokens_and_adapter_change_the_output_and_zero_restores_it(tiny_sd15,
 def test_apply_node_and_identity_mixing(tiny_sd15, tiny_clip_vision, tiny_plus):
     from test_consistentid_encode import fake_faces
 
-    from likeness.nodes.faceid import FaceIDApply, faceid_tokens
+    from likeness.nodes.faceid import FaceIDApply
+    from likeness.techniques.faceid.references import faceid_tokens
 
     images = torch.rand(2, 96, 96, 3, generator=torch.Generator().manual_seed(7))
     faces = fake_faces(batch=2)

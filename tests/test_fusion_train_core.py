@@ -66,10 +66,11 @@ def test_settings_are_checked(bad):
         T.FusionTrainSettings(**bad).check()
 
 
-def test_node_name_is_a_plain_file_name():
-    from likeness.nodes._common import checked_file_stem as checked_name
+def test_node_name_is_a_plain_file_name(tmp_path):
+    from likeness.nodes._common import checked_file_stem
 
-    assert checked_name(" my face.safetensors ") == "my face"
+    outputs = [(str(tmp_path), "{}.safetensors")]
+    assert checked_file_stem(" my face.safetensors ", "name", outputs) == "my face"
     for bad in ("", "../x", "a/b", ".."):
         with pytest.raises(InvalidInputError):
-            checked_name(bad)
+            checked_file_stem(bad, "name", outputs)

@@ -9,7 +9,7 @@ bit-for-bit unchanged.
 
 Images are ComfyUI IMAGE tensors ``[H,W,C]`` / ``[B,H,W,C]`` float 0..1, masks ``[H,W]`` float 0..1.
 Face geometry comes from :class:`~...face_analysis.types.Face` (bbox, five keypoints). Nothing here
-imports ComfyUI except :func:`sample_inpaint`, which does so lazily.
+imports ComfyUI: :func:`sample_inpaint` samples through :mod:`host.sampling`.
 """
 from __future__ import annotations
 
@@ -369,17 +369,12 @@ def sample_inpaint(model, vae, positive, negative, crop: torch.Tensor, mask: tor
     the mask and the masked image's latent as ``concat_mask`` / ``concat_latent_image``; every model
     also gets the mask as the latent's noise mask (a normal 4-channel model then inpaints by blending).
     """
-    import comfy.sample
-    import node_helpers
+    from ...host.sampling import sample_latent
 
     concat_latent = vae.encode(masked_pixels(crop, mask)[..., :3])
     latent = vae.encode(crop[..., :3])
-    values = {"concat_latent_image": concat_latent, "concat_mask": mask.reshape(-1, 1, *mask.shape[-2:])}
-    positive = node_helpers.conditioning_set_values(positive, values)
-    negative = node_helpers.conditioning_set_values(negative, values)
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = comfy.sample.prepare_noise(latent, int(seed))
-    samples = comfy.sample.sample(model, noise, int(steps), float(cfg), sampler_name, scheduler, positive, negative,
-                                  latent, denoise=float(denoise), noise_mask=mask.reshape(-1, 1, *mask.shape[-2:]),
-                                  seed=int(seed), disable_pbar=True)
+    mask_bchw = mask.reshape(-1, 1, *mask.shape[-2:])
+    samples = sample_latent(model, positive, negative, latent, seed=seed, steps=steps, cfg=cfg,
+                            sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, noise_mask=mask_bchw,
+                            cond_values={"concat_latent_image": concat_latent, "concat_mask": mask_bchw})
     return vae.decode(samples)[..., :3].clamp(0.0, 1.0)

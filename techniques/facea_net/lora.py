@@ -215,7 +215,7 @@ def autograd_safe_weights(module: torch.nn.Module):
             value.requires_grad_(True)
 
 
-# ---- host-gated helpers (ComfyUI imported lazily) --------------------------------------------------
+# ---- host-gated helpers (ComfyUI through host/) ----------------------------------------------------
 
 def load_lora_file(lora_name: str) -> dict[str, torch.Tensor]:
     """A LoRA from ComfyUI's ``loras`` folders (``lora_name`` as the LoraLoader lists it)."""
@@ -242,9 +242,8 @@ def identity_lora_state(identity) -> dict[str, torch.Tensor] | None:
 
 def apply_lora_to_model(model, lora_state: dict[str, torch.Tensor], strength: float = 1.0):
     """A clone of the ModelPatcher with the LoRA applied the way the stock LoraLoader applies it."""
+    from ...host.weights import add_lora_state_dict
+
     if not lora_state or strength == 0:
         return model
-    import comfy.sd
-
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_state, float(strength), 0.0)
-    return patched
+    return add_lora_state_dict(model, lora_state, strength)

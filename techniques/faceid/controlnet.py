@@ -4,13 +4,13 @@ Face-MakeUp's "PoseNet" is a diffusers ``ControlNetModel`` whose cross-attention
 tokens. ComfyUI already supports a per-conditioning ControlNet context: ``ControlNet.get_control`` reads
 ``cond['crossattn_controlnet']`` (filled from the conditioning entry's ``cross_attn_controlnet``) before the
 text. So the ControlNet half is: convert the diffusers state dict with ComfyUI's own key map (the same one
-``comfy.controlnet.load_controlnet_state_dict`` uses), build ``comfy.cldm.cldm.ControlNet`` + the
-``comfy.controlnet.ControlNet`` wrapper, and attach a copy per conditioning entry exactly like
-``ControlNetApplyAdvanced``, with the cond ID tokens on positive entries and the uncond ones on negative entries.
+``comfy.controlnet.load_controlnet_state_dict`` uses), build ComfyUI's ControlNet from it (:mod:`host.controlnet`),
+and attach a copy per conditioning entry exactly like ``ControlNetApplyAdvanced``, with the cond ID tokens on
+positive entries and the uncond ones on negative entries.
 
 The UNet config comes from ComfyUI's diffusers detection when it recognises the model (the real Face-MakeUp is
 SD1.5-shaped); for scaled-down test ControlNets, which no detection table lists, it is derived from the shapes.
-Everything after the config is the same code path. ``comfy`` is imported lazily inside the functions.
+Everything after the config is the same code path.
 """
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def unet_config_from_shape(shape: ControlNetShape) -> dict:
 
 def diffusers_to_comfy_keys(sd: dict, config: dict) -> dict[str, str]:
     """The diffusers -> ComfyUI key map of ``comfy.controlnet.load_controlnet_state_dict`` (diffusers branch)."""
-    import comfy.utils
+    from ...host.controlnet import unet_diffusers_key_map
 
-    keys = comfy.utils.unet_to_diffusers(config)
+    keys = unet_diffusers_key_map(config)
     keys["controlnet_mid_block.weight"] = "middle_block_out.0.weight"
     keys["controlnet_mid_block.bias"] = "middle_block_out.0.bias"
     count = 0
@@ -71,35 +71,16 @@ def diffusers_to_comfy_keys(sd: dict, config: dict) -> dict[str, str]:
 
 def build_face_makeup_controlnet(sd: dict[str, torch.Tensor], shape: ControlNetShape):
     """A ``comfy.controlnet.ControlNet`` from Face-MakeUp's diffusers ``controlnet`` group (not modified)."""
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.model_detection
-    import comfy.model_management
-    import comfy.ops
-    import comfy.utils
+    from ...host.controlnet import build_controlnet, diffusers_unet_config
 
-    config = comfy.model_detection.unet_config_from_diffusers_unet(sd) or unet_config_from_shape(shape)
-    config = dict(config)
+    config = diffusers_unet_config(sd) or unet_config_from_shape(shape)
     key_map = diffusers_to_comfy_keys(sd, config)
     converted = {key_map[k]: v for k, v in sd.items() if k in key_map}
     leftover = sorted(k for k in sd if k not in key_map)
     if leftover:
         raise CheckpointLayoutError(f"Face-MakeUp controlnet: {len(leftover)} key(s) have no ComfyUI name, e.g. "
                                     f"{leftover[:3]}; the file is not a diffusers SD1.5 ControlNet.")
-    weight_dtype = comfy.utils.weight_dtype(converted)
-    unet_dtype = comfy.model_management.unet_dtype(model_params=-1, weight_dtype=weight_dtype)
-    load_device = comfy.model_management.get_torch_device()
-    manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device)
-    config.update(operations=comfy.ops.pick_operations(unet_dtype, manual_cast_dtype), dtype=unet_dtype,
-                  device=comfy.model_management.unet_offload_device(),
-                  hint_channels=converted["input_hint_block.0.weight"].shape[1])
-    config.pop("out_channels", None)
-    control_model = comfy.cldm.cldm.ControlNet(**config)
-    missing, unexpected = control_model.load_state_dict(converted, strict=False)
-    if missing or unexpected:
-        raise CheckpointLayoutError(f"Face-MakeUp controlnet does not fit ComfyUI's ControlNet: missing {missing[:3]}, "
-                                    f"unexpected {unexpected[:3]}.")
-    return comfy.controlnet.ControlNet(control_model, load_device=load_device, manual_cast_dtype=manual_cast_dtype)
+    return build_controlnet(converted, config, "Face-MakeUp controlnet")
 
 
 def attach_id_controlnet(conditioning: list, control_net, hint: torch.Tensor, id_tokens: torch.Tensor,

@@ -89,11 +89,9 @@ def transformer_blocks(model, prefix: str = "diffusion_model") -> list[Transform
 
 def transformer_blocks_from_config(unet_config: dict) -> list[TransformerBlockRef]:
     """Same as :func:`transformer_blocks` from a ComfyUI ``unet_config`` (builds the UNet on the meta device)."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel  # host only
-    import comfy.ops
+    from ...host.weights import meta_unet
 
-    config = {k: v for k, v in unet_config.items() if k not in ("disable_unet_model_creation",)}
-    return transformer_blocks(UNetModel(**config, device="meta", operations=comfy.ops.disable_weight_init))
+    return transformer_blocks(meta_unet(unet_config))
 
 
 def check_adapter_fits(adapter: AdapterWeights, blocks: list[TransformerBlockRef]) -> None:
@@ -131,10 +129,10 @@ def lora_factors(adapter: AdapterWeights, blocks: list[TransformerBlockRef]) -> 
 def comfy_lora_patches(model_patcher, adapter: AdapterWeights) -> dict:
     """Weight patches for ``model_patcher.add_patches(patches, strength)`` (host only).
 
-    Each value is ComfyUI's ``LoRAAdapter`` with ``alpha=None`` (scale 1), so ComfyUI computes
-    ``W + strength * up @ down`` in fp32 when it patches. Shapes are checked against the model first.
+    Each value is ComfyUI's ``LoRAAdapter`` with ``alpha=None`` (scale 1, see :mod:`host.weights`), so ComfyUI
+    computes ``W + strength * up @ down`` in fp32 when it patches. Shapes are checked against the model first.
     """
-    from comfy.weight_adapter.lora import LoRAAdapter  # host only
+    from ...host.weights import lora_weight_patches
 
     blocks = transformer_blocks(model_patcher)
     factors = lora_factors(adapter, blocks)
@@ -148,7 +146,7 @@ def comfy_lora_patches(model_patcher, adapter: AdapterWeights) -> dict:
                             f"{[up.shape[0], down.shape[1]]}")
     if problems:
         raise CheckpointLayoutError("the adapter's LoRA does not fit this model: " + "; ".join(problems[:6]))
-    return {key: LoRAAdapter({key}, (up, down, None, None, None, None)) for key, (up, down) in factors.items()}
+    return lora_weight_patches(factors)
 
 
 def apply_lora(model_patcher, adapter: AdapterWeights, strength: float = 1.0):
