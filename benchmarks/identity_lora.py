@@ -76,7 +76,7 @@ def _setup(args):
     from _bootstrap import load_pack
 
     load_pack()
-    from likeness.cli.runner import prepare_host
+    from likeness.host.headless import prepare_host
 
     prepare_host(args.comfyui, "cpu", base_directory=tempfile.mkdtemp(prefix="likeness-bench-"))
     import torch

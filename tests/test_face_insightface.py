@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("insightface")
 pytest.importorskip("onnxruntime")
 
-from face_fixtures import as_image, models_root, tiny_pack  # noqa: E402,F401  (fixtures)
+from face_fixtures import as_image  # noqa: E402
 from onnx_face_models import expected_faces, square_image, write_tiny_insightface_pack  # noqa: E402
 
 from likeness.errors import ModelFileError  # noqa: E402

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from face_fixtures import as_image, astronaut, insightface_t1, models_root, tiny_pack  # noqa: F401
+from face_fixtures import as_image, astronaut, insightface_t1
 
 from likeness.errors import IncompatibleEmbedsError
 from likeness.face_analysis.embeds import FaceEmbeds
