@@ -96,6 +96,7 @@ def prepare_host(comfy_path: str, device: str = "cpu", base_directory: str | Non
         import torch  # noqa: F401  (a missing torch is reported as "cannot be imported", not a traceback)
         configure_comfy_args(device, base_directory)
         import folder_paths
+
         # As main.py: import ComfyUI's `utils` package before `nodes`, which puts ComfyUI/comfy first on
         # sys.path (after that, `import utils` finds comfy/utils.py and the server module fails).
         import utils.extra_config

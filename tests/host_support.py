@@ -339,10 +339,11 @@ def _cached_clip(seed, hidden):
     config = tiny_text_config(hidden)
 
     class TinySD1ClipModel(comfy.sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
             clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=dict(config),
                                            return_projected_pooled=False)
-            super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=clip_model, **kwargs)
+            super().__init__(device=device, dtype=dtype, model_options=model_options or {}, clip_model=clip_model,
+                             **kwargs)
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1ClipModel)
     clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})

@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from likeness.errors import InvalidInputError
-from likeness.techniques.consistentid.facial_encoder import (FacialEncoder, FuseModule,
-                                                             facial_encoder_config_from_state_dict)
+from likeness.techniques.consistentid.facial_encoder import (
+    FacialEncoder,
+    FuseModule,
+    facial_encoder_config_from_state_dict,
+)
 
 
 def seeded(module, seed=0):

@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-
 from likeness.cli import runner
-
 
 # --------------------------------------------------------------------------------------------------
 # Pure parts (no ComfyUI)

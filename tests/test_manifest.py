@@ -266,8 +266,9 @@ def test_candidate_paths_include_yaml_and_alt_folders(tmp_path):
 
 def test_readme_model_table_matches_manifest():
     """README's model table is the output of `models table` (regenerate it when the manifest changes)."""
-    import io
     import contextlib
+    import io
+
     from conftest import ROOT
     from likeness.cli.main import main
 
