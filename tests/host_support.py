@@ -465,8 +465,8 @@ CHECKPOINT_CACHE_VERSION = 1
 def cached_tiny_sd15_checkpoint(seed: int = 0) -> str:
     """Path of the tiny SD1.5 checkpoint, written once per machine into the temp dir and reused.
 
-    It takes 4-15 s to write (the CLIP-L text encoder is full size); it is deterministic for a seed,
-    so later test sessions reuse it. Written atomically (``.partial`` then rename).
+    Writing it is slow (the CLIP-L text encoder is full size); it is deterministic for a seed, so later
+    test sessions reuse it. Written atomically (``.partial`` then rename).
     """
     folder = os.path.join(tempfile.gettempdir(), "likeness-test-cache")
     path = os.path.join(folder, f"tiny_sd15_v{CHECKPOINT_CACHE_VERSION}_s{seed}.safetensors")

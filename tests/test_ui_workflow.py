@@ -183,10 +183,13 @@ def test_every_control_value_is_skipped_including_old_booleans(control):
     assert (inputs["seed"], inputs["steps"], inputs["cfg"], inputs["sampler_name"]) == (7, 3, 5.0, "euler")
 
 
-def test_a_control_looking_value_after_a_plain_int_belongs_to_the_next_combo():
+def test_a_control_looking_value_after_a_plain_int_belongs_to_the_next_combo_if_it_offers_it():
     graph = EditorGraph()
     graph.add("RepeatCount", [3, "fixed", "a"])
-    assert convert(graph)["1"]["inputs"] == {"count": 3, "policy": "fixed", "mode": "a"}
+    graph.add("RepeatCount", [3, "randomize", "random", "a"])  # "randomize" is no policy: a control value
+    prompt = convert(graph)
+    assert prompt["1"]["inputs"] == {"count": 3, "policy": "fixed", "mode": "a"}
+    assert prompt["2"]["inputs"] == {"count": 3, "policy": "random", "mode": "a"}
 
 
 def test_missing_values_take_defaults_and_force_input_is_no_widget():
@@ -248,6 +251,8 @@ def test_links_follow_kjnodes_set_and_get_pairs():
     graph.connect(nodes["loader"], 2, setter, 0)
     graph.connect(getter, 0, nodes["decode"], 1)
     assert convert(graph)["8"]["inputs"]["vae"] == ["4", 2]
+    graph.connect(setter, 0, nodes["decode"], 1)  # a SetNode also passes its input straight through
+    assert convert(graph)["8"]["inputs"]["vae"] == ["4", 2]
 
 
 def test_bypassed_node_passes_its_matching_input_through_and_muted_nodes_are_dropped():
@@ -262,6 +267,17 @@ def test_bypassed_node_passes_its_matching_input_through_and_muted_nodes_are_dro
     prompt = convert(graph)
     assert prompt["8"]["inputs"]["samples"] == ["3", 0]
     assert not {"50", "51"} & set(prompt)
+
+
+def test_bypassed_node_passes_the_first_input_of_its_output_type_when_the_same_slot_differs():
+    graph, nodes = txt2img()
+    blend = graph.add("LatentWithVAE", inputs=[("vae", "VAE"), ("samples", "LATENT")],
+                      outputs=[("LATENT", "LATENT")], mode=uw.MODE_BYPASSED, node_id=52)
+    graph.links = [link for link in graph.links if link[3] != 8 or link[4] != 0]  # drop sampler -> decode
+    graph.connect(nodes["loader"], 2, blend, 0)
+    graph.connect(nodes["sampler"], 0, blend, 1)
+    graph.connect(blend, 0, nodes["decode"], 0)
+    assert convert(graph)["8"]["inputs"]["samples"] == ["3", 0]
 
 
 def test_an_input_fed_by_a_muted_node_is_left_unconnected():
