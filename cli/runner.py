@@ -427,4 +427,6 @@ def describe_execution_error(prompt: dict, details: dict) -> str:
     kind = str(details.get("exception_type", "")).rsplit(".", 1)[-1]
     text = f"Node #{node_id} ({_node_label(prompt, node_id)}) failed: {kind + ': ' if kind else ''}{message}"
     entry = next((e for e in manifest_entries() if e.filename in message), None)
-    return text + _fetch_command(entry) if entry else text
+    if entry is not None:
+        text += _fetch_command(entry)
+    return text
