@@ -26,6 +26,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "kornia": ("batched face alignment warps", "pip install kornia"),
     "cv2": ("OpenCV image operations", "pip install opencv-python-headless"),
     "skimage": ("scikit-image transforms", "pip install scikit-image"),
+    "yaml": ("PyYAML (reads extra_model_paths.yaml; a ComfyUI requirement)", "pip install pyyaml"),
 }
 
 

@@ -175,9 +175,9 @@ def _faceid_plusv2_lora(bench):
 
 
 def _fusion(bench, refs: int, mode: str, ref_latent: int = 0, **options):
-    from likeness.techniques.face_fusion import FusionAdapter, FusionIdentityLatents, apply_face_fusion
-
     import torch
+
+    from likeness.techniques.face_fusion import FusionAdapter, FusionIdentityLatents, apply_face_fusion
 
     if bench.adapter is None:
         bench.adapter = FusionAdapter.from_model(bench.base)
@@ -425,7 +425,7 @@ def build_model(seed: int = 0):
 
 
 def paired_medians(name: str, base: str = "unpatched") -> float:
-    return statistics.median(a / b for a, b in zip(CONFIGS[name].walls, CONFIGS[base].walls))
+    return statistics.median(a / b for a, b in zip(CONFIGS[name].walls, CONFIGS[base].walls, strict=False))
 
 
 def main() -> int:

@@ -71,7 +71,7 @@ class BenchSCRFD(nn.Module):
         f16 = self.c16(f8)
         f32 = self.c32(f16)
         scores, boxes, points = [], [], []
-        for level, (feature, stride) in enumerate(zip((f8, f16, f32), (8, 16, 32))):
+        for level, (feature, stride) in enumerate(zip((f8, f16, f32), (8, 16, 32), strict=True)):
             head = self.heads[level](feature)
             raw_score = self.score[level](head)
             if stride == 32:   # deterministic decision: fully white 32 px cells (preprocessed ~+0.996)

@@ -25,6 +25,7 @@ lower is better).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -76,7 +77,7 @@ def _setup(args):
     from _bootstrap import load_pack
 
     load_pack()
-    from likeness.cli.runner import prepare_host
+    from likeness.host.headless import prepare_host
 
     prepare_host(args.comfyui, "cpu", base_directory=tempfile.mkdtemp(prefix="likeness-bench-"))
     import torch
@@ -101,13 +102,14 @@ def unet_config(kind: str, in_channels: int) -> dict:
 
 def build_models(args):
     """(ModelPatcher, CLIP, VAE), weights created under inference mode as ComfyUI's loaders do."""
+    import functools
+
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models
     import comfy.supported_models_base
-    import functools
     import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
@@ -134,10 +136,11 @@ def build_models(args):
                        "num_hidden_layers": 2, "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408}
 
         class SmallClip(comfy.sd1_clip.SD1ClipModel):
-            def __init__(self, device="cpu", dtype=None, model_options={}, **kw):
+            def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
                 model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=dict(text_config),
                                           return_projected_pooled=False)
-                super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=model, **kw)
+                super().__init__(device=device, dtype=dtype, model_options=model_options or {}, clip_model=model,
+                                 **kw)
 
         clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, SmallClip),
                              model_options={"dtype": torch.float32})
@@ -184,7 +187,7 @@ class StepClock:
         torch.optim.AdamW.step = step
 
     def step_seconds(self) -> float:
-        gaps = [b - a for a, b in zip(self.times, self.times[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(self.times)]
         return statistics.median(gaps) if gaps else float("nan")
 
 
@@ -222,6 +225,7 @@ def worker(args) -> dict:
                     trainable_params=trained)
     else:
         import comfy_extras.nodes_train as nodes_train
+
         from likeness.techniques.facea_net.inpaint import masked_pixels
         from likeness.techniques.facea_net.prompt import encode_task_template
 

@@ -26,8 +26,20 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from ..errors import LikenessError
-from .manifest import (HASH_MISMATCH, NESTED, OK, SIZE_MISMATCH, TRUNCATED, UNVERIFIED, ModelEntry,
-                       ModelsLocation, check_entry, file_sha256, format_size, url_problem)
+from .manifest import (
+    HASH_MISMATCH,
+    NESTED,
+    OK,
+    SIZE_MISMATCH,
+    TRUNCATED,
+    UNVERIFIED,
+    ModelEntry,
+    ModelsLocation,
+    check_entry,
+    file_sha256,
+    format_size,
+    url_problem,
+)
 
 USER_AGENT = "likeness-models-fetch/0.1 (python-urllib)"
 CHUNK = 1 << 20
@@ -129,48 +141,27 @@ def download(url: str, part_path: str, expected_size: int | None = None, progres
     problem = url_problem(url)
     if problem:
         raise FetchError(problem)
-    meta_path = part_path + ".meta"
-    have = os.path.getsize(part_path) if os.path.isfile(part_path) else 0
-    meta = _read_meta(meta_path)
-    if have and meta.get("url") != url:  # a partial file from another source cannot be continued
-        remove_partial(part_path)
-        have, meta = 0, {}
+    have, meta = _partial_download(url, part_path)
     if have and expected_size is not None and have >= expected_size:
         return have
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-        if meta.get("validator"):
-            headers["If-Range"] = meta["validator"]
     host = urlsplit(url).hostname
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # nothing left to send: the partial file is already complete
-            return have
-        raise FetchError(_http_error_message(url, exc)) from None
-    except urllib.error.URLError as exc:
-        raise FetchError(f"Cannot reach {host} ({exc.reason}). Are you offline or behind a proxy? "
-                         f"{_resume_note(part_path, have)}") from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise FetchError(f"Connecting to {host} failed ({exc}). {_resume_note(part_path, have)}") from None
+    response = _open(url, _request_headers(have, meta), part_path, have, timeout)
+    if response is None:  # HTTP 416, nothing left to send: the partial file is already complete
+        return have
     with response:
         final_problem = url_problem(response.geturl())
         if final_problem:
             raise FetchError(f"{url} redirected to an unsafe address: {final_problem}")
-        if response.status == 206:
-            start = _content_range_start(response.headers.get("Content-Range", ""))
-            if start != have:
-                if _restarted:
-                    raise FetchError(f"{host} sent an unexpected byte range ({response.headers.get('Content-Range')}).")
-                remove_partial(part_path)
-                return download(url, part_path, expected_size, progress, timeout, _restarted=True)
-            mode = "ab"
-        else:  # 200: the server ignored Range, or If-Range saw a changed file: start over
-            have, mode = 0, "wb"
+        placement = _placement(response, have)
+        if placement is None:  # resumed at another byte than asked: start over, once
+            if _restarted:
+                raise FetchError(f"{host} sent an unexpected byte range ({response.headers.get('Content-Range')}).")
+            remove_partial(part_path)
+            return download(url, part_path, expected_size, progress, timeout, _restarted=True)
+        have, mode = placement
         length = response.headers.get("Content-Length")
         remaining = int(length) if length and length.isdigit() else None
-        _write_meta(meta_path, url, _strong_validator(response.headers))
+        _write_meta(part_path + ".meta", url, _strong_validator(response.headers))
         if progress is not None:
             progress.start_bytes = have
         received = _copy_body(response, part_path, mode, have, progress, host)
@@ -178,6 +169,50 @@ def download(url: str, part_path: str, expected_size: int | None = None, progres
         raise FetchError(f"The transfer from {host} was interrupted after {format_size(have + received)}. "
                          f"{_resume_note(part_path, have + received)}")
     return have + received
+
+
+def _partial_download(url: str, part_path: str) -> tuple[int, dict]:
+    """Bytes already in ``part_path`` and its meta data; a partial file from another source is dropped."""
+    have = os.path.getsize(part_path) if os.path.isfile(part_path) else 0
+    meta = _read_meta(part_path + ".meta")
+    if have and meta.get("url") != url:  # it cannot be continued from this url
+        remove_partial(part_path)
+        return 0, {}
+    return have, meta
+
+
+def _request_headers(have: int, meta: dict) -> dict:
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        if meta.get("validator"):
+            headers["If-Range"] = meta["validator"]
+    return headers
+
+
+def _open(url: str, headers: dict, part_path: str, have: int, timeout: float):
+    """The HTTP response, or None when the server says the range is past the end (416 on a resume)."""
+    host = urlsplit(url).hostname
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:
+            return None
+        raise FetchError(_http_error_message(url, exc)) from None
+    except urllib.error.URLError as exc:
+        raise FetchError(f"Cannot reach {host} ({exc.reason}). Are you offline or behind a proxy? "
+                         f"{_resume_note(part_path, have)}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise FetchError(f"Connecting to {host} failed ({exc}). {_resume_note(part_path, have)}") from None
+
+
+def _placement(response, have: int) -> tuple[int, str] | None:
+    """Where the body goes: (offset, file mode). 206 from byte ``have``: appended; 200 (the server
+    ignored Range, or If-Range saw a changed file): from scratch; 206 from another byte: None."""
+    if response.status != 206:
+        return 0, "wb"
+    start = _content_range_start(response.headers.get("Content-Range", ""))
+    return (have, "ab") if start == have else None
 
 
 def _copy_body(response, part_path: str, mode: str, have: int, progress: ProgressLine | None, host: str) -> int:

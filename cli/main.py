@@ -1,7 +1,7 @@
 """``python path/to/pack <command>``: model files (list, verify, fetch, table) and the headless runner.
 
-``models`` commands use only the standard library and never import torch; ``run`` imports the
-runner (and through it ComfyUI) only when it is the command given.
+``models`` commands use only the standard library (and PyYAML for an ``extra_model_paths.yaml``) and
+never import torch; ``run`` imports the runner (and through it ComfyUI) only when it is the command given.
 """
 from __future__ import annotations
 
@@ -11,11 +11,25 @@ import shlex
 import sys
 from typing import Sequence, TextIO
 
+from ..deps import MissingDependencyError
 from .console import say
 from .fetch import FetchError, ProgressLine, fetch_entry
-from .manifest import (MISSING, NESTED, OK, PACK_DIR, UNVERIFIED, EntryStatus, ManifestError,
-                       ModelEntry, ModelsDirError, ModelsLocation, check_entry, format_size, load_manifest,
-                       resolve_location)
+from .manifest import (
+    MISSING,
+    NESTED,
+    OK,
+    PACK_DIR,
+    UNVERIFIED,
+    EntryStatus,
+    ManifestError,
+    ModelEntry,
+    ModelsDirError,
+    ModelsLocation,
+    check_entry,
+    format_size,
+    load_manifest,
+    resolve_location,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 RESTRICTED_LICENCE_WORDS = ("non-commercial", "none stated", "research")
@@ -93,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ManifestError, ModelsDirError) as exc:
         say(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except MissingDependencyError as exc:  # PyYAML, for an extra_model_paths.yaml
+        say(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -160,7 +177,7 @@ def _display_path(entry: ModelEntry) -> str:
 def _columns(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
 def _short(text: str, width: int) -> str:

@@ -4,7 +4,7 @@
 ``models/``), where it comes from, its sha256 and size when the publisher shows them, and its licence.
 This module only reads: downloads live in :mod:`.fetch`, printing in :mod:`.main`.
 
-Standard library only (pyyaml is used for ``extra_model_paths.yaml`` when installed).
+Standard library only, plus PyYAML (a ComfyUI requirement) when an ``extra_model_paths.yaml`` is read.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
+from ..deps import require
 from ..errors import LikenessError
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +226,12 @@ def _entry_problems(item: Mapping) -> list[str]:
     techniques = item.get("techniques")
     if not isinstance(techniques, list) or not techniques or not all(isinstance(t, str) and t for t in techniques):
         problems.append("techniques must be a non-empty list of names")
+    return problems + _flag_problems(item) + _archive_problems(item) + _alternative_problems(item)
+
+
+def _flag_problems(item: Mapping) -> list[str]:
+    """``required``, ``notes`` and the approximate size."""
+    problems = []
     if not isinstance(item.get("required"), bool):
         problems.append("required must be true or false")
     if not isinstance(item.get("notes"), str):
@@ -234,11 +241,12 @@ def _entry_problems(item: Mapping) -> list[str]:
         problems.append("approx_size_mb must be a positive number")
     if item.get("size") is None and approx is None:
         problems.append("give approx_size_mb when the exact size is unknown")
-    problems += _archive_problems(item)
-    for folder in item.get("alt_folders", []) or []:
-        problem = _folder_problem(folder, "alt_folders entry")
-        if problem:
-            problems.append(problem)
+    return problems
+
+
+def _alternative_problems(item: Mapping) -> list[str]:
+    """``alt_folders`` (other places the file may be) and ``alternatives`` (other sources)."""
+    problems = [p for p in (_folder_problem(f, "alt_folders entry") for f in item.get("alt_folders", []) or []) if p]
     for number, alt in enumerate(item.get("alternatives", []) or []):
         if not isinstance(alt, dict):
             problems.append(f"alternatives[{number}] must be an object")
@@ -383,135 +391,81 @@ def read_extra_model_paths(yaml_path: str, warn: Callable[[str], None] | None = 
     Mirrors ``utils/extra_config.load_extra_path_config``: ``base_path`` (``~`` and ``$VARS`` expanded,
     relative to the yaml's folder) prefixes every entry; without it relative entries are relative to
     the yaml's folder; a value may hold several folders, one per line; ``is_default`` puts the
-    folders first.
+    folders first. A file that is not valid YAML is skipped with a warning.
     """
-    try:
-        with open(yaml_path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ModelsDirError(f"cannot read '{yaml_path}': {exc}") from exc
-    try:
-        config = _parse_yaml(text)
-    except ValueError as exc:
-        if warn:
-            warn(f"ignoring {yaml_path}: {exc}")
-        return {}
+    config = _load_yaml(yaml_path, warn)
     yaml_dir = os.path.dirname(os.path.abspath(yaml_path))
     result: dict[str, list[str]] = {}
-    for conf in (config or {}).values():
+    for conf in config.values():
         if not isinstance(conf, dict):
             continue
         conf = dict(conf)
-        base_path = conf.pop("base_path", None)
-        if base_path:
-            base_path = os.path.expandvars(os.path.expanduser(str(base_path)))
-            if not os.path.isabs(base_path):
-                base_path = os.path.abspath(os.path.join(yaml_dir, base_path))
+        base_path = _base_path(conf.pop("base_path", None), yaml_dir)
         is_default = bool(conf.pop("is_default", False))
         for key, value in conf.items():
-            if value is None:
-                continue
-            lines = value if isinstance(value, list) else str(value).split("\n")
-            key = COMFY_LEGACY_KEYS.get(str(key), str(key))
-            for line in (str(v).strip() for v in lines):
-                if not line:
-                    continue
-                if base_path:
-                    full = os.path.join(base_path, line)
-                elif os.path.isabs(line):
-                    full = line
-                else:
-                    full = os.path.abspath(os.path.join(yaml_dir, line))
-                paths = result.setdefault(key, [])
-                full = os.path.normpath(full)
-                if full in paths:
-                    paths.remove(full)
-                paths.insert(0, full) if is_default else paths.append(full)
+            folders = _section_folders(value, base_path, yaml_dir)
+            if folders:
+                _add_folders(result.setdefault(COMFY_LEGACY_KEYS.get(str(key), str(key)), []), folders, is_default)
     return result
 
 
-def _parse_yaml(text: str) -> dict:
-    try:
-        import yaml
-    except ImportError:
-        return _parse_simple_yaml(text)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not valid YAML ({exc})") from exc
-    if data is not None and not isinstance(data, dict):
-        raise ValueError("the top level is not a mapping")
-    return data or {}
-
-
-def _parse_simple_yaml(text: str) -> dict:
-    """The two-level subset of YAML that ``extra_model_paths.yaml`` uses, for when pyyaml is absent.
-
-    ``name:`` at column 0, then indented ``key: value`` lines, where a value may be ``|`` (or ``|-``)
-    followed by more-indented lines, one folder per line. Comments and quotes are handled.
-    """
-    result: dict = {}
-    section: dict | None = None
-    section_name: str | None = None
-    key_indent = 0
-    block_key: str | None = None
-    block_lines: list[str] = []
-    block_end = "\n"
-    for number, raw in enumerate(text.splitlines(), start=1):
-        stripped = raw.strip()
-        indent = len(raw) - len(raw.lstrip(" \t"))
-        if block_key is not None:
-            if not stripped or indent > key_indent:  # a literal block runs while lines are more indented
-                if stripped:
-                    block_lines.append(stripped)
-                continue
-            section[block_key] = "\n".join(block_lines) + block_end
-            block_key, block_lines = None, []
-        if not stripped or stripped.startswith("#"):
-            continue
-        if "\t" in raw[:indent]:
-            raise ValueError(f"line {number}: tabs are not allowed for indentation")
-        key, sep, value = stripped.partition(":")
-        if not sep:
-            raise ValueError(f"line {number}: expected 'key: value'")
-        key, value = key.strip().strip("'\""), _strip_comment(value).strip()
-        if indent == 0:
-            section, section_name = None, key
-            result[key] = _scalar(value)
-            continue
-        if section is None:
-            if section_name is None or result[section_name] is not None:
-                raise ValueError(f"line {number}: indented key outside a section")
-            section = result[section_name] = {}
-        key_indent = indent
-        if value in ("|", "|-", "|+", ">", ">-"):
-            block_key, block_lines = key, []
-            block_end = "" if value.endswith("-") else "\n"
+def _add_folders(paths: list[str], folders: list[str], is_default: bool) -> None:
+    """As ComfyUI's ``add_model_folder_path``: a folder moves, not repeats; a default one goes first."""
+    for folder in folders:
+        if folder in paths:
+            paths.remove(folder)
+        if is_default:
+            paths.insert(0, folder)
         else:
-            section[key] = _scalar(value)
-    if block_key is not None:
-        section[block_key] = "\n".join(block_lines) + block_end
-    return result
+            paths.append(folder)
 
 
-def _strip_comment(value: str) -> str:
-    if value.lstrip().startswith(("'", '"')):
-        return value
-    position = value.find(" #")
-    return value if position < 0 else value[:position]
+def _load_yaml(yaml_path: str, warn: Callable[[str], None] | None) -> dict:
+    """The yaml's top-level mapping (empty, with a warning, when it does not parse as one).
+
+    PyYAML is one of ComfyUI's requirements; without it the models commands say what to install.
+    """
+    yaml = require("yaml", feature=f"reading {yaml_path}")
+    try:
+        with open(yaml_path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ModelsDirError(f"cannot read '{yaml_path}': {exc}") from exc
+    except yaml.YAMLError as exc:
+        problem = f"not valid YAML ({exc})"
+    else:
+        if data is None or isinstance(data, dict):
+            return data or {}
+        problem = "the top level is not a mapping"
+    if warn:
+        warn(f"ignoring {yaml_path}: {problem}")
+    return {}
 
 
-def _scalar(value: str):
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    lowered = value.lower()
-    if lowered in ("true", "yes", "on"):
-        return True
-    if lowered in ("false", "no", "off"):
-        return False
-    if lowered in ("", "~", "null"):
+def _base_path(value: object, yaml_dir: str) -> str | None:
+    if not value:
         return None
-    return value
+    base_path = os.path.expandvars(os.path.expanduser(str(value)))
+    return base_path if os.path.isabs(base_path) else os.path.abspath(os.path.join(yaml_dir, base_path))
+
+
+def _section_folders(value: object, base_path: str | None, yaml_dir: str) -> list[str]:
+    """The absolute folders of one ``key: value`` line (a list, or text with one folder per line)."""
+    if value is None:
+        return []
+    lines = value if isinstance(value, list) else str(value).split("\n")
+    folders = []
+    for line in (str(v).strip() for v in lines):
+        if not line:
+            continue
+        if base_path:
+            full = os.path.join(base_path, line)
+        elif os.path.isabs(line):
+            full = line
+        else:
+            full = os.path.abspath(os.path.join(yaml_dir, line))
+        folders.append(os.path.normpath(full))
+    return folders
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Test bootstrap: the pack is importable as ``likeness``; ``host`` tests need COMFYUI_PATH.
 
-Host fixtures (tiny ComfyUI models, the in-process executor, a headless server) live in
-``tests/host_support.py`` and are only imported when a host test runs.
+Fixtures live in plugin modules (``pytest_plugins`` below): ``tests/host_support.py`` (tiny ComfyUI
+models, the in-process executor; they need COMFYUI_PATH) and ``tests/face_fixtures.py`` (model folders,
+tiny insightface packs). ComfyUI is configured (:func:`host_support.prepare_comfy`) before the pack loads.
 """
 from __future__ import annotations
 
@@ -34,13 +35,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Fixture modules, registered as plugins below: their fixtures reach every test without being imported.
+FIXTURE_MODULES = ["host_support", "face_fixtures"]
+pytest.register_assert_rewrite(*FIXTURE_MODULES)  # host_support is imported before it is registered
+
 if host_ready():
     # Put ComfyUI on the path and fix its CPU/attention arguments before anything imports comfy.
-    import host_support  # noqa: E402
+    import host_support
 
     host_support.prepare_comfy(COMFYUI_PATH)
-    from host_support import *  # noqa: E402,F401,F403  (fixtures)
 
-from _bootstrap import load_pack  # noqa: E402
+from _bootstrap import load_pack  # noqa: E402  (after the path set-up above)
 
 load_pack()
+
+pytest_plugins = FIXTURE_MODULES

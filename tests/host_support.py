@@ -1,8 +1,8 @@
 """Real-host test support: tiny ComfyUI models, the pack loaded as a custom node, in-process execution.
 
-Imported by ``tests/conftest.py`` only when ``COMFYUI_PATH`` is set: conftest calls
-:func:`prepare_comfy` first (before anything imports ``comfy``), then ``from host_support import *``
-to expose the fixtures. Host tests are marked ``@pytest.mark.host``.
+A pytest plugin (``pytest_plugins`` in ``tests/conftest.py``); when ``COMFYUI_PATH`` is set, conftest
+calls :func:`prepare_comfy` first, before anything imports ``comfy``. Nothing here imports ComfyUI at
+module level. Host tests are marked ``@pytest.mark.host``.
 
 Fixtures
     host_env        (session) the temporary ComfyUI base directory (models/, input/, output/, temp/)
@@ -45,15 +45,6 @@ BASE_DIR: str | None = None
 TINY_CONTEXT_DIM = 64
 TINY_MODEL_CHANNELS = 32
 TINY_SDXL_POOLED_DIM = 1280  # fixed by model_base.SDXL.encode_adm (adm_in_channels 2816 = 1280 + 6*256)
-
-__all__ = [
-    "prepare_comfy", "host_env", "comfy_ready", "pack_loaded", "host_test_nodes", "execute_prompt",
-    "tiny_sd15", "tiny_sdxl", "tiny_clip", "tiny_vae", "tiny_clip_vision",
-    "build_tiny_sd15", "build_tiny_sdxl", "build_tiny_clip", "build_tiny_vae", "build_tiny_clip_vision",
-    "conditioning", "sdxl_conditioning", "init_weights", "write_tiny_sd15_checkpoint",
-    "cached_tiny_sd15_checkpoint", "HostEnv",
-    "ROOT", "HOST_NODES_DIR",
-]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,10 +102,10 @@ def _release_models() -> None:
     gc.collect()
 
 
-def _runner():
-    """The pack's runner module (single implementation of node loading and in-process execution)."""
-    from likeness.cli import runner
-    return runner
+def _headless():
+    """ComfyUI without its server (``host/headless.py``): node loading, as the runner does it."""
+    from likeness.host import headless
+    return headless
 
 
 @dataclass
@@ -142,7 +133,7 @@ def comfy_ready(host_env):
     """Core nodes + comfy_extras (no external custom nodes, no API nodes), loaded once per session."""
     import nodes
 
-    _runner().load_core_nodes(custom_nodes=False)
+    _headless().load_core_nodes(custom_nodes=False)
     return nodes.NODE_CLASS_MAPPINGS
 
 
@@ -151,7 +142,7 @@ def pack_loaded(comfy_ready):
     """This pack loaded as a ComfyUI custom node (``nodes.load_custom_node``); returns its module name."""
     import nodes
 
-    report = _runner().load_host_nodes(ROOT, custom_nodes=False)
+    report = _headless().load_host_nodes(ROOT, custom_nodes=False)
     assert not report.pack_failed, "the pack failed to import into ComfyUI (see the log above)"
     # load_custom_node registers a package folder under its path (dots escaped) as the module name
     module = sys.modules.get(os.path.abspath(ROOT).replace(".", "_x_"))
@@ -167,7 +158,7 @@ def host_test_nodes(comfy_ready):
     """Test-only nodes (``tests/host_nodes``): LikenessTestTinySD15Loader etc."""
     import nodes
 
-    report = _runner().load_host_nodes(ROOT, extra_nodes=[HOST_NODES_DIR], custom_nodes=False)
+    report = _headless().load_host_nodes(ROOT, extra_nodes=[HOST_NODES_DIR], custom_nodes=False)
     assert not report.failed, f"test nodes failed to import: {report.failed}"
     return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("LikenessTest")}
 
@@ -176,10 +167,10 @@ def host_test_nodes(comfy_ready):
 def execute_prompt(pack_loaded):
     """``run(prompt: dict, on_event=None) -> outputs``: ComfyUI's validate + PromptExecutor, in-process.
 
-    Raises ``runner.PromptValidationError`` (``.node_errors``) or ``runner.PromptExecutionError``
-    (``.details`` with the traceback). Outputs are the ui dicts per node id (as in ``/history``).
+    Raises ``PromptValidationError`` (``.node_errors``) or ``PromptExecutionError`` (``.details`` with
+    the traceback), with the runner's messages. Outputs are the ui dicts per node id (as in ``/history``).
     """
-    runner = _runner()
+    from likeness.cli import runner
 
     def run(prompt: dict, on_event=None) -> dict:
         return runner.execute_prompt(prompt, on_event=on_event)
@@ -348,10 +339,11 @@ def _cached_clip(seed, hidden):
     config = tiny_text_config(hidden)
 
     class TinySD1ClipModel(comfy.sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
             clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=dict(config),
                                            return_projected_pooled=False)
-            super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=clip_model, **kwargs)
+            super().__init__(device=device, dtype=dtype, model_options=model_options or {}, clip_model=clip_model,
+                             **kwargs)
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1ClipModel)
     clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
@@ -473,8 +465,8 @@ CHECKPOINT_CACHE_VERSION = 1
 def cached_tiny_sd15_checkpoint(seed: int = 0) -> str:
     """Path of the tiny SD1.5 checkpoint, written once per machine into the temp dir and reused.
 
-    It takes 4-15 s to write (the CLIP-L text encoder is full size); it is deterministic for a seed,
-    so later test sessions reuse it. Written atomically (``.partial`` then rename).
+    Writing it is slow (the CLIP-L text encoder is full size); it is deterministic for a seed, so later
+    test sessions reuse it. Written atomically (``.partial`` then rename).
     """
     folder = os.path.join(tempfile.gettempdir(), "likeness-test-cache")
     path = os.path.join(folder, f"tiny_sd15_v{CHECKPOINT_CACHE_VERSION}_s{seed}.safetensors")

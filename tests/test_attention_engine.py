@@ -7,9 +7,19 @@ import math
 import pytest
 import torch
 
-from likeness.attention_patches import (PASS_KEY, AttentionSite, CapturedStates, ChunkLayout, DecoupledInjector,
-                                        IdentityAttentionPatch, JointInjector, KeyGroup, PassContext, SigmaRange,
-                                        SiteWeights)
+from likeness.attention_patches import (
+    PASS_KEY,
+    AttentionSite,
+    CapturedStates,
+    ChunkLayout,
+    DecoupledInjector,
+    IdentityAttentionPatch,
+    JointInjector,
+    KeyGroup,
+    PassContext,
+    SigmaRange,
+    SiteWeights,
+)
 from likeness.attention_patches.kernels import sdpa
 from likeness.attention_patches.sites import sites_by_key
 from likeness.errors import InvalidInputError

@@ -14,8 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from likeness.attention_patches.kernels import (attention_with_lse, joint_attention_concat, joint_attention_weights,
-                                                merge_heads, merge_into, sdpa, split_heads)
+from likeness.attention_patches.kernels import (
+    attention_with_lse,
+    joint_attention_concat,
+    joint_attention_weights,
+    merge_heads,
+    merge_into,
+    sdpa,
+    split_heads,
+)
 from likeness.attention_patches.masks import eq7_additive_mask, eq7_allowed, eq7_bias
 
 HEADS = 4
@@ -80,7 +87,7 @@ def test_multi_reference_equals_eq6_in_order():
     block = _merged(q, [(k_c, v_c), (torch.cat(refs_k, 1), torch.cat(refs_v, 1))])
     assert torch.allclose(block, eq6, atol=1e-5)
     # ... which equals merging them one by one: the softmax is over all keys at once
-    separate = _merged(q, [(k_c, v_c)] + list(zip(refs_k, refs_v)))
+    separate = _merged(q, [(k_c, v_c)] + list(zip(refs_k, refs_v, strict=True)))
     assert torch.allclose(separate, eq6, atol=1e-5)
     # and differs from a single reference (the references really contribute)
     single, _ = _explicit(q, torch.cat([k_c, refs_k[0]], 1), torch.cat([v_c, refs_v[0]], 1))

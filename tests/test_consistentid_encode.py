@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import host_support
-
 from faceid_support import random_faceid_checkpoint
 
 pytestmark = pytest.mark.host

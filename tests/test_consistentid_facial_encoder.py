@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from likeness.errors import InvalidInputError
-from likeness.techniques.consistentid.facial_encoder import (FacialEncoder, FuseModule,
-                                                             facial_encoder_config_from_state_dict)
+from likeness.techniques.consistentid import facial_encoder
+from likeness.techniques.consistentid.facial_encoder import FacialEncoder, FuseModule
 
 
 def seeded(module, seed=0):
@@ -36,7 +36,7 @@ def test_official_key_names():
             "visual_projection.layers.7.0.to_kv.weight", "visual_projection.layers.7.1.3.weight",
             "fuse_module.mlp1.layernorm.weight", "fuse_module.mlp2.fc2.bias", "fuse_module.layer_norm.bias"} <= keys
     assert len(keys) == 109
-    config = facial_encoder_config_from_state_dict(FacialEncoder().state_dict())
+    config = facial_encoder.facial_encoder_config_from_state_dict(FacialEncoder().state_dict())
     assert (config.embedding_dim, config.output_dim, config.resampler_dim, config.depth, config.heads,
             config.dim_head, config.num_queries) == (1280, 768, 1024, 8, 16, 64, 1)
 

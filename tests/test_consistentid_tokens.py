@@ -7,11 +7,20 @@ import re
 import pytest
 
 from likeness.errors import InvalidInputError
-from likeness.techniques.consistentid.tokens import (FACIAL_MARKER, FIXED_FACIAL_CAPTION, assemble_facial_prompt,
-                                                     facial_prompt, flat_token_index, locate_facial_tokens,
-                                                     mark_facial_caption, official_token_count,
-                                                     select_facial_regions, spaced_markers, strip_markers,
-                                                     tokenize_facial_prompt)
+from likeness.techniques.consistentid.tokens import (
+    FACIAL_MARKER,
+    FIXED_FACIAL_CAPTION,
+    assemble_facial_prompt,
+    facial_prompt,
+    flat_token_index,
+    locate_facial_tokens,
+    mark_facial_caption,
+    official_token_count,
+    select_facial_regions,
+    spaced_markers,
+    strip_markers,
+    tokenize_facial_prompt,
+)
 
 ALL_REGIONS = ["Face", "Left_Eye", "Left_Ear", "Nose", "Upper_Lip"]
 # What the official process_text_with_markers returns for the fixed caption (run on the official code).

@@ -9,6 +9,7 @@ projects dlib's descriptor to 512-d with a fixed random matrix (an identity sign
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import replace
 
@@ -17,10 +18,10 @@ import pytest
 import torch
 
 import host_support
-
 from faceid_support import random_faceid_checkpoint
 
 pytestmark = pytest.mark.host
+logger = logging.getLogger(__name__)
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
 LEARN = dict(steps=40, lr=3e-2, batch_size=2, seed=0, checkpoint_every=0, resolution=128)
@@ -63,7 +64,6 @@ def analyzer():
 def face_photos():
     """(name, image [H, W, 3], caption): skimage's astronaut and face crops of insightface's t1.jpg."""
     from face_fixtures import astronaut, insightface_t1
-
     from likeness.face_analysis.analyze import analyze
 
     sources = [("astronaut", torch.from_numpy(astronaut()).float() / 255, "a photo of a woman astronaut")]
@@ -93,8 +93,8 @@ def tiny_consistentid(model, clip_vision, seed: int = 0):
 @pytest.fixture(scope="module")
 def setup(comfy_ready, one_thread):
     import comfy.supported_models
-    import host_support
 
+    import host_support
     from likeness.face_analysis.parsing import landmark_parser
     from likeness.techniques.consistentid import training as T
 
@@ -137,7 +137,7 @@ def test_examples_carry_regions_tokens_and_masks(setup):
     assert len(data) == 6 and data.latents.shape == (6, 4, 16, 16)
     assert data.arcfaces.norm(dim=1).min() > 0.99                     # every photo has a face and an identity
     for text, regions, positions, masks, states in zip(data.texts, data.regions, data.positions, data.region_masks,
-                                                       data.region_states):
+                                                       data.region_states, strict=True):
         assert "Detail:" in text and len(regions) >= 3, (text, regions)
         assert len(positions) == len(regions) == masks.shape[0] == states.shape[0]
         assert masks.shape[-2:] == (32, 32) and bool((masks.flatten(1).amax(1) > 0.1).all())
@@ -165,7 +165,7 @@ def test_facial_term_reaches_the_facial_encoder_through_the_engine(setup):
             recorded = []
             original_end = session.recorder.end
 
-            def end():
+            def end(original_end=original_end, recorded=recorded):
                 records = original_end()
                 recorded.append(records)
                 return records
@@ -204,11 +204,11 @@ def test_loss_falls_on_a_short_run(setup):
         trained, result = T.train_on_data(model, data, settings, start)
         after = T.evaluate_loss(model, trained, data, settings, rounds=3)
     first, last = float(np.mean(result.losses[:5])), float(np.mean(result.losses[-5:]))
-    print(f"held-out noise loss {before[0]:.4f} -> {after[0]:.4f} ({1 - after[0] / before[0]:.1%}), facial "
-          f"{before[1]:.4f} -> {after[1]:.4f}; curve {first:.4f} -> {last:.4f}")
+    logger.info(f"held-out noise loss {before[0]:.4f} -> {after[0]:.4f} ({1 - after[0] / before[0]:.1%}), facial "
+                f"{before[1]:.4f} -> {after[1]:.4f}; curve {first:.4f} -> {last:.4f}")
     assert after[0] <= 0.9 * before[0]
     assert last < first
-    for a, b in zip(frozen_before, list(model.model.diffusion_model.parameters())[:20]):
+    for a, b in zip(frozen_before, list(model.model.diffusion_model.parameters())[:20], strict=True):
         assert torch.equal(a, b)                                  # the UNet stays frozen
     for k, v in setup["start"].facial_encoder.state_dict().items():
         assert torch.equal(v, start_before[k])                    # the input CONSISTENTID is untouched
@@ -228,7 +228,7 @@ def test_localization_weight_pulls_the_maps_onto_the_regions(setup):
         before = T.evaluate_loss(model, _weights(setup), data, settings, rounds=1)
         trained, _ = T.train_on_data(model, data, settings, _weights(setup))
         after = T.evaluate_loss(model, trained, data, settings, rounds=1)
-    print(f"held-out facial term {before[1]:.4f} -> {after[1]:.4f}, noise {before[0]:.4f} -> {after[0]:.4f}")
+    logger.info(f"held-out facial term {before[1]:.4f} -> {after[1]:.4f}, noise {before[0]:.4f} -> {after[0]:.4f}")
     assert abs(before[1]) < 0.05 and after[1] < -0.2
     assert after[0] < before[0]
 
@@ -286,7 +286,6 @@ def test_saved_file_round_trips_through_the_loader_and_encodes(setup, tmp_path):
         assert torch.equal(reread[name], tensor), name
     # the loaded file drives the encode path (tokens, fusion, LoRA patches, ID injector)
     from face_fixtures import astronaut
-
     from likeness.face_analysis.analyze import analyze
     from likeness.face_analysis.parsing import parse_faces
 
@@ -320,18 +319,31 @@ def test_fresh_model_starts_as_the_official_init(setup, tmp_path):
     assert not any(t.is_inference() for t in fresh.trainable(True).values())
 
 
+# The shipped training workflow made tiny: test loaders, the tiny insightface pack, small sizes, 2 steps.
+TINY_LOADERS = {"CheckpointLoaderSimple": ("LikenessTestTinySD15Loader", {"seed": 0}),
+                "CLIPVisionLoader": ("LikenessTestTinyCLIPVision", {"clip_name": "tiny"})}
+TINY_INPUTS = {
+    "LikenessInsightFaceLoader": {"pack": "likeness_tiny", "det_size": 192},
+    "LikenessFaceParserLoader": {"parser": "landmarks (no weights)"},
+    "LikenessConsistentIDLoader": {"model_name": "tiny_start.safetensors"},
+    "LikenessTrainConsistentID": {"steps": 2, "resolution": 64, "grad_accumulation": 1, "checkpoint_every": 1,
+                                  "name": "workflow_cid", "folder": "likeness_consistentid_faces"},
+    "LoadImage": {"image": "likeness_cid_reference.png"},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2, "sampler_name": "euler", "scheduler": "normal"},
+}
+
+
 def test_example_workflow_runs_in_the_executor(execute_prompt, host_test_nodes, host_env, one_thread, monkeypatch):
     """The shipped training workflow with tiny models: the tiny insightface pack on synthetic 'faces' (white
     squares its deterministic detector finds), the landmark parser, a tiny ConsistentID file to start from."""
     import nodes as comfy_nodes
     from PIL import Image
 
-    from onnx_face_models import square_image, write_tiny_insightface_pack
-
+    import host_support
     from likeness.techniques.consistentid.loader import load_consistentid
     from likeness.techniques.consistentid.training import ConsistentIDWeights, save_trained
-
-    import host_support
+    from onnx_face_models import square_image, write_tiny_insightface_pack
 
     class TinyCLIPVisionLoader:
         RETURN_TYPES = ("CLIP_VISION",)
@@ -362,26 +374,10 @@ def test_example_workflow_runs_in_the_executor(execute_prompt, host_test_nodes, 
     with open(os.path.join(EXAMPLES, "consistentid_train.json")) as handle:
         prompt = json.load(handle)
     for node in prompt.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CheckpointLoaderSimple":
-            node.update(class_type="LikenessTestTinySD15Loader", inputs={"seed": 0})
-        elif kind == "CLIPVisionLoader":
-            node.update(class_type="LikenessTestTinyCLIPVision", inputs={"clip_name": "tiny"})
-        elif kind == "LikenessInsightFaceLoader":
-            inputs.update(pack="likeness_tiny", det_size=192)
-        elif kind == "LikenessFaceParserLoader":
-            inputs["parser"] = "landmarks (no weights)"
-        elif kind == "LikenessConsistentIDLoader":
-            inputs["model_name"] = "tiny_start.safetensors"
-        elif kind == "LikenessTrainConsistentID":
-            inputs.update(steps=2, resolution=64, grad_accumulation=1, checkpoint_every=1, name="workflow_cid",
-                          folder="likeness_consistentid_faces")
-        elif kind == "LoadImage":
-            inputs["image"] = "likeness_cid_reference.png"
-        elif kind == "EmptyLatentImage":
-            inputs.update(width=64, height=64)
-        elif kind == "KSampler":
-            inputs.update(steps=2, sampler_name="euler", scheduler="normal")
+        replacement = TINY_LOADERS.get(node["class_type"])
+        if replacement:
+            node.update(class_type=replacement[0], inputs=dict(replacement[1]))
+        node["inputs"].update(TINY_INPUTS.get(node["class_type"], {}))
     outputs = execute_prompt(prompt)
     preview = [k for k, n in prompt.items() if n["class_type"] == "PreviewImage"]
     saved = [k for k, n in prompt.items() if n["class_type"] == "SaveImage"]

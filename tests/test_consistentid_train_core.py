@@ -73,7 +73,7 @@ def test_localization_loss_falls_when_the_maps_align():
     optimizer = torch.optim.Adam(logits, lr=0.5)
 
     def loss():
-        records = [(torch.softmax(x, dim=-1) @ selector.unsqueeze(1), g) for x, g in zip(logits, grids)]
+        records = [(torch.softmax(x, dim=-1) @ selector.unsqueeze(1), g) for x, g in zip(logits, grids, strict=True)]
         return facial_localization_loss(records, masks, valid)
 
     history = []

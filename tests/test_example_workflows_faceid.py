@@ -52,9 +52,8 @@ class LikenessTestTinyFaceIDFile:
     def load(self, model, clip_vision, kind):
         import host_support
         from faceid_support import random_faceid_checkpoint
-        from test_face_makeup_controlnet import tiny_face_makeup_groups
-
         from likeness.techniques.faceid.lora import transformer_blocks
+        from test_face_makeup_controlnet import tiny_face_makeup_groups
 
         if kind == "face_makeup":
             return (pack_module("techniques.faceid.checkpoint").load_faceid_state_dict(
@@ -95,6 +94,36 @@ TEST_NODES = {c.__name__: c for c in (LikenessTestTinyClipVision, LikenessTestTi
                                       LikenessTestTinyConsistentID)}
 
 
+def _eighth(inputs: dict, *names: str) -> None:
+    inputs.update({name: max(1, inputs[name] // 8) for name in names})
+
+
+# class -> in-place edit of a node's inputs: small sizes, 2 steps, CPU.
+TINY_INPUTS = {
+    "LikenessInsightFaceLoader": lambda inputs: inputs.update(pack=PACK, provider="CPU", det_size=256),
+    "KSampler": lambda inputs: inputs.update(steps=2),
+    "EmptyLatentImage": lambda inputs: _eighth(inputs, "width", "height"),
+    "LikenessFaceKeypointMap": lambda inputs: _eighth(inputs, "width", "height"),
+    "SolidMask": lambda inputs: _eighth(inputs, "width", "height"),
+    "MaskComposite": lambda inputs: inputs.update(x=inputs["x"] // 8),
+}
+
+
+def _tiny_loader(node: dict, ckpt: str, vision: str) -> None:
+    """Model loaders become the test loaders (tiny models built in memory)."""
+    kind, inputs = node["class_type"], node["inputs"]
+    if kind == "CheckpointLoaderSimple":
+        node.update(class_type="LikenessTestTinySD15Loader", inputs={"seed": 0})
+    elif kind == "CLIPVisionLoader":
+        node.update(class_type="LikenessTestTinyClipVision", inputs={})
+    elif kind == "LikenessFaceIDLoader":
+        variant = "face_makeup" if inputs["model_name"].startswith("face_makeup/") else "plusv2"
+        node.update(class_type="LikenessTestTinyFaceIDFile",
+                    inputs={"model": [ckpt, 0], "clip_vision": [vision, 0], "kind": variant})
+    elif kind == "LikenessConsistentIDLoader":
+        node.update(class_type="LikenessTestTinyConsistentID", inputs={"model": [ckpt, 0], "clip_vision": [vision, 0]})
+
+
 def tiny_prompt(prompt: dict) -> dict:
     """Same graph, tiny: test loaders, the tiny insightface pack, small sizes, 2 steps."""
     from likeness.face_analysis.parsing import LANDMARKS_CHOICE
@@ -103,32 +132,10 @@ def tiny_prompt(prompt: dict) -> dict:
     ckpt = next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
     vision = next(i for i, n in prompt.items() if n["class_type"] == "CLIPVisionLoader")
     for node in prompt.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CheckpointLoaderSimple":
-            node.update(class_type="LikenessTestTinySD15Loader", inputs={"seed": 0})
-        elif kind == "CLIPVisionLoader":
-            node.update(class_type="LikenessTestTinyClipVision", inputs={})
-        elif kind == "LikenessFaceIDLoader":
-            variant = "face_makeup" if inputs["model_name"].startswith("face_makeup/") else "plusv2"
-            node.update(class_type="LikenessTestTinyFaceIDFile",
-                        inputs={"model": [ckpt, 0], "clip_vision": [vision, 0], "kind": variant})
-        elif kind == "LikenessConsistentIDLoader":
-            node.update(class_type="LikenessTestTinyConsistentID",
-                        inputs={"model": [ckpt, 0], "clip_vision": [vision, 0]})
-        elif kind == "LikenessInsightFaceLoader":
-            inputs.update(pack=PACK, provider="CPU", det_size=256)
-        elif kind == "LikenessFaceParserLoader":
-            inputs.update(parser=LANDMARKS_CHOICE, device="cpu")
-        elif kind == "EmptyLatentImage":
-            inputs.update(width=inputs["width"] // 8, height=inputs["height"] // 8)
-        elif kind == "KSampler":
-            inputs.update(steps=2)
-        elif kind == "LikenessFaceKeypointMap":
-            inputs.update(width=inputs["width"] // 8, height=inputs["height"] // 8)
-        elif kind == "SolidMask":
-            inputs.update(width=max(1, inputs["width"] // 8), height=max(1, inputs["height"] // 8))
-        elif kind == "MaskComposite":
-            inputs["x"] //= 8
+        if node["class_type"] == "LikenessFaceParserLoader":
+            node["inputs"].update(parser=LANDMARKS_CHOICE, device="cpu")
+        TINY_INPUTS.get(node["class_type"], lambda inputs: None)(node["inputs"])
+        _tiny_loader(node, ckpt, vision)
     return prompt
 
 
@@ -143,8 +150,9 @@ def face_photo(height: int, width: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def workflow_env(host_env, host_test_nodes):
     import nodes
-    from onnx_face_models import write_tiny_insightface_pack
     from PIL import Image
+
+    from onnx_face_models import write_tiny_insightface_pack
 
     write_tiny_insightface_pack(os.path.join(host_env.models, "insightface", "models", PACK))
     for name, (h, w) in IMAGES.items():

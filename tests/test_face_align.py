@@ -10,10 +10,8 @@ import torch
 pytest.importorskip("kornia")
 
 from face_fixtures import as_image, astronaut  # noqa: E402
-
 from likeness.errors import InvalidInputError  # noqa: E402
-from likeness.face_analysis.align import (  # noqa: E402
-    ARCFACE_TEMPLATE_112, align_faces, paste_back, similarity_transforms, template)
+from likeness.face_analysis.align import ARCFACE_TEMPLATE_112, align_faces, paste_back, similarity_transforms, template  # noqa: E402
 from likeness.face_analysis.types import Face, FaceAnalysis  # noqa: E402
 
 # The astronaut's five keypoints (dlib 68-point model, our order).

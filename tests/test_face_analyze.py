@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from face_fixtures import as_image, astronaut  # noqa: F401
-
+from face_fixtures import as_image, astronaut
 from likeness.errors import IncompatibleEmbedsError, InvalidInputError, NoFaceError
 from likeness.face_analysis.analyze import analyze, detect_with_retries, draw_preview, select
 from likeness.face_analysis.analyzers.base import Capability

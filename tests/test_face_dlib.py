@@ -10,10 +10,8 @@ pytest.importorskip("dlib")
 pytest.importorskip("skimage")
 
 from face_fixtures import as_image, astronaut, insightface_t1  # noqa: E402
-
 from likeness.face_analysis.analyze import analyze  # noqa: E402
-from likeness.face_analysis.analyzers.dlib_backend import (  # noqa: E402
-    MODEL_ID, kps5_from_68, kps5_from_dlib5, load_dlib)
+from likeness.face_analysis.analyzers.dlib_backend import MODEL_ID, kps5_from_68, kps5_from_dlib5, load_dlib  # noqa: E402
 
 
 @pytest.fixture(scope="module")

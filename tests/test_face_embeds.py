@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from likeness.errors import IncompatibleEmbedsError, InvalidInputError, ModelFileError
-from likeness.face_analysis.embeds import (
-    FaceEmbeds, combine, concat, embeds_from_faces, load_embeds, save_embeds)
+from likeness.face_analysis.embeds import FaceEmbeds, combine, concat, embeds_from_faces, load_embeds, save_embeds
 from likeness.face_analysis.types import Face, FaceAnalysis
 
 

@@ -11,11 +11,10 @@ import pytest
 pytest.importorskip("insightface")
 pytest.importorskip("onnxruntime")
 
-from face_fixtures import as_image, models_root, tiny_pack  # noqa: E402,F401  (fixtures)
-from onnx_face_models import expected_faces, square_image, write_tiny_insightface_pack  # noqa: E402
-
+from face_fixtures import as_image  # noqa: E402
 from likeness.errors import ModelFileError  # noqa: E402
 from likeness.face_analysis.analyzers import insightface_backend as backend  # noqa: E402
+from onnx_face_models import expected_faces, square_image, write_tiny_insightface_pack  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +38,7 @@ def test_deterministic_detector_boxes_and_keypoints_exact(models_root, outputs, 
     faces = sorted(analyzer.detect(image), key=lambda f: float(f.bbox[0]))
     expected = expected_faces([(3, 2), (14, 9)])
     assert len(faces) == 2
-    for face, (bbox, kps) in zip(faces, expected):
+    for face, (bbox, kps) in zip(faces, expected, strict=True):
         np.testing.assert_array_equal(face.bbox, bbox)
         np.testing.assert_array_equal(face.kps, kps)
         assert face.score > 0.99

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import host_support
-
 from faceid_support import random_faceid_checkpoint
 from likeness.techniques.faceid.controlnet_layout import ControlNetShape, expected_controlnet_shapes
 
@@ -80,10 +79,10 @@ def _attn2_context_lengths(module: torch.nn.Module, lengths: list[int]) -> list:
 @pytest.mark.host
 def test_controlnet_built_by_comfy_and_fed_the_id_tokens(tiny_sd15, tiny_clip_vision, _unload_models):
     import comfy.controlnet
-    from host_support import conditioning
-    from test_consistentid_encode import fake_faces
 
+    from host_support import conditioning
     from likeness.nodes.faceid import FaceMakeUpApply
+    from test_consistentid_encode import fake_faces
 
     checkpoint = tiny_face_makeup(tiny_sd15, tiny_clip_vision)
     assert checkpoint.variant.value and checkpoint.controlnet_shape == TINY_SHAPE
@@ -126,9 +125,8 @@ def test_controlnet_built_by_comfy_and_fed_the_id_tokens(tiny_sd15, tiny_clip_vi
 @pytest.mark.host
 def test_all_zero_strengths_give_the_unpatched_output(tiny_sd15, tiny_clip_vision, _unload_models):
     from host_support import conditioning
-    from test_consistentid_encode import fake_faces
-
     from likeness.nodes.faceid import FaceMakeUpApply
+    from test_consistentid_encode import fake_faces
 
     checkpoint = tiny_face_makeup(tiny_sd15, tiny_clip_vision)
     image = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(3))
@@ -147,8 +145,8 @@ def test_real_face_makeup_layout_maps_onto_comfys_controlnet(comfy_ready):
     import comfy.cldm.cldm
     import comfy.model_detection
     import comfy.ops
-    from faceid_support import FACE_MAKEUP, read_layout
 
+    from faceid_support import FACE_MAKEUP, read_layout
     from likeness.techniques.faceid.controlnet import diffusers_to_comfy_keys
 
     layout = read_layout(FACE_MAKEUP)["groups"]["controlnet"]

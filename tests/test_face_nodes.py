@@ -8,11 +8,10 @@ import torch
 
 pytest.importorskip("insightface")
 
-from face_fixtures import as_image, models_root, tiny_pack  # noqa: E402,F401
-from onnx_face_models import square_image  # noqa: E402
-
+from face_fixtures import as_image  # noqa: E402
 from likeness.errors import InvalidInputError, ModelFileError  # noqa: E402
 from likeness.nodes import face_analysis as nodes  # noqa: E402
+from onnx_face_models import square_image  # noqa: E402
 
 
 def _image():

@@ -13,9 +13,16 @@ import torch
 from torch import nn
 
 from likeness.errors import CheckpointLayoutError, InvalidInputError, ModelFileError
-from likeness.face_analysis.parsing import (LABELS, LANDMARKS_CHOICE, FaceParser, face_regions, landmark_parser,
-                                            parse_faces)
-from likeness.face_analysis.parsing import loader, regions
+from likeness.face_analysis.parsing import (
+    LABELS,
+    LANDMARKS_CHOICE,
+    FaceParser,
+    face_regions,
+    landmark_parser,
+    loader,
+    parse_faces,
+    regions,
+)
 from likeness.face_analysis.parsing.bisenet import BiSeNet
 from likeness.face_analysis.parsing.landmark_fallback import labels_from_kps
 from likeness.face_analysis.types import Face, FaceAnalysis

@@ -102,6 +102,33 @@ def _trunc_div(num, den):
     return quotient if (num >= 0) == (den > 0) else -quotient
 
 
+def _ref_advance_walker(walker, vertices, y, edges_left):
+    """Move ``walker`` onto the next edge that reaches below row ``y``; returns the edges left (< 0: done)."""
+    count = len(vertices)
+    start = walker["idx"]
+    nxt = (start + walker["step"]) % count
+    while True:
+        edges_left -= 1
+        if edges_left < 0:
+            return edges_left
+        if vertices[nxt][1] > y:
+            x_start, x_end = vertices[start][0] << XY_SHIFT, vertices[nxt][0] << XY_SHIFT
+            rows = vertices[nxt][1] - y
+            walker.update(end_y=vertices[nxt][1], x=x_start, idx=nxt,
+                          dx=_trunc_div((x_end - x_start) * 2 + rows, 2 * rows))
+            return edges_left
+        start, nxt = nxt, (nxt + walker["step"]) % count
+
+
+def _ref_fill_span(canvas, y, walkers, colour):
+    """Row ``y`` between the two walkers' current x (fixed point, rounded)."""
+    width = canvas.shape[1]
+    left, right = sorted((walkers[0]["x"], walkers[1]["x"]))
+    x_from, x_to = (left + XY_ONE // 2) >> XY_SHIFT, (right + XY_ONE // 2) >> XY_SHIFT
+    if y >= 0 and x_to >= 0 and x_from < width:
+        canvas[y, max(x_from, 0):min(x_to, width - 1) + 1] = colour
+
+
 def ref_fill_convex(canvas, vertices, colour):
     """Outline + scanline fill of a convex polygon with integer vertices (no anti-aliasing)."""
     height, width = canvas.shape[:2]
@@ -118,35 +145,16 @@ def ref_fill_convex(canvas, vertices, colour):
     edges_left = count
     walkers = [{"idx": top, "step": 1, "end_y": y, "x": -XY_ONE, "dx": 0},
                {"idx": top, "step": count - 1, "end_y": y, "x": -XY_ONE, "dx": 0}]
-    while True:
+    while y <= y_last:
         for walker in walkers:
-            if y < walker["end_y"]:
-                continue
-            start = walker["idx"]
-            nxt = (start + walker["step"]) % count
-            while True:
-                edges_left -= 1
-                if edges_left < 0:
-                    break
-                if vertices[nxt][1] > y:
-                    x_start, x_end = vertices[start][0] << XY_SHIFT, vertices[nxt][0] << XY_SHIFT
-                    rows = vertices[nxt][1] - y
-                    walker.update(end_y=vertices[nxt][1], x=x_start, idx=nxt,
-                                  dx=_trunc_div((x_end - x_start) * 2 + rows, 2 * rows))
-                    break
-                start, nxt = nxt, (nxt + walker["step"]) % count
+            if y >= walker["end_y"]:
+                edges_left = _ref_advance_walker(walker, vertices, y, edges_left)
         if edges_left < 0:
             break
-        if y >= 0:
-            left, right = sorted((walkers[0]["x"], walkers[1]["x"]))
-            x_from, x_to = (left + XY_ONE // 2) >> XY_SHIFT, (right + XY_ONE // 2) >> XY_SHIFT
-            if x_to >= 0 and x_from < width:
-                canvas[y, max(x_from, 0):min(x_to, width - 1) + 1] = colour
+        _ref_fill_span(canvas, y, walkers, colour)
         for walker in walkers:
             walker["x"] += walker["dx"]
         y += 1
-        if y > y_last:
-            break
 
 
 def ref_disc(canvas, centre, radius, colour):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from face_fixtures import as_image, astronaut, insightface_t1, models_root, tiny_pack  # noqa: F401
-
+from face_fixtures import as_image, astronaut, insightface_t1
 from likeness.errors import IncompatibleEmbedsError
 from likeness.face_analysis.embeds import FaceEmbeds
 from likeness.face_analysis.similarity import compare, compare_images, rule_for
@@ -82,10 +81,9 @@ def test_dlib_similarity_on_real_photos():
 
 def test_insightface_tiny_pack_similarity(tiny_pack):
     pytest.importorskip("insightface")
-    from onnx_face_models import square_image
-
     from likeness.face_analysis.analyze import analyze
     from likeness.face_analysis.analyzers.insightface_backend import load_insightface
+    from onnx_face_models import square_image
 
     analyzer = load_insightface(tiny_pack, "CPU")
     image = square_image(x=96, y=64)

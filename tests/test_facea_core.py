@@ -9,7 +9,6 @@ from likeness.errors import IncompatibleEmbedsError, InvalidInputError, ModelFil
 from likeness.techniques.facea_net import inpaint, lora, prompt
 from likeness.techniques.facea_net.identity import TASKS, Identity, load_identity, save_identity
 
-
 # ------------------------------------------------------------------------------------------ helpers
 
 class FakeClip:
@@ -234,7 +233,7 @@ def test_native_state_dict_round_trips_and_is_attention_only():
     assert float(state["diffusion_model.input_blocks.0.attn2.to_k.alpha"]) == 4.0
     b = lora.IdentityLoRA.for_model(unet, rank=4, seed=99)
     b.load_native(state)
-    for (_, x), (_, y) in zip(a.items(), b.items()):
+    for (_, x), (_, y) in zip(a.items(), b.items(), strict=True):
         assert torch.equal(x.up, y.up) and torch.equal(x.down, y.down)
     assert not lora.native_keys_are_attention_only({"diffusion_model.out.2.lora_up.weight": torch.zeros(1)})
 

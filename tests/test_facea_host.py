@@ -26,6 +26,7 @@ FAST = dict(working_size=WORKING, final_preview=False, checkpoint_every=0)
 def reference_photos() -> torch.Tensor:
     """Real photos, 256x256: the astronaut and two faces of insightface's t1 group photo."""
     import torch.nn.functional as F
+
     from face_fixtures import astronaut, insightface_t1
 
     t1 = insightface_t1()
@@ -44,7 +45,7 @@ def well_conditioned(patcher, seed: int = 0):
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(patcher.model.diffusion_model.named_parameters()):
+        for _name, p in sorted(patcher.model.diffusion_model.named_parameters()):
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
     return patcher
@@ -100,9 +101,9 @@ def photos():
 
 def fixed_eval_loss(trainer, seed: int = 123, repeats: int = 4) -> float:
     """The trainer's own masked loss on a fixed set of noise, timesteps and tasks (no update)."""
+    from likeness.techniques.facea_net.lora import autograd_safe_weights
     from likeness.trainers.datasets import collate
     from likeness.trainers.loop import StepContext
-    from likeness.techniques.facea_net.lora import autograd_safe_weights
 
     batch = collate(list(trainer.items) * 3)
     total = 0.0
@@ -372,6 +373,7 @@ def synthetic_identity(name: str, model, seed: int, rank: int = 4):
 
 def scene_t1(scale: float = 1.0) -> torch.Tensor:
     import torch.nn.functional as F
+
     from face_fixtures import insightface_t1
 
     image = torch.from_numpy(insightface_t1()).float().div(255).permute(2, 0, 1)[None]
@@ -389,7 +391,6 @@ def inpaint_settings(**kw):
 
 def test_two_faces_get_their_own_identities_and_the_rest_is_unchanged(comfy_ready, host_models, monkeypatch):
     import host_support
-
     from likeness.techniques.facea_net import pipeline
 
     model = host_support.build_tiny_sd15(in_channels=9)
@@ -421,7 +422,6 @@ def test_two_faces_get_their_own_identities_and_the_rest_is_unchanged(comfy_read
 
 def test_one_identity_redraws_every_selected_face(comfy_ready, host_models, monkeypatch):
     import host_support
-
     from likeness.techniques.facea_net import pipeline
 
     model = host_support.build_tiny_sd15(in_channels=9)
@@ -439,7 +439,6 @@ def test_one_identity_redraws_every_selected_face(comfy_ready, host_models, monk
 
 def test_an_image_without_a_face_passes_through_or_errors(comfy_ready, host_models, caplog):
     import host_support
-
     from likeness.errors import NoFaceError
     from likeness.techniques.facea_net import pipeline
 
@@ -485,9 +484,9 @@ class TinyCheckpointLoader:
 @pytest.fixture(scope="module")
 def workflow_env(pack_loaded, host_env):
     """Input photos and two identities (anna, ben) with LoRAs in the host's model folders."""
-    import host_support
     from PIL import Image
 
+    import host_support
     from likeness.techniques.facea_net.identity import save_identity
     from likeness.trainers.checkpoint import atomic_save
 
@@ -508,7 +507,7 @@ def workflow_env(pack_loaded, host_env):
 def tiny_overrides(prompt: dict) -> dict:
     """Shrink a workflow for the tiny models: test checkpoint loader, few steps, small sizes, the t1 scene."""
     prompt = json.loads(json.dumps(prompt))
-    for node_id, node in list(prompt.items()):
+    for node in list(prompt.values()):
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "CheckpointLoaderSimple":
             node["class_type"] = "LikenessTestFaceACheckpoint"

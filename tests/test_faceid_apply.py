@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import host_support
-
 from faceid_support import random_faceid_checkpoint
 
 pytestmark = pytest.mark.host
@@ -23,6 +22,7 @@ def _unload_patched_models():
 
 def _sample(model, seed=0):
     import comfy.sample
+
     from host_support import conditioning
 
     latent = torch.zeros(1, 4, 16, 16)
@@ -67,10 +67,9 @@ def test_id_tokens_and_adapter_change_the_output_and_zero_restores_it(tiny_sd15,
 
 
 def test_apply_node_and_identity_mixing(tiny_sd15, tiny_clip_vision, tiny_plus):
-    from test_consistentid_encode import fake_faces
-
     from likeness.nodes.faceid import FaceIDApply
     from likeness.techniques.faceid.references import faceid_tokens
+    from test_consistentid_encode import fake_faces
 
     images = torch.rand(2, 96, 96, 3, generator=torch.Generator().manual_seed(7))
     faces = fake_faces(batch=2)

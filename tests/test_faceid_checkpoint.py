@@ -8,12 +8,25 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from faceid_support import (BISENET, CONSISTENTID, FACE_MAKEUP, FACEID, FACEID_PLUSV2, expected_value, flatten,
-                            read_layout, state_dict_from_layout)
+from faceid_support import (
+    BISENET,
+    CONSISTENTID,
+    FACE_MAKEUP,
+    FACEID,
+    FACEID_PLUSV2,
+    expected_value,
+    flatten,
+    read_layout,
+    state_dict_from_layout,
+)
 from likeness.errors import CheckpointLayoutError, ModelFileError
 from likeness.techniques.consistentid.loader import load_consistentid, load_consistentid_state_dict
-from likeness.techniques.faceid.checkpoint import (Variant, load_faceid_checkpoint, load_faceid_state_dict,
-                                                   resolve_shortcut)
+from likeness.techniques.faceid.checkpoint import (
+    Variant,
+    load_faceid_checkpoint,
+    load_faceid_state_dict,
+    resolve_shortcut,
+)
 from likeness.techniques.faceid.projection import MLPProjModel, ProjPlusModel
 
 

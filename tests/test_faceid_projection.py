@@ -9,9 +9,15 @@ import torch.nn.functional as F
 
 from likeness.errors import InvalidInputError
 from likeness.techniques.faceid.mixing import average_identities, mix_identities
-from likeness.techniques.faceid.projection import (FacePerceiverResampler, MLPProjModel, PerceiverAttention,
-                                                   ProjPlusModel, feed_forward, projector_config_from_state_dict,
-                                                   projector_tokens)
+from likeness.techniques.faceid.projection import (
+    FacePerceiverResampler,
+    MLPProjModel,
+    PerceiverAttention,
+    ProjPlusModel,
+    feed_forward,
+    projector_config_from_state_dict,
+    projector_tokens,
+)
 
 
 def seeded(module, seed=0):

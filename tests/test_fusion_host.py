@@ -223,7 +223,7 @@ def test_reference_pass_pools_top_level_self_attention_keys(tiny_sd15, caplog):
     assert all(q == k for q, k in sampling)                                   # the real batch: every key
     assert all(q == k for b, q, k in seen_p if b == 1 and q != top)           # lower levels: every key
     assert all(q == k for b, q, k in seen_e)                                  # reference_downsample=1: exact
-    for step_p, step_e in zip(states_p, states_e):
+    for step_p, step_e in zip(states_p, states_e, strict=True):
         assert set(step_p) == set(step_e)
         for site, h in step_p.items():
             assert h.shape == step_e[site].shape
@@ -274,7 +274,7 @@ def test_reference_pass_trims_text_attention_exactly(tiny_sd15):
     a, states_t = _captured_states(trimmed, patch_t)
     b, states_f = _captured_states(full, patch_f)
     assert len(states_t) == len(states_f) == 2 and set(states_t[0]) == set(states_f[0]) and len(states_t[0]) == 16
-    for step_t, step_f in zip(states_t, states_f):
+    for step_t, step_f in zip(states_t, states_f, strict=True):
         for site, h in step_t.items():
             torch.testing.assert_close(h, step_f[site], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from likeness.attention_patches import (PASS_KEY, AttentionSite, CapturedStates, ChunkLayout, IdentityAttentionPatch,
-                                        PassContext)
+from likeness.attention_patches import (
+    PASS_KEY,
+    AttentionSite,
+    CapturedStates,
+    ChunkLayout,
+    IdentityAttentionPatch,
+    PassContext,
+)
 from likeness.attention_patches.kernels import joint_attention_weights, sdpa
 from likeness.attention_patches.masks import eq7_additive_mask
 from likeness.errors import InvalidInputError

@@ -8,6 +8,7 @@ passes almost no signal, its output is ~0 whatever the adapter does and no param
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.host
+logger = logging.getLogger(__name__)
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
 LEARN = dict(steps=40, lr=3e-2, batch_size=2, seed=0, checkpoint_every=0, resolution=64, reference_size=128,
@@ -33,7 +35,6 @@ def one_thread():
 def face_photos():
     """(name, image [H, W, 3], caption): skimage's astronaut and the six faces of insightface's t1.jpg."""
     from face_fixtures import astronaut, insightface_t1
-
     from likeness.face_analysis.analyze import analyze
 
     sources = [("astronaut", torch.from_numpy(astronaut()).float() / 255, "a photo of a woman astronaut")]
@@ -59,8 +60,8 @@ def dlib_analyzer():
 @pytest.fixture(scope="module")
 def fusion_setup(comfy_ready, one_thread):
     import comfy.supported_models
-    import host_support
 
+    import host_support
     from likeness.techniques.face_fusion import training as T
 
     analyzer = dlib_analyzer()
@@ -104,11 +105,11 @@ def test_loss_falls_by_30_percent(fusion_setup):
         adapter, result = T.train_on_data(model, data, settings)
         after = T.evaluate_loss(model, adapter, data, settings, rounds=3)
     first, last = float(np.mean(result.losses[:5])), float(np.mean(result.losses[-5:]))
-    print(f"held-out loss {before:.4f} -> {after:.4f} ({1 - after / before:.1%}); curve {first:.3f} -> {last:.3f}")
+    logger.info(f"held-out loss {before:.4f} -> {after:.4f} ({1 - after / before:.1%}); curve {first:.3f} -> {last:.3f}")
     assert after <= 0.7 * before
     assert last < first
     assert after < 1.0  # below the "predict zero" floor: the adapter learned to denoise, not just to shrink output
-    for a, b in zip(frozen_before, list(model.model.diffusion_model.parameters())[:20]):
+    for a, b in zip(frozen_before, list(model.model.diffusion_model.parameters())[:20], strict=True):
         assert torch.equal(a, b)  # the UNet stays frozen
     assert result.loss_curve.shape[0] == 1 and result.loss_curve.shape[-1] == 3
     assert all(not p.is_inference() and not p.requires_grad for p in adapter.parameters())
@@ -136,7 +137,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(fusion_setup, tmp_path):
                                                   resume=True)
     assert resumed_result.start_step == 3 and resumed_result.step == 8
     assert resumed_result.losses == full_result.losses
-    diff = max(float((a - b).abs().max()) for a, b in zip(full.parameters(), resumed.parameters()))
+    diff = max(float((a - b).abs().max()) for a, b in zip(full.parameters(), resumed.parameters(), strict=True))
     assert diff <= 1e-6
 
 
@@ -180,6 +181,7 @@ def test_host_cancel_keeps_last_checkpoint(fusion_setup, tmp_path):
 
 def _sample(model, seed=5):
     import comfy.sample
+
     import host_support
 
     latent = torch.zeros(1, 4, 8, 8)
@@ -199,7 +201,7 @@ def test_trained_adapter_round_trips_and_changes_output(fusion_setup, tmp_path):
         path = T.save_trained_adapter(adapter, str(tmp_path / "me.safetensors"))
         loaded = load_fusion_adapter(path)
         assert loaded.metadata["trained_steps"] == "6" and loaded.metadata["format"] == "likeness.face_fusion"
-        for (name, a), (_, b) in zip(adapter.named_parameters(), loaded.named_parameters()):
+        for (name, a), (_, b) in zip(adapter.named_parameters(), loaded.named_parameters(), strict=True):
             assert torch.equal(a, b), name
         reference = [FusionIdentityLatents(data.references[:1])]
         plain = _sample(model)

@@ -36,6 +36,7 @@ def test_tiny_sdxl_keeps_the_sdxl_block_structure(tiny_sdxl):
 
 def test_clones_are_fresh_and_weights_are_seeded(comfy_ready):
     import torch
+
     from host_support import build_tiny_sd15
 
     a, b = build_tiny_sd15(), build_tiny_sd15()
@@ -60,6 +61,7 @@ def test_inpainting_shaped_variant(comfy_ready):
 def test_tiny_models_sample_finite_latents(kind, comfy_ready):
     import comfy.sample
     import torch
+
     from host_support import build_tiny_sd15, build_tiny_sdxl, conditioning, sdxl_conditioning
 
     model = build_tiny_sd15() if kind == "sd15" else build_tiny_sdxl()
@@ -117,6 +119,7 @@ def test_host_env_is_a_temp_base_directory(host_env):
 
 def test_pack_loads_as_a_custom_node(pack_loaded):
     import nodes
+
     from likeness import NODE_CLASS_MAPPINGS
 
     assert pack_loaded is not None and hasattr(pack_loaded, "NODE_CLASS_MAPPINGS")

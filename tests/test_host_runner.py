@@ -1,4 +1,4 @@
-"""The headless runner (``cli/runner.py``): argument handling, UI->API conversion, messages, and a real run.
+"""The headless runner (``cli/runner.py``): argument handling, messages, and real runs (UI and API format).
 
 Tests without the ``host`` marker use fake node classes and run everywhere (CI); ``host`` tests use
 the real ComfyUI (in-process, and one ``python <pack> run`` subprocess on a tiny checkpoint).
@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-
 from likeness.cli import runner
-
 
 # --------------------------------------------------------------------------------------------------
 # Pure parts (no ComfyUI)
@@ -56,106 +54,6 @@ def test_overrides_find_nodes_by_id_title_or_unique_class():
         runner.apply_overrides(prompt, [("3", "step", 1)])
 
 
-class FakeLoader:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"ckpt_name": (["a.safetensors", "b.safetensors"],)}}
-
-
-class FakeSampler:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL",), "seed": ("INT", {"default": 0}), "steps": ("INT", {"default": 20}),
-            "sampler_name": (["euler", "dpmpp_2m"],), "denoise": ("FLOAT", {"default": 1.0}),
-            "latent": ("LATENT",)}, "optional": {"note": ("STRING", {"default": "", "forceInput": True})}}
-
-
-class FakeLatent:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"width": ("INT", {"default": 512}), "height": ("INT", {"default": 512})}}
-
-
-class FakeSave:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"images": ("LATENT",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}
-
-
-class FakeFilter:  # bypassed in the workflow: LATENT in -> LATENT out
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"samples": ("LATENT",), "amount": ("FLOAT", {"default": 0.5})}}
-
-
-FAKE_CLASSES = {"Loader": FakeLoader, "Sampler": FakeSampler, "Latent": FakeLatent, "Save": FakeSave,
-                "Filter": FakeFilter}
-
-
-def _ui_workflow():
-    """A UI-format workflow as the editor saves it: reroute, primitive, note, bypassed and muted nodes."""
-    def node(id_, type_, inputs=(), outputs=(), widgets=None, mode=0, title=None):
-        n = {"id": id_, "type": type_, "mode": mode, "flags": {}, "properties": {},
-             "inputs": [{"name": name, "type": t, "link": link, **extra} for name, t, link, extra in inputs],
-             "outputs": [{"name": name, "type": t, "links": links} for name, t, links in outputs]}
-        if widgets is not None:
-            n["widgets_values"] = widgets
-        if title:
-            n["title"] = title
-        return n
-
-    nodes = [
-        node(1, "Loader", outputs=[("MODEL", "MODEL", [1])], widgets=["b.safetensors"]),
-        node(2, "Reroute", inputs=[("", "*", 1, {})], outputs=[("", "MODEL", [2])]),
-        node(3, "Latent", outputs=[("LATENT", "LATENT", [3])], widgets=[64, 96]),
-        node(4, "PrimitiveNode", outputs=[("INT", "INT", [4])], widgets=[1234, "randomize"]),
-        node(5, "Sampler", title="My Sampler", inputs=[
-            ("model", "MODEL", 2, {}), ("latent", "LATENT", 3, {}),
-            ("seed", "INT", 4, {"widget": {"name": "seed"}}), ("note", "STRING", None, {})],
-            outputs=[("LATENT", "LATENT", [5])], widgets=[1, "fixed", 8, "dpmpp_2m", 0.75]),
-        node(6, "Filter", mode=4, inputs=[("samples", "LATENT", 5, {})], outputs=[("LATENT", "LATENT", [6])],
-             widgets=[0.1]),
-        node(7, "Save", inputs=[("images", "LATENT", 6, {})]),  # no widgets_values: defaults
-        node(8, "Note", widgets=["remember the seed"]),
-        node(9, "Save", mode=2, inputs=[("images", "LATENT", None, {})], widgets=["muted"]),
-    ]
-    links = [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 5, 0, "MODEL"], [3, 3, 0, 5, 1, "LATENT"],
-             [4, 4, 0, 5, 2, "INT"], [5, 5, 0, 6, 0, "LATENT"], [6, 6, 0, 7, 0, "LATENT"]]
-    return {"last_node_id": 9, "last_link_id": 6, "nodes": nodes, "links": links, "groups": [], "version": 0.4}
-
-
-def test_ui_workflow_converts_to_api_format():
-    prompt = runner.ui_to_api(_ui_workflow(), FAKE_CLASSES)
-    assert sorted(prompt, key=int) == ["1", "3", "5", "7"]  # reroute, primitive, note, bypassed, muted gone
-    assert prompt["1"]["inputs"] == {"ckpt_name": "b.safetensors"}
-    assert prompt["3"]["inputs"] == {"width": 64, "height": 96}
-    sampler = prompt["5"]
-    assert sampler["_meta"]["title"] == "My Sampler"
-    assert sampler["inputs"] == {"model": ["1", 0], "latent": ["3", 0], "seed": 1234, "steps": 8,
-                                 "sampler_name": "dpmpp_2m", "denoise": 0.75}  # "fixed" skipped, primitive wins
-    assert prompt["7"]["inputs"] == {"images": ["5", 0], "filename_prefix": "ComfyUI"}  # through the bypass
-
-
-def test_ui_links_in_dict_form_and_old_boolean_seed_control():
-    workflow = _ui_workflow()
-    workflow["links"] = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), link))
-                         for link in workflow["links"]]
-    sampler = next(n for n in workflow["nodes"] if n["id"] == 5)
-    sampler["widgets_values"] = [1, True, 8, "euler", 1.0]  # very old files stored a bool
-    prompt = runner.ui_to_api(workflow, FAKE_CLASSES)
-    assert prompt["5"]["inputs"]["steps"] == 8 and prompt["5"]["inputs"]["sampler_name"] == "euler"
-
-
-def test_unknown_node_type_and_subgraphs_are_reported():
-    workflow = _ui_workflow()
-    workflow["nodes"][0]["type"] = "SomePackLoader"
-    with pytest.raises(runner.PromptValidationError, match="'SomePackLoader'.*not installed"):
-        runner.ui_to_api(workflow, FAKE_CLASSES)
-    with pytest.raises(runner.UsageError, match="subgraphs"):
-        runner.ui_to_api({"nodes": [], "links": [], "definitions": {"subgraphs": [{"id": "x"}]}}, FAKE_CLASSES)
-
-
 def test_api_format_is_recognised_and_copied():
     prompt = _prompt()
     assert runner.to_api_prompt(prompt) == prompt and runner.to_api_prompt(prompt) is not prompt
@@ -167,13 +65,12 @@ def test_api_format_is_recognised_and_copied():
 @pytest.fixture
 def manifest(tmp_path, monkeypatch):
     path = tmp_path / "models_manifest.json"
+    common = {"sha256": "", "size": 1, "license": "x", "techniques": ["test"], "notes": ""}
     path.write_text(json.dumps({"models": [
         {"id": "sd15-base", "filename": "v1-5-pruned-emaonly.safetensors", "folder": "checkpoints",
-         "url": "https://example.invalid/x", "sha256": "", "size": 1, "license": "x", "techniques": [],
-         "required": False},
+         "url": "https://example.invalid/x", "required": False, **common},
         {"id": "bisenet", "filename": "face_parsing_bisenet.pth", "folder": "likeness/parsing",
-         "url": "https://example.invalid/y", "sha256": "", "size": 1, "license": "x", "techniques": [],
-         "required": True}]}))
+         "url": "https://example.invalid/y", "required": True, **common}]}))
     monkeypatch.setattr(runner, "MANIFEST_PATH", str(path))
     return path
 
@@ -198,9 +95,29 @@ def test_execution_error_mentioning_a_manifest_file_gets_the_fetch_command(manif
     assert "models fetch bisenet" in text
 
 
-def test_messages_survive_a_missing_manifest(monkeypatch, tmp_path):
+def test_messages_survive_a_missing_or_invalid_manifest(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "MANIFEST_PATH", str(tmp_path / "absent.json"))
-    assert runner.load_manifest() == [] and runner.fetch_hint("x.safetensors") == ""
+    assert runner.manifest_entries() == [] and runner.fetch_hint("x.safetensors") == ""
+    (tmp_path / "invalid.json").write_text(json.dumps({"models": [{"id": "x"}]}))
+    monkeypatch.setattr(runner, "MANIFEST_PATH", str(tmp_path / "invalid.json"))
+    assert runner.manifest_entries() == []
+
+
+def test_ui_workflows_are_converted_with_the_given_node_classes():
+    class Latent:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"width": ("INT", {"default": 512}), "height": ("INT", {"default": 512})}}
+
+    workflow = {"nodes": [{"id": 1, "type": "Latent", "mode": 0, "inputs": [], "outputs": [],
+                           "widgets_values": [64, 32]}], "links": []}
+    assert runner.to_api_prompt(workflow, {"Latent": Latent}) == {
+        "1": {"class_type": "Latent", "inputs": {"width": 64, "height": 32}, "_meta": {"title": "Latent"}}}
+    with pytest.raises(runner.WorkflowFormatError, match="not installed"):
+        runner.to_api_prompt(workflow, {})
+    assert runner.exit_code_for(runner.WorkflowFormatError("x")) == runner.EXIT_USAGE
+    assert runner.exit_code_for(runner.PromptExecutionError("x")) == runner.EXIT_EXECUTION
+    assert runner.exit_code_for(runner.HostSetupError("x")) == runner.EXIT_USAGE
 
 
 def test_bad_workflow_path_and_comfyui_path_are_usage_errors(tmp_path):
@@ -254,7 +171,7 @@ def test_comfyui_template_workflows_convert_and_validate(pack_loaded):
             continue
         try:
             prompt = runner.to_api_prompt(workflow)
-        except runner.RunnerError:
+        except runner.WorkflowFormatError:
             continue  # subgraphs, API (cloud) nodes or audio nodes that are not loaded here
         valid = asyncio.run(execution.validate_prompt("t", prompt, None))
         checked += 1

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.host
 
 PACK_FOLDER = "comfyui-likeness"
 BROKEN_FOLDER = "likeness_test_broken_pack"
-START_TIMEOUT = 180  # seconds; 9-14 s on an idle 2-core machine, much longer when it is shared
+START_TIMEOUT = 180  # seconds: generous, the server starts much slower on a shared machine
 
 
 def _free_port() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from urllib.parse import urlsplit
 
 import pytest
@@ -225,19 +226,30 @@ def test_extra_model_paths_follow_comfyui_rules(tmp_path):
         str(root / "models" / "controlnet"), str(root / "models" / "t2i_adapter"), str(base / "models/ControlNet")]
 
 
-def test_simple_yaml_fallback_matches_pyyaml(tmp_path):
-    yaml = pytest.importorskip("yaml")
-    text = EXTRA_YAML.format(base=tmp_path)
-    assert mf._parse_simple_yaml(text) == yaml.safe_load(text)
+def test_invalid_yaml_is_ignored_with_a_warning(tmp_path):
+    root, pack = _fake_comfy(tmp_path)
+    (root / "extra_model_paths.yaml").write_text("a111:\n  checkpoints: [unclosed\n")
+    warnings = []
+    location = mf.resolve_location(env={}, pack_dir=str(pack), warn=warnings.append)
+    assert location.extra_paths == {}
+    assert len(warnings) == 1 and "not valid YAML" in warnings[0]
+    (root / "extra_model_paths.yaml").write_text("- just\n- a list\n")
+    mf.resolve_location(env={}, pack_dir=str(pack), warn=warnings.append)
+    assert "not a mapping" in warnings[1]
 
 
-def test_simple_yaml_fallback_reads_the_comfyui_layout(tmp_path):
-    parsed = mf._parse_simple_yaml(EXTRA_YAML.format(base="/b"))
-    assert parsed["a111"]["loras"] == "models/Lora\nmodels/LyCORIS\n"
-    assert parsed["a111"]["controlnet"] == "models/ControlNet"
-    assert parsed["likeness_store"]["is_default"] is True
-    assert parsed["likeness_store"]["clip_vision"] == "vision"
-    assert parsed["empty_section"] is None
+def test_missing_pyyaml_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from likeness.cli.main import main
+    from likeness.errors import MissingDependencyError
+
+    root, pack = _fake_comfy(tmp_path)
+    _write_yaml(tmp_path, root)
+    monkeypatch.setitem(sys.modules, "yaml", None)  # how deps.py sees a package that is not installed
+    with pytest.raises(MissingDependencyError, match="pip install pyyaml"):
+        mf.resolve_location(env={}, pack_dir=str(pack))
+    assert main(["models", "list", "--models-dir", str(root / "models"),
+                 "--extra-model-paths", str(root / "extra_model_paths.yaml")]) == 1
+    assert "pip install pyyaml" in capsys.readouterr().err
 
 
 def test_candidate_paths_include_yaml_and_alt_folders(tmp_path):
@@ -254,8 +266,9 @@ def test_candidate_paths_include_yaml_and_alt_folders(tmp_path):
 
 def test_readme_model_table_matches_manifest():
     """README's model table is the output of `models table` (regenerate it when the manifest changes)."""
-    import io
     import contextlib
+    import io
+
     from conftest import ROOT
     from likeness.cli.main import main
 

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from likeness.errors import CheckpointLayoutError, ModelFileError
 from likeness import safetensors_io
+from likeness.errors import CheckpointLayoutError, ModelFileError
 from likeness.trainers import checkpoint as ckpt
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -51,7 +51,7 @@ def test_sigkill_while_writing_big_checkpoints_keeps_a_complete_file(tmp_path):
     script = WRITER.format(root=ROOT, path=path)
     rng = random.Random(0)
     last_version = 0
-    for round_ in range(4):
+    for _round in range(4):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         try:

@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
+from likeness import safetensors_io
 from likeness.errors import TrainingError
 from likeness.trainers import LrGroup, TrainConfig, TrainingCancelled, train
-from likeness import safetensors_io
 from likeness.trainers import checkpoint as ckpt
 from likeness.trainers.autograd import release_inference_tensors
 
