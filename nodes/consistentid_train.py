@@ -6,6 +6,7 @@ import os
 
 from ..errors import InvalidInputError
 from ._common import category, checked_file_stem, float_input, int_input
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
@@ -82,6 +83,7 @@ class TrainConsistentID:
             },
         }
 
+    @shows_warnings
     def train(self, model, clip, vae, clip_vision, face_analyzer, parser, name, steps, learning_rate, batch_size,
               grad_accumulation, seed, checkpoint_every, resume, resolution, train_processors, consistentid=None,
               images=None, captions="", folder="", localization_weight=0.01, condition_dropout=0.1,

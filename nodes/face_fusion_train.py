@@ -5,6 +5,7 @@ import logging
 import os
 
 from ._common import category, checked_file_stem, float_input, int_input
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
@@ -70,6 +71,7 @@ class TrainFaceFusion:
             },
         }
 
+    @shows_warnings
     def train(self, model, vae, clip, name, steps, learning_rate, batch_size, grad_accumulation, seed,
               checkpoint_every, resume, resolution, reference_size, images=None, captions="", folder="",
               face_analyzer=None, fusion_adapter=None, face_weight=1.0, reference_noise="same noise level (paper)",

@@ -5,14 +5,19 @@ import logging
 import os
 import re
 
-from ..errors import InvalidInputError, TrainingError
+from ..errors import InvalidInputError, ModelFileError, TrainingError
+from ..model_hints import ModelFolder
 from ..trainers.precision import PRECISIONS
-from ._common import category, file_choices, float_input, int_input
+from ..validation import check_images
+from ._common import category, file_choices, float_input, int_input, resolved_path
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
 CATEGORY = category("FaceA-Net")
 NO_IDENTITY = "(no identity in models/likeness/identities)"
+IDENTITIES = ModelFolder("FaceA-Net identity", "likeness", ("identities",), other_way=(
+    "Train one with 'Train Identity (FaceA-Net)' (it saves there)."))
 FALLBACK_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]
 FALLBACK_SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
 ATTRIBUTES_TIP = ("Facial attributes for the local task, comma separated: left_eye, right_eye, nose, mouth "
@@ -146,6 +151,7 @@ class TrainIdentity:
                                  "and report identity similarity."}),
         }}
 
+    @shows_warnings
     def train(self, model, clip, vae, images, analyzer, class_word, name, steps, seed, rank=48, lr_lora=1.2e-4,
               lr_embeddings=2e-3, batch_size=4, feat_tokens=0, attributes="left_eye, right_eye, nose, mouth",
               working_size=512, mask_shape="box", checkpoint_every=100, resume=True, preview_every=0,
@@ -154,6 +160,7 @@ class TrainIdentity:
         from ..techniques.facea_net.training import TrainSettings, train_identity
 
         _check_analyzer(analyzer)
+        check_images(images=images, validation_image=validation_image)
         name = _safe_name(name)
         if images.shape[0] < 3:
             logger.warning("FaceA-Net: %d reference photo(s); 3-5 give a much better identity", images.shape[0])
@@ -212,6 +219,7 @@ class AttributeTransfer:
             "parser": ("FACE_PARSER", {"tooltip": "Optional face parser for the attribute masks."}),
         }}
 
+    @shows_warnings
     def transfer(self, model, clip, vae, identity, images, analyzer, attributes, name, steps, seed, lr_lora=1.2e-4,
                  lr_embeddings=2e-3, batch_size=4, working_size=512, parser=None):
         from ..techniques.facea_net.lora import identity_lora_state
@@ -219,6 +227,7 @@ class AttributeTransfer:
 
         identity = _check_identity(identity)
         _check_analyzer(analyzer)
+        check_images(images=images)
         name = _safe_name(name)
         chosen = _attributes(attributes)
         if not chosen:
@@ -246,20 +255,28 @@ class LoadIdentity:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..host.folders import list_files
-
-        files = file_choices(lambda: list_files("likeness", "identities", {".safetensors"}), NO_IDENTITY)
+        files = _identity_files()
         return {"required": {
             "identity": (files, {"default": files[0], "tooltip": "An identity file in models/likeness/identities/."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, identity):
+        return IDENTITIES.choice_problem(identity, _identity_files(), NO_IDENTITY)
 
     def load(self, identity):
         from ..host.folders import resolve
         from ..techniques.facea_net.identity import load_identity
 
         if identity == NO_IDENTITY:
-            raise InvalidInputError("No identity files found; train one with 'Train Identity (FaceA-Net)'.")
-        return (load_identity(resolve("likeness", identity, "identities")),)
+            raise ModelFileError(IDENTITIES.missing_message())
+        return (load_identity(resolved_path(resolve, "likeness", identity, "identities")),)
+
+
+def _identity_files() -> list[str]:
+    from ..host.folders import list_files
+
+    return file_choices(lambda: list_files("likeness", "identities", {".safetensors"}), NO_IDENTITY)
 
 
 class IdentityPrompt:
@@ -313,6 +330,7 @@ class ApplyIdentityLora:
             "strength": float_input(1.0, -4.0, 4.0, 0.05, "LoRA strength (1 = as trained)."),
         }}
 
+    @shows_warnings
     def apply(self, model, identity, strength):
         from ..techniques.facea_net.lora import apply_lora_to_model, identity_lora_state
 
@@ -399,6 +417,7 @@ class FaceInpaint:
         optional.update(_mask_inputs())
         return {"required": required, "optional": optional}
 
+    @shows_warnings
     def inpaint(self, model, clip, vae, image, analyzer, identity, selection, text, negative, seed, steps, cfg,
                 sampler_name, scheduler, denoise, identity_2=None, identity_3=None, identity_4=None,
                 assignment="left_to_right", face_index=0, lora_strength=1.0, feat_strength=1.0,
@@ -408,6 +427,7 @@ class FaceInpaint:
         from ..techniques.facea_net.pipeline import InpaintSettings, inpaint_faces
 
         _check_analyzer(analyzer)
+        check_images(image=image)
         identities = [_check_identity(i, n) for i, n in ((identity, "identity"), (identity_2, "identity_2"),
                                                            (identity_3, "identity_3"), (identity_4, "identity_4"))
                       if i is not None]
@@ -443,12 +463,14 @@ class FaceCrop:
             "parser": ("FACE_PARSER", {"tooltip": "Optional face parser for region masks (default: landmarks)."}),
         }}
 
+    @shows_warnings
     def crop(self, image, faces, regions, mask_shape, grow, feather, context, working_size, parser=None):
         from ..face_analysis.types import FaceAnalysis
         from ..techniques.facea_net.pipeline import InpaintSettings, crop_faces
 
         if not isinstance(faces, FaceAnalysis):
             raise InvalidInputError("'faces' must be FACES from the Analyze Faces node.")
+        check_images(image=image)
         settings = InpaintSettings(regions=regions, mask_shape=mask_shape, grow=grow, feather=feather,
                                    context=context, working_size=working_size)
         crops, sample, info = crop_faces(image, faces, settings, parser)
@@ -480,6 +502,7 @@ class FacePaste:
 
         if not isinstance(crop_info, FaceCrops):
             raise InvalidInputError("'crop_info' must come from the Face Crop (FaceA-Net) node.")
+        check_images(image=image, crops=crops)
         return paste_faces(image, crops, crop_info)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 import logging
 
 from ..errors import InvalidInputError, ModelFileError
+from ..model_hints import ModelFolder
+from ..validation import check_images, check_masks
 from ._common import category, float_input, percent_range_inputs, resolved_path
+from ._feedback import shows_warnings, warn_images_without_face
 
 logger = logging.getLogger("likeness")
 
@@ -12,6 +15,7 @@ CATEGORY = category("FaceID")
 FOLDER = "likeness"
 SUBFOLDERS = ("faceid", "face_makeup")
 NO_FILE = "(no file in models/likeness/faceid or face_makeup)"
+ADAPTERS = ModelFolder("FaceID-family adapter", FOLDER, SUBFOLDERS)
 SHORTCUT_CHOICES = {"auto (from file name)": None, "on (PlusV2, Face-MakeUp)": True, "off (Plus v1)": False}
 
 
@@ -47,13 +51,16 @@ class FaceIDLoader:
                          "'auto' turns it on for names containing 'plusv2' and for Face-MakeUp."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        return ADAPTERS.choice_problem(model_name, _files(), NO_FILE)
+
     def load(self, model_name, shortcut):
         from ..host.folders import resolve
         from ..techniques.faceid.checkpoint import load_faceid_checkpoint
 
         if model_name == NO_FILE or "/" not in model_name:
-            raise ModelFileError("No FaceID-family file found. Put ip-adapter-faceid-plusv2_sd15.bin in "
-                                 "models/likeness/faceid/ (or Face-MakeUp's model.bin in models/likeness/face_makeup/).")
+            raise ModelFileError(ADAPTERS.missing_message(None if model_name == NO_FILE else model_name))
         sub, name = model_name.split("/", 1)
         path = resolved_path(resolve, FOLDER, name, sub)
         checkpoint = load_faceid_checkpoint(path, shortcut=SHORTCUT_CHOICES.get(shortcut))
@@ -93,6 +100,7 @@ class FaceIDApply:
             "mask": ("MASK", {"tooltip": "Optional: only where the ID tokens act."}),
         }}
 
+    @shows_warnings
     def apply(self, model, faceid, image, faces, weight, s_scale, lora_strength, start_at, end_at,
               clip_vision=None, mix_weights="", mask=None):
         from ..techniques.faceid.apply import apply_faceid_adapter
@@ -100,6 +108,8 @@ class FaceIDApply:
 
         if not isinstance(faceid, FaceIDCheckpoint):
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
+        check_images(image=image)
+        check_masks(mask=mask)
         tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)
         if faceid.variant == Variant.FACE_MAKEUP:
             logger.warning("Likeness: Face-MakeUp applied as its adapter half only; use 'Face-MakeUp Apply' for "
@@ -143,6 +153,7 @@ class FaceMakeUpApply:
                             "empty = equal."}),
         }}
 
+    @shows_warnings
     def apply(self, model, faceid, clip_vision, image, faces, positive, negative, weight, s_scale, lora_strength,
               controlnet_strength, start_at, end_at, pose_map=None, mix_weights=""):
         from ..techniques.faceid.apply import apply_face_makeup
@@ -150,6 +161,7 @@ class FaceMakeUpApply:
 
         if not isinstance(faceid, FaceIDCheckpoint):
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
+        check_images(image=image, pose_map=pose_map)
         tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)
         if pose_map is None:
             pose_map = reference_pose_map(faces)
@@ -225,6 +237,7 @@ def faceid_tokens(checkpoint, image, faces, clip_vision, s_scale: float, mix_wei
     with_face = [i for i, f in enumerate(faces.first_face_per_image()) if f is not None]
     if not with_face:
         raise InvalidInputError("no face in any reference image.")
+    warn_images_without_face(faces, "image")
     clip_rows = [None] * len(with_face)
     zero = None
     if checkpoint.needs_clip_vision:

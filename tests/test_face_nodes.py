@@ -25,7 +25,7 @@ def _image():
 def test_loader_lists_packs_and_explains_an_empty_folder(models_root):
     choices = nodes.InsightFaceAnalyzerLoader.INPUT_TYPES()["required"]["pack"][0]
     assert choices == [nodes.NO_PACK]
-    with pytest.raises(ModelFileError, match="No insightface pack was found") as error:
+    with pytest.raises(ModelFileError, match="No insightface model pack found in models/insightface/models") as error:
         nodes.InsightFaceAnalyzerLoader().load(nodes.NO_PACK, "CPU", "none", 640, 0.5)
     assert os.path.join(models_root, "insightface", "models") in str(error.value)
 
