@@ -89,11 +89,7 @@ def check_values(batch: torch.Tensor, name: str, kind: str = "image") -> None:
     if not (low == low and high == high) or abs(low) == float("inf") or abs(high) == float("inf"):
         raise InvalidInputError(_non_finite_message(batch, name, kind))
     if low < -RANGE_SLACK or high > 1.0 + RANGE_SLACK:
-        index, value = _first_out_of_range(batch)
-        hint = "0..255 data" if high > 1.0 + RANGE_SLACK else "-1..1 data"
-        raise InvalidInputError(
-            f"'{name}' {kind} {index} has values from {low:.3g} to {high:.3g}, but {kind}s hold 0..1 (this looks "
-            f"like {hint}; pixel {value:.3g} is out of range). Rescale it to 0..1 or connect a normal {kind.upper()}.")
+        raise InvalidInputError(_out_of_range_message(batch, name, kind))
 
 
 def _non_finite_message(batch: torch.Tensor, name: str, kind: str) -> str:
@@ -106,8 +102,11 @@ def _non_finite_message(batch: torch.Tensor, name: str, kind: str) -> str:
             f"fp32 VAE) before this node.")
 
 
-def _first_out_of_range(batch: torch.Tensor) -> tuple[int, float]:
+def _out_of_range_message(batch: torch.Tensor, name: str, kind: str) -> str:
     flat = batch.detach().reshape(batch.shape[0], -1)
-    outside = (flat < -RANGE_SLACK) | (flat > 1.0 + RANGE_SLACK)
-    index = int(outside.any(dim=1).nonzero()[0, 0])
-    return index, float(flat[index][outside[index]][0])
+    outside = ((flat < -RANGE_SLACK) | (flat > 1.0 + RANGE_SLACK)).any(dim=1)
+    index = int(outside.nonzero()[0, 0])
+    low, high = (float(v) for v in torch.aminmax(flat[index]))
+    hint = "0..255 data" if high > 1.0 + RANGE_SLACK else "-1..1 data"
+    return (f"'{name}' {kind} {index} has values from {low:.3g} to {high:.3g}, but {kind}s hold 0..1 (this looks "
+            f"like {hint}). Rescale it to 0..1 or connect a normal {kind.upper()}.")

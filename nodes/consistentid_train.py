@@ -5,6 +5,7 @@ import logging
 import os
 
 from ..errors import InvalidInputError
+from ..validation import check_images
 from ._common import category, checked_file_stem, float_input, int_input
 from ._feedback import shows_warnings
 
@@ -95,6 +96,7 @@ class TrainConsistentID:
         from ..techniques.consistentid.training import ConsistentIDTrainSettings, save_trained, train_consistentid
         from ..trainers.datasets import training_sources
 
+        check_images(images=images)
         stem = checked_file_stem(name)
         if not callable(getattr(face_analyzer, "detect", None)):
             raise InvalidInputError("'face_analyzer' must come from a Likeness face analyzer loader (InsightFace, "

@@ -148,8 +148,8 @@ class AnalyzeFaces:
     def analyze(self, analyzer, image, selection, face_index, on_no_face, retry, reference=None):
         from ..face_analysis.analyze import analyze, draw_preview
 
-        _check_analyzer(analyzer)
         check_images(image=image)
+        _check_analyzer(analyzer)
         result = analyze(analyzer, image, selection=selection, face_index=face_index, reference=reference,
                          on_no_face=on_no_face, retry=retry)
         for note in result.faces.notes:   # e.g. "image 1: no face detected" with on_no_face skip / pass_through
@@ -184,8 +184,8 @@ class AlignFaces:
 
         from ..face_analysis.align import align_faces
 
-        faces = _check_faces(faces)
         check_images(image=image)
+        faces = _check_faces(faces)
         aligned = align_faces(image, faces, int(size), crop_scale)
         crops = aligned.crops
         if crops.shape[0] == 0:   # every image skipped: one black crop keeps downstream nodes running
@@ -217,9 +217,9 @@ class PasteFacesBack:
     def paste(self, image, faces, crops, feather, mask=None):
         from ..face_analysis.align import AlignedFaces, paste_back
 
-        faces = _check_faces(faces)
         check_images(image=image, crops=crops)
         check_masks(mask=mask)
+        faces = _check_faces(faces)
         if not isinstance(faces.alignment, AlignedFaces):
             raise InvalidInputError("'faces' carries no alignment: connect the faces output of Align Faces.")
         return (paste_back(image, faces.alignment, crops, mask, feather),)
@@ -381,8 +381,8 @@ class FaceSimilarity:
         from ..face_analysis.embeds import concat, embeds_from_faces
         from ..face_analysis.similarity import compare_images
 
-        _check_analyzer(analyzer)
         check_images(image=image)
+        _check_analyzer(analyzer)
         references = []
         if reference_faces is not None:
             references.append(embeds_from_faces(_check_faces(reference_faces, "reference_faces")))

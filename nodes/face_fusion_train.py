@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..validation import check_images
 from ._common import category, checked_file_stem, float_input, int_input
 from ._feedback import shows_warnings
 
@@ -82,6 +83,7 @@ class TrainFaceFusion:
         from ..techniques.face_fusion.training import FusionTrainSettings, save_trained_adapter, train_face_fusion
         from ..trainers.datasets import training_sources
 
+        check_images(images=images)
         stem = checked_file_stem(name)
         folder_path = input_path(folder) if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)

@@ -159,8 +159,8 @@ class TrainIdentity:
         from ..host.folders import save_dir
         from ..techniques.facea_net.training import TrainSettings, train_identity
 
-        _check_analyzer(analyzer)
         check_images(images=images, validation_image=validation_image)
+        _check_analyzer(analyzer)
         name = _safe_name(name)
         if images.shape[0] < 3:
             logger.warning("FaceA-Net: %d reference photo(s); 3-5 give a much better identity", images.shape[0])
@@ -225,9 +225,9 @@ class AttributeTransfer:
         from ..techniques.facea_net.lora import identity_lora_state
         from ..techniques.facea_net.training import TrainSettings, attribute_transfer_settings, train_identity
 
+        check_images(images=images)
         identity = _check_identity(identity)
         _check_analyzer(analyzer)
-        check_images(images=images)
         name = _safe_name(name)
         chosen = _attributes(attributes)
         if not chosen:
@@ -426,8 +426,8 @@ class FaceInpaint:
         from ..host.progress import Progress
         from ..techniques.facea_net.pipeline import InpaintSettings, inpaint_faces
 
-        _check_analyzer(analyzer)
         check_images(image=image)
+        _check_analyzer(analyzer)
         identities = [_check_identity(i, n) for i, n in ((identity, "identity"), (identity_2, "identity_2"),
                                                            (identity_3, "identity_3"), (identity_4, "identity_4"))
                       if i is not None]
@@ -468,9 +468,9 @@ class FaceCrop:
         from ..face_analysis.types import FaceAnalysis
         from ..techniques.facea_net.pipeline import InpaintSettings, crop_faces
 
+        check_images(image=image)
         if not isinstance(faces, FaceAnalysis):
             raise InvalidInputError("'faces' must be FACES from the Analyze Faces node.")
-        check_images(image=image)
         settings = InpaintSettings(regions=regions, mask_shape=mask_shape, grow=grow, feather=feather,
                                    context=context, working_size=working_size)
         crops, sample, info = crop_faces(image, faces, settings, parser)
@@ -500,9 +500,9 @@ class FacePaste:
     def paste(self, image, crops, crop_info):
         from ..techniques.facea_net.pipeline import FaceCrops, paste_faces
 
+        check_images(image=image, crops=crops)
         if not isinstance(crop_info, FaceCrops):
             raise InvalidInputError("'crop_info' must come from the Face Crop (FaceA-Net) node.")
-        check_images(image=image, crops=crops)
         return paste_faces(image, crops, crop_info)
 
 

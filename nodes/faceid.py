@@ -106,10 +106,10 @@ class FaceIDApply:
         from ..techniques.faceid.apply import apply_faceid_adapter
         from ..techniques.faceid.checkpoint import FaceIDCheckpoint, Variant
 
-        if not isinstance(faceid, FaceIDCheckpoint):
-            raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
         check_images(image=image)
         check_masks(mask=mask)
+        if not isinstance(faceid, FaceIDCheckpoint):
+            raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
         tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)
         if faceid.variant == Variant.FACE_MAKEUP:
             logger.warning("Likeness: Face-MakeUp applied as its adapter half only; use 'Face-MakeUp Apply' for "
@@ -159,9 +159,9 @@ class FaceMakeUpApply:
         from ..techniques.faceid.apply import apply_face_makeup
         from ..techniques.faceid.checkpoint import FaceIDCheckpoint
 
+        check_images(image=image, pose_map=pose_map)
         if not isinstance(faceid, FaceIDCheckpoint):
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
-        check_images(image=image, pose_map=pose_map)
         tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)
         if pose_map is None:
             pose_map = reference_pose_map(faces)
