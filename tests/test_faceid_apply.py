@@ -79,8 +79,10 @@ def test_applied_twice_both_id_branches_act(tiny_sd15, tiny_clip_vision, tiny_pl
     names = [i.name for i in find_patch(twice).injectors]
     assert len(names) == 2 and names[1] == names[0] + "#2"
     double = apply_faceid_adapter(tiny_sd15, tiny_plus, tokens, weight=2.0, lora_strength=0.0)
-    assert (_sample(twice) - _sample(double)).abs().max() < 1e-4      # two decoupled branches add up
-    assert (_sample(twice) - _sample(once)).abs().max() > 1e-4
+    out_twice, out_double = _sample(twice), _sample(double)
+    scale = float(out_double.abs().max())
+    assert (out_twice - out_double).abs().max() <= 1e-5 * scale        # two decoupled branches add up (float order)
+    assert (out_twice - _sample(once)).abs().max() > 1e-3 * scale
 
 
 def test_apply_node_and_identity_mixing(tiny_sd15, tiny_clip_vision, tiny_plus):
