@@ -95,11 +95,11 @@ def check_values(batch: torch.Tensor, name: str, kind: str = "image") -> None:
 def _non_finite_message(batch: torch.Tensor, name: str, kind: str) -> str:
     bad = ~torch.isfinite(batch.detach().reshape(batch.shape[0], -1))
     counts = bad.sum(dim=1).tolist()
-    listing = ", ".join(f"{kind} {i} ({n} values)" for i, n in enumerate(counts) if n)
+    listing = ", ".join(f"{kind} {i}: {n} values" for i, n in enumerate(counts) if n)
     first = next(i for i, n in enumerate(counts) if n)
-    return (f"'{name}' {kind} {first} has NaN/infinite pixels ({listing} of {len(counts)}); this usually comes from "
-            f"an fp16 VAE decode that overflowed or a broken file. Fix or replace the {kind} (e.g. decode with an "
-            f"fp32 VAE) before this node.")
+    return (f"'{name}' {kind} {first} has NaN/infinite pixels ({listing}; batch of {len(counts)}). This usually comes "
+            f"from an fp16 VAE decode that overflowed or a broken file: fix or replace the {kind} (e.g. decode with "
+            f"an fp32 VAE) before this node.")
 
 
 def _out_of_range_message(batch: torch.Tensor, name: str, kind: str) -> str:

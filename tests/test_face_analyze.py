@@ -217,8 +217,8 @@ def test_nan_pixels_are_refused_naming_the_image(dlib_analyzer):
     image = as_image(astronaut()).repeat(3, 1, 1, 1)
     image[2, 400:450, 10:60] = float("nan")
     image[2, 0, 0, 0] = float("inf")
-    with pytest.raises(InvalidInputError, match=r"'image' image 2 has NaN/infinite pixels \(image 2 \(7501 values\) "
-                                                r"of 3\).*Fix or replace"):
+    with pytest.raises(InvalidInputError, match=r"'image' image 2 has NaN/infinite pixels \(image 2: 7501 values; "
+                                                r"batch of 3\).*fix or replace"):
         analyze(dlib_analyzer, image)
     with pytest.raises(InvalidInputError, match="'image' image 0 has NaN"):
         analyze(dlib_analyzer, torch.full((1, 64, 64, 3), float("nan")))

@@ -23,13 +23,14 @@ def _nan_image(batch=3, index=2):
 # --------------------------------------------------------------------------- the check itself
 
 def test_nan_pixels_are_refused_naming_the_input_and_the_image():
-    with pytest.raises(InvalidInputError, match=r"^'reference' image 2 has NaN/infinite pixels \(image 2 \(30 values\) "
-                                                r"of 3\).*Fix or replace the image"):
+    with pytest.raises(InvalidInputError, match=r"^'reference' image 2 has NaN/infinite pixels \(image 2: 30 values; "
+                                                r"batch of 3\).*fix or replace the image"):
         check_image(_nan_image(), "reference")
     inf = torch.zeros(2, 8, 8, 3)
     inf[0, 0, 0, 0] = float("inf")
     inf[1, 1, 1, 1] = -float("inf")
-    with pytest.raises(InvalidInputError, match=r"'image' image 0 has NaN/infinite.*image 0 \(1 values\), image 1 "):
+    with pytest.raises(InvalidInputError, match=r"'image' image 0 has NaN/infinite pixels \(image 0: 1 values, "
+                                                r"image 1: 1 values; batch of 2\)"):
         check_image(inf)
 
 
