@@ -1,11 +1,28 @@
-"""Exception types of the pack. Each message says what went wrong and what to do about it."""
+"""Exception types of the pack. Each message says what went wrong and what to do about it.
+
+ComfyUI shows a failed node's exception as ``module.QualName`` (``execution.full_type_name``), and it imports a
+custom-node pack under its folder path, so a class defined here would print as
+``/home/me/ComfyUI/custom_nodes/likeness.errors.NoFaceError``. Every pack exception therefore reports
+:data:`PUBLIC_MODULE` as its module: the UI shows ``likeness.NoFaceError``.
+"""
 from __future__ import annotations
 
-from .deps import MissingDependencyError  # noqa: F401  (re-exported: one place to import errors from)
+from .deps import MissingDependencyError  # re-exported: one place to import errors from
+
+PUBLIC_MODULE = "likeness"
+
+MissingDependencyError.__module__ = PUBLIC_MODULE
 
 
 class LikenessError(Exception):
     """Base class: a user-facing problem with inputs, files or settings (never a pack bug)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__module__ = PUBLIC_MODULE   # also for subclasses elsewhere (cli.manifest, cli.fetch)
+
+
+LikenessError.__module__ = PUBLIC_MODULE
 
 
 class InvalidInputError(LikenessError, ValueError):
@@ -17,7 +34,21 @@ class PathNotAllowedError(InvalidInputError):
 
 
 class NoFaceError(LikenessError):
-    """No face was found where one is required."""
+    """No face was found where one is required.
+
+    The message is ``problem`` plus ``advice``; the advice names what the user can change, and only inputs of
+    the node that failed: code shared by several nodes raises with its own advice and a node whose inputs
+    differ re-raises with :meth:`with_advice`.
+    """
+
+    def __init__(self, problem: str, advice: str = ""):
+        self.problem = problem
+        self.advice = advice
+        super().__init__(f"{problem} {advice}".strip())
+
+    def with_advice(self, advice: str) -> NoFaceError:
+        """The same problem with other advice (raise it ``from`` this one)."""
+        return type(self)(self.problem, advice)
 
 
 class ModelFileError(LikenessError):

@@ -172,6 +172,15 @@ class Injector:
         return f"{type(self).__name__}({self.name!r}, weight={self.weight})"
 
 
+def stacking_name(injectors: Sequence[Injector], base: str) -> str:
+    """``base``, or ``base#2``, ``base#3`` ...: a name none of ``injectors`` has. An apply node names its injector
+    with this, so applying a technique a second time adds to the first instead of replacing it."""
+    taken = {injector.name for injector in injectors}
+    if base not in taken:
+        return base
+    return next(f"{base}#{n}" for n in itertools.count(2) if f"{base}#{n}" not in taken)
+
+
 class DecoupledInjector(Injector):
     """``out += w * mask * Attn(q, K_id, V_id)``, per chunk kind.
 

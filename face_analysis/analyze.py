@@ -11,7 +11,8 @@ Per image:
 4. dense landmarks and embeddings for the selected faces only.
 
 ``on_no_face``: ``error`` raises :class:`~..errors.NoFaceError` naming every image index without a
-face; ``skip`` and ``pass_through`` keep going with an empty face list for that image and record the
+face (its advice is ``no_face_advice``: the Analyze Faces node's, unless the caller's node has other
+inputs to change); ``skip`` and ``pass_through`` keep going with an empty face list for that image and record the
 choice in FACES (nodes with one output per image then leave the image out, or pass it through).
 """
 from __future__ import annotations
@@ -33,6 +34,8 @@ SELECTIONS = ("largest", "index", "all", "most_similar")
 NO_FACE_MODES = ("error", "skip", "pass_through")
 RETRY_SIZES = (480, 320)
 RETRY_PAD = 0.25
+ANALYZE_NODE_ADVICE = ("Try another crop or a more sensitive analyzer loader (a lower det_threshold; dlib: upsample "
+                       "or MMOD), or set on_no_face to 'skip' or 'pass_through' to keep the queue running.")
 
 
 @dataclass
@@ -45,7 +48,8 @@ class AnalyzeResult:
 
 def analyze(analyzer, image, selection: str = "largest", face_index: int = 0, reference: FaceEmbeds | None = None,
             on_no_face: str = "error", det_size: int | None = None, det_thresh: float | None = None,
-            retry: bool = True, embed: bool = True, landmarks: bool = True) -> AnalyzeResult:
+            retry: bool = True, embed: bool = True, landmarks: bool = True,
+            no_face_advice: str = ANALYZE_NODE_ADVICE) -> AnalyzeResult:
     """Analyse an IMAGE batch (see the module doc)."""
     if selection not in SELECTIONS:
         raise InvalidInputError(f"selection must be one of {SELECTIONS}, got {selection!r}")
@@ -72,9 +76,8 @@ def analyze(analyzer, image, selection: str = "largest", face_index: int = 0, re
         total = len(batch.images)
         listing = "; ".join(f"image {i} {r}" for i, r in missing)
         raise NoFaceError(
-            f"No usable face in {len(missing)} of {total} image(s) (indices {[i for i, _ in missing]}): {listing}. "
-            f"Try a lower detection threshold or another crop, or set on_no_face to 'skip' or 'pass_through' to "
-            f"keep the queue running.")
+            f"No usable face in {len(missing)} of {total} image(s) (indices {[i for i, _ in missing]}): {listing}.",
+            no_face_advice)
     analysis = FaceAnalysis(faces=per_image, image_sizes=batch.sizes, backend=analyzer.backend,
                             model_id=analyzer.model_id, embedding_dim=analyzer.embedding_dim if can_embed else None,
                             notes=notes, on_no_face=on_no_face if on_no_face != "error" else "pass_through")
@@ -229,3 +232,13 @@ def draw_label(canvas: np.ndarray, text: str, corner: tuple[int, int], colour) -
 
 def draw_banner(canvas: np.ndarray, text: str, colour) -> None:
     draw_label(canvas, text, (4, int(24 * _scale(canvas)) + 4), colour)
+
+
+def warn_images_without_face(faces, input_name: str = "image") -> list[int]:
+    """Log (so the UI shows) which images of ``input_name`` have no face and are left out of an identity."""
+    missing = [i for i, face in enumerate(faces.first_face_per_image()) if face is None]
+    if missing:
+        logger.warning("Likeness: image(s) %s of '%s' have no face and were left out of the identity (%d of %d "
+                       "used); check Analyze Faces' preview.", missing, input_name, len(faces) - len(missing),
+                       len(faces))
+    return missing

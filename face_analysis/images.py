@@ -8,12 +8,11 @@ recorded as a note that the nodes show):
 - gray + alpha ``[B,H,W,2]`` and RGBA ``[B,H,W,4]``: the alpha channel is dropped (ComfyUI's Load
   Image already gives alpha as a separate MASK);
 - a single image ``[H,W,C]``: treated as a batch of one;
-- NaN / infinite pixels (typically an fp16 VAE decode that overflowed): replaced by black, and the
-  image index and pixel count are noted;
-- values outside 0..1: clipped.
+- values just outside 0..1: clipped.
 
-Anything else (other channel counts, other ranks, empty tensors, non-tensors) raises
-:class:`~..errors.InvalidInputError` with the shape that was received and the shape that is expected.
+Anything else raises :class:`~..errors.InvalidInputError` through the pack's one input check
+(:mod:`..validation`): other channel counts, other ranks, empty tensors, non-tensors, NaN / infinite pixels
+(typically an fp16 VAE decode that overflowed; refused, never repaired) and values far outside 0..1.
 Size limits are not enforced here: :func:`size_problem` tells the analysis code whether an image is
 too small for face detection, and large images are downscaled by the detectors themselves.
 """
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+from ..validation import check_image, check_values
 
 MIN_DETECT_SIDE = 32      # below this no detector here can find a face (SCRFD's finest stride is 8, dlib HOG needs ~80)
 
@@ -41,25 +41,18 @@ class ConvertedBatch:
         return [(int(a.shape[0]), int(a.shape[1])) for a in self.images]
 
 
-def check_image_tensor(image, name: str = "image") -> torch.Tensor:
-    """Validate an IMAGE and return it as a float tensor ``[B,H,W,C]`` (C in 1..4); raises InvalidInputError."""
-    if not isinstance(image, torch.Tensor):
-        raise InvalidInputError(f"'{name}' must be an IMAGE tensor [batch, height, width, channels]; got {type(image).__name__}.")
+def check_image_tensor(image, name: str = "image", pixels: bool = True) -> torch.Tensor:
+    """Validate an IMAGE (:func:`..validation.check_image`) and return it as a float tensor ``[B,H,W,C]`` (C in
+    1..4); ``pixels=False`` checks the shape only."""
+    image = check_image(image, name, pixels=False)
     if image.dim() == 3:
         image = image.unsqueeze(0)
-    if image.dim() != 4:
-        raise InvalidInputError(f"'{name}' must be an IMAGE [batch, height, width, channels]; got shape {list(image.shape)}.")
-    b, h, w, c = image.shape
-    if b == 0 or h == 0 or w == 0:
-        raise InvalidInputError(f"'{name}' is empty (shape {list(image.shape)}).")
-    if c not in (1, 2, 3, 4):
-        raise InvalidInputError(
-            f"'{name}' has {c} channels (shape {list(image.shape)}); expected RGB [B,H,W,3] (grayscale [B,H,W,1] "
-            f"and RGBA [B,H,W,4] are accepted too). Is a MASK or a LATENT connected where an IMAGE belongs?")
     if image.dtype == torch.uint8:
         image = image.float() / 255.0
     elif not image.is_floating_point():
         image = image.float()
+    if pixels:
+        check_values(image, name)
     return image
 
 
@@ -84,18 +77,13 @@ def to_uint8_rgb(image, name: str = "image") -> ConvertedBatch:
         one = image[index].detach().to("cpu", torch.float32).numpy()
         scaled = one * np.float32(255.0)
         scaled += np.float32(0.5)
-        if not np.isfinite(scaled.max()) or not np.isfinite(scaled.min()):
-            bad = int((~np.isfinite(scaled).all(axis=-1)).sum())
-            notes.append(f"image {index} of '{name}' has {bad} NaN/infinite pixels (often an fp16 VAE decode that "
-                         f"overflowed); they were replaced by black.")
-            scaled[~np.isfinite(scaled)] = 0.0
         np.clip(scaled, 0.0, 255.0, out=scaled)
         images.append(np.ascontiguousarray(scaled.astype(np.uint8)))
     return ConvertedBatch(images, notes)
 
 
 def to_rgb_float(image, name: str = "image") -> tuple[torch.Tensor, list[str]]:
-    """IMAGE -> float ``[B,H,W,3]`` in 0..1 with the same channel and NaN fallbacks as :func:`to_uint8_rgb`."""
+    """IMAGE -> float ``[B,H,W,3]`` in 0..1 with the same checks and channel fallbacks as :func:`to_uint8_rgb`."""
     image = check_image_tensor(image, name).detach().to("cpu", torch.float32)
     notes: list[str] = []
     channels = image.shape[-1]
@@ -105,10 +93,6 @@ def to_rgb_float(image, name: str = "image") -> tuple[torch.Tensor, list[str]]:
     elif channels == 4:
         notes.append(f"'{name}' is RGBA: the alpha channel was ignored.")
         image = image[..., :3]
-    finite = torch.isfinite(image)
-    if not bool(finite.all()):
-        notes.append(f"'{name}' has NaN/infinite pixels; they were replaced by black.")
-        image = torch.where(finite, image, torch.zeros_like(image))
     return image.clamp(0.0, 1.0).contiguous(), notes
 
 

@@ -218,9 +218,12 @@ def _skip_empty(analysis: FaceAnalysis, plan: list[int], face_index: int) -> tup
     kept = [i for i in plan if _select(analysis.faces[i], face_index)]
     if not kept:
         from ..errors import NoFaceError
-        raise NoFaceError("no analysed image has a face to draw (on_no_face is 'skip', so every image was left out).")
+        raise NoFaceError("no analysed image has a face to draw (Analyze Faces ran with on_no_face 'skip', so every "
+                          "image was left out).", "Check Analyze Faces' preview, or set its on_no_face to "
+                          "'pass_through' to get black maps.")
     dropped = sorted(set(plan) - set(kept))
-    return kept, ([f"images {dropped} have no face and were left out (on_no_face = skip)."] if dropped else [])
+    return kept, ([f"images {dropped} have no face and were left out (Analyze Faces' on_no_face is skip)."]
+                  if dropped else [])
 
 
 def kps_maps(analysis: FaceAnalysis, target_size: tuple[int, int] | None = None, mode: str = "fit",

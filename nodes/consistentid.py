@@ -4,13 +4,18 @@ from __future__ import annotations
 import logging
 
 from ..errors import InvalidInputError, ModelFileError
+from ..model_hints import ModelFolder
+from ..validation import check_images, check_masks
 from ._common import category, file_choices, float_input, resolved_path
+from ..face_analysis.analyze import warn_images_without_face
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
 CATEGORY = category("ConsistentID")
 FOLDER, SUBFOLDER = "likeness", "consistentid"
 NO_FILE = "(no file in models/likeness/consistentid)"
+WEIGHTS = ModelFolder("ConsistentID weights", FOLDER, (SUBFOLDER,))
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry"
 
 
@@ -37,14 +42,16 @@ class ConsistentIDLoader:
             "model_name": (_files(), {"tooltip": "ConsistentID-v1.bin (SD1.5) in models/likeness/consistentid/."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        return WEIGHTS.choice_problem(model_name, _files(), NO_FILE)
+
     def load(self, model_name):
         from ..host.folders import resolve
         from ..techniques.consistentid.loader import load_consistentid
 
         if model_name == NO_FILE:
-            raise ModelFileError("No ConsistentID file in models/likeness/consistentid/. Put ConsistentID-v1.bin "
-                                 "(huggingface JackAILab/ConsistentID) there, or run `python <pack> models fetch "
-                                 "consistentid-sd15`.")
+            raise ModelFileError(WEIGHTS.missing_message())
         path = resolved_path(resolve, FOLDER, model_name, SUBFOLDER)
         return (load_consistentid(path),)
 
@@ -91,12 +98,15 @@ class ConsistentIDEncode:
             "mask": ("MASK", {"tooltip": "Optional: only where the ID tokens act (e.g. one person's area)."}),
         }}
 
+    @shows_warnings
     def encode(self, model, clip, clip_vision, consistentid, image, faces, parser, prompt, negative, id_weight,
                merge_at, lora_strength, mask=None):
         from ..face_analysis.parsing import FaceParser, parse_faces
         from ..techniques.consistentid.encode import encode_consistentid
         from ..techniques.faceid.apply import arcface_from_faces
 
+        check_images(image=image)
+        check_masks(mask=mask)
         if getattr(consistentid, "facial_encoder", None) is None:
             raise InvalidInputError("'consistentid' must come from the ConsistentID Loader.")
         if not isinstance(parser, FaceParser):
@@ -105,6 +115,7 @@ class ConsistentIDEncode:
             raise InvalidInputError(f"FACES describes {len(faces)} image(s) but the IMAGE batch has "
                                     f"{image.shape[0]}; analyse the same images.")
         arcfaces = arcface_from_faces(faces)
+        warn_images_without_face(faces, "image")
         with_face = [i for i, f in enumerate(faces.first_face_per_image()) if f is not None]
         labels = parse_faces(parser, image, faces).labels[with_face[0]] if with_face else None
         result = encode_consistentid(model, clip, clip_vision, consistentid, image, arcfaces, labels, prompt,

@@ -5,7 +5,9 @@ import logging
 import os
 
 from ..errors import InvalidInputError
+from ..validation import check_images
 from ._common import category, check_analyzer, checked_file_stem, float_input, int_input
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
@@ -82,6 +84,7 @@ class TrainConsistentID:
             },
         }
 
+    @shows_warnings
     def train(self, model, clip, vae, clip_vision, face_analyzer, parser, name, steps, learning_rate, batch_size,
               grad_accumulation, seed, checkpoint_every, resume, resolution, train_processors, consistentid=None,
               images=None, captions="", folder="", localization_weight=0.01, condition_dropout=0.1,
@@ -93,6 +96,7 @@ class TrainConsistentID:
         from ..techniques.consistentid.training import ConsistentIDTrainSettings, save_trained, train_consistentid
         from ..trainers.datasets import training_sources
 
+        check_images(images=images)
         stem = checked_file_stem(name, "name", [(save_dir(FOLDER, TRAINING_SUBFOLDER), "{}.safetensors"),
                                                 (save_dir(FOLDER, SUBFOLDER), "{}.safetensors")])
         check_analyzer(face_analyzer, "face_analyzer")

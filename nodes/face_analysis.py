@@ -1,13 +1,23 @@
 """Face analysis nodes: analyzer loaders, Analyze, Align / Paste Back, identity embeds, similarity."""
 from __future__ import annotations
 
+import logging
 import os
 
-from ..errors import InvalidInputError
-from ._common import category, check_analyzer, checked_file_stem, file_choices, float_input, int_input
+from ..errors import InvalidInputError, ModelFileError
+from ..model_hints import ModelFolder
+from ..validation import check_images, check_masks
+from ._common import category, check_analyzer, checked_file_stem, file_choices, float_input, int_input, resolved_path
+from ._feedback import shows_warnings
+
+logger = logging.getLogger("likeness")
 
 CATEGORY = category("Face")
 NO_PACK = "(no pack found in models/insightface/models)"
+INSIGHTFACE_PACKS = ModelFolder("insightface model pack", "insightface", ("models",))
+NO_EMBEDS = "(none saved yet)"
+SAVED_EMBEDS = ModelFolder("saved face embeds", "likeness", ("embeds",), other_way=(
+    "Save some with the Save Face Embeds node."))
 
 
 def _check_faces(faces, name: str = "faces"):
@@ -47,13 +57,24 @@ class InsightFaceAnalyzerLoader:
             "det_threshold": float_input(0.5, 0.05, 0.99, 0.01, "Minimum detector confidence for a face."),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, pack):
+        """Instead of ComfyUI's bare "Value not in list": what is wrong with the pack folder and how to get one."""
+        from ..face_analysis.analyzers.insightface_backend import resolve_pack
+
+        if pack == NO_PACK:
+            return INSIGHTFACE_PACKS.missing_message()
+        try:
+            resolve_pack(pack)
+        except ModelFileError as exc:
+            return str(exc)
+        return True
+
     def load(self, pack, provider, landmarks, det_size, det_threshold):
-        from ..errors import ModelFileError
         from ..face_analysis.analyzers.insightface_backend import EXPECTED_TREE, load_insightface, pack_roots
 
         if pack == NO_PACK:
-            raise ModelFileError("No insightface pack was found in " + ", ".join(pack_roots()) + ".\n"
-                                 + EXPECTED_TREE.format(root=pack_roots()[0]))
+            raise ModelFileError(INSIGHTFACE_PACKS.missing_message() + "\n" + EXPECTED_TREE.format(root=pack_roots()[0]))
         return (load_insightface(pack, provider, landmarks, det_size=det_size, det_thresh=det_threshold),)
 
 
@@ -118,12 +139,16 @@ class AnalyzeFaces:
             "reference": ("FACE_EMBEDS", {"tooltip": "For selection 'most_similar': the identity to look for."}),
         }}
 
+    @shows_warnings
     def analyze(self, analyzer, image, selection, face_index, on_no_face, retry, reference=None):
         from ..face_analysis.analyze import analyze, draw_preview
 
+        check_images(image=image)
         check_analyzer(analyzer)
         result = analyze(analyzer, image, selection=selection, face_index=face_index, reference=reference,
                          on_no_face=on_no_face, retry=retry)
+        for note in result.faces.notes:   # e.g. "image 1: no face detected" with on_no_face skip / pass_through
+            logger.warning("Likeness Analyze Faces: %s", note)
         return (result.faces, draw_preview(result), len(result.faces.all_faces()))
 
 
@@ -154,6 +179,7 @@ class AlignFaces:
 
         from ..face_analysis.align import align_faces
 
+        check_images(image=image)
         faces = _check_faces(faces)
         aligned = align_faces(image, faces, int(size), crop_scale)
         crops = aligned.crops
@@ -186,6 +212,8 @@ class PasteFacesBack:
     def paste(self, image, faces, crops, feather, mask=None):
         from ..face_analysis.align import AlignedFaces, paste_back
 
+        check_images(image=image, crops=crops)
+        check_masks(mask=mask)
         faces = _check_faces(faces)
         if not isinstance(faces.alignment, AlignedFaces):
             raise InvalidInputError("'faces' carries no alignment: connect the faces output of Align Faces.")
@@ -287,10 +315,11 @@ class LoadFaceEmbeds:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..host.folders import list_files
+        return {"required": {"file": (_saved_embeds(), {"tooltip": "A file in models/likeness/embeds/."})}}
 
-        files = list_files("likeness", "embeds", {".safetensors"}) or ["(none saved yet)"]
-        return {"required": {"file": (files, {"tooltip": "A file in models/likeness/embeds/."})}}
+    @classmethod
+    def VALIDATE_INPUTS(cls, file):
+        return SAVED_EMBEDS.choice_problem(file, _saved_embeds(), NO_EMBEDS)
 
     @classmethod
     def IS_CHANGED(cls, file):
@@ -305,7 +334,15 @@ class LoadFaceEmbeds:
         from ..face_analysis.embeds import load_embeds
         from ..host.folders import resolve
 
-        return (load_embeds(resolve("likeness", file, "embeds")),)
+        if file == NO_EMBEDS:
+            raise ModelFileError(SAVED_EMBEDS.missing_message())
+        return (load_embeds(resolved_path(resolve, "likeness", file, "embeds")),)
+
+
+def _saved_embeds() -> list[str]:
+    from ..host.folders import list_files
+
+    return file_choices(lambda: list_files("likeness", "embeds", {".safetensors"}), NO_EMBEDS)
 
 
 class FaceSimilarity:
@@ -336,6 +373,7 @@ class FaceSimilarity:
         from ..face_analysis.embeds import concat, embeds_from_faces
         from ..face_analysis.similarity import compare_images
 
+        check_images(image=image)
         check_analyzer(analyzer)
         references = []
         if reference_faces is not None:

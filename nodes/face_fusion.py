@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 from ..errors import InvalidInputError
+from ..model_hints import ModelFolder
+from ..validation import check_images, check_masks
 from ._common import category, file_choices, float_input, int_input, percent_range_inputs, resolved_path
+from ._feedback import shows_warnings
 
 CATEGORY = category("Face Fusion")
 NO_ADAPTER = "(no adapter in models/likeness/fusion)"
+ADAPTERS = ModelFolder("Face Fusion adapter", "likeness", ("fusion",), other_way=(
+    "Train one with the Train Face Fusion node (it saves there), or start from 'Fusion Adapter New'."))
 CAPTURE_CHOICES = {
     "per step (paper)": "per_step",
     "cached: clean reference": "cached_clean",
@@ -33,13 +38,18 @@ class FusionAdapterLoader:
             "adapter_name": (names, {"tooltip": "Adapter file in models/likeness/fusion/ (made by the Fusion trainer)."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, adapter_name):
+        from ..techniques.face_fusion import list_fusion_adapters
+
+        return ADAPTERS.choice_problem(adapter_name, file_choices(list_fusion_adapters, NO_ADAPTER), NO_ADAPTER)
+
     def load(self, adapter_name):
         from ..errors import ModelFileError
         from ..techniques.face_fusion import fusion_adapter_path, load_fusion_adapter
 
         if adapter_name == NO_ADAPTER:
-            raise ModelFileError("No Fusion adapter found in models/likeness/fusion/. Train one with the Fusion "
-                                 "trainer node, or start from 'Fusion Adapter New'.")
+            raise ModelFileError(ADAPTERS.missing_message())
         path = resolved_path(fusion_adapter_path, adapter_name)
         return (load_fusion_adapter(path),)
 
@@ -90,6 +100,9 @@ class FusionIdentity:
 
     def add(self, reference, mask=None, identities=None):
         from ..techniques.face_fusion.apply import chain_identity
+
+        check_images(reference=reference)
+        check_masks(mask=mask)
 
         return (chain_identity(identities, reference, mask),)
 
@@ -148,12 +161,15 @@ class ApplyFaceFusion:
                                               "adapter's training (the trainer uses 2)."),
         }}
 
+    @shows_warnings
     def apply(self, model, fusion_adapter, vae, weight, start_at, end_at, capture, reference=None, mask=None,
               identities=None, reference_size=512, capture_at=0.5, uncond="none", layers="all", other_layers=0.25,
               custom_layers="", reference_prompt=None, noise_seed=0, reference_budget=2, reference_downsample=2):
         from ..attention_patches import SiteWeights
         from ..techniques.face_fusion.apply import apply_face_fusion_images, chain_identity
 
+        check_images(reference=reference)
+        check_masks(mask=mask)
         if start_at > end_at:
             raise InvalidInputError(f"start_at ({start_at}) must not be after end_at ({end_at})")
         people = ()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 import os
 
+from ..validation import check_images
 from ._common import category, check_analyzer, checked_file_stem, float_input, int_input
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
@@ -70,6 +72,7 @@ class TrainFaceFusion:
             },
         }
 
+    @shows_warnings
     def train(self, model, vae, clip, name, steps, learning_rate, batch_size, grad_accumulation, seed,
               checkpoint_every, resume, resolution, reference_size, images=None, captions="", folder="",
               face_analyzer=None, fusion_adapter=None, face_weight=1.0, reference_noise="same noise level (paper)",
@@ -80,6 +83,7 @@ class TrainFaceFusion:
         from ..techniques.face_fusion.training import FusionTrainSettings, save_trained_adapter, train_face_fusion
         from ..trainers.datasets import training_sources
 
+        check_images(images=images)
         stem = checked_file_stem(name, "name", [(save_dir("likeness", "training/fusion"), "{}.safetensors"),
                                                 (fusion_save_dir(), "{}.safetensors")])
         if face_analyzer is not None:

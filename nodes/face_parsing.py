@@ -4,12 +4,17 @@ from __future__ import annotations
 import logging
 
 from ..errors import InvalidInputError
+from ..model_hints import ModelFolder
+from ..validation import check_images, check_masks
 from ._common import category, float_input, int_input
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
 CATEGORY = category("Face")
 PARSER_WEIGHT_EXTENSIONS = {".pth", ".pt", ".bin", ".safetensors", ".sft"}
+PARSER_WEIGHTS = ModelFolder("face parsing weights", "likeness", ("parsing",), other_way=(
+    "Or choose 'landmarks (no weights)'."))
 
 
 def _parser_choices() -> list[str]:
@@ -45,6 +50,10 @@ class FaceParserLoader:
             "device": (["auto", "cpu"], {"default": "auto", "tooltip": "Where BiSeNet runs: auto = ComfyUI's device "
                        "(the GPU when there is one), or force the CPU."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, parser):
+        return PARSER_WEIGHTS.choice_problem(parser, _parser_choices())
 
     def load(self, parser, device):
         from ..face_analysis.parsing.loader import load_face_parser
@@ -86,11 +95,14 @@ class FaceRegions:
             "mask": ("MASK", {"tooltip": "Optional: only keep the regions inside this mask (same size as the image)."}),
         }}
 
+    @shows_warnings
     def regions(self, image, faces, parser, region, grow, feather, extra_regions="", face_index=-1,
                 crop_scale=2.2, mask=None):
         from ..face_analysis.parsing import FaceParser, face_regions
         from ..face_analysis.parsing.regions import parse_region_names
 
+        check_images(image=image)
+        check_masks(mask=mask)
         if not isinstance(parser, FaceParser):
             raise InvalidInputError("'parser' must come from the Face Parser Loader node.")
         names = parse_region_names(region, extra_regions or "")

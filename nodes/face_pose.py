@@ -5,6 +5,7 @@ import logging
 
 from ..errors import InvalidInputError
 from ._common import category, int_input
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
@@ -39,7 +40,7 @@ def _canvas(faces, size_from, width: int, height: int) -> tuple[tuple[int, int] 
     if size_from is not None:
         from ..face_analysis.images import check_image_tensor
 
-        image = check_image_tensor(size_from, "size_from")
+        image = check_image_tensor(size_from, "size_from", pixels=False)   # only its size is used
         batch = int(image.shape[0]) if len(faces) == 1 else None
         return (int(image.shape[1]), int(image.shape[2])), batch
     if (width > 0) != (height > 0):
@@ -66,6 +67,7 @@ class FaceKeypointMap:
                                     "largest in Analyze Faces); otherwise only that face of each image."),
         }, "optional": _canvas_inputs()}
 
+    @shows_warnings
     def draw(self, faces, face_index=-1, size_from=None, width=0, height=0, resize_mode="fit"):
         from ..face_analysis.pose import kps_maps
 
@@ -101,6 +103,7 @@ class FaceLandmarkMap:
             "face_index": int_input(-1, -1, 64, "-1 = every face in FACES; otherwise only that face of each image."),
         }, "optional": _canvas_inputs()}
 
+    @shows_warnings
     def draw(self, faces, style, thickness, point_radius, face_index=-1, size_from=None, width=0, height=0,
              resize_mode="fit"):
         from ..face_analysis.pose import landmark_maps

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import InvalidInputError, TrainingError
+from ..errors import InvalidInputError, ModelFileError, TrainingError
+from ..model_hints import ModelFolder
 from ..trainers.precision import PRECISIONS
-from ._common import category, check_analyzer, checked_file_stem, file_choices, float_input, int_input
+from ..validation import check_images
+from ._common import category, check_analyzer, checked_file_stem, file_choices, float_input, int_input, resolved_path
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
 CATEGORY = category("FaceA-Net")
 NO_IDENTITY = "(no identity in models/likeness/identities)"
+IDENTITIES = ModelFolder("FaceA-Net identity", "likeness", ("identities",), other_way=(
+    "Train one with 'Train Identity (FaceA-Net)' (it saves there)."))
 ATTRIBUTES_TIP = ("Facial attributes for the local task, comma separated: left_eye, right_eye, nose, mouth "
                   "('eyes' = both eyes; left/right = the image's left/right).")
 
@@ -101,6 +106,7 @@ class TrainIdentity:
                                  "and report identity similarity."}),
         }}
 
+    @shows_warnings
     def train(self, model, clip, vae, images, analyzer, class_word, name, steps, seed, rank=48, lr_lora=1.2e-4,
               lr_embeddings=2e-3, batch_size=4, feat_tokens=0, attributes="left_eye, right_eye, nose, mouth",
               working_size=512, mask_shape="box", checkpoint_every=100, resume=True, preview_every=0,
@@ -108,6 +114,7 @@ class TrainIdentity:
         from ..techniques.facea_net.files import identity_file, identity_outputs, save_trained_identity
         from ..techniques.facea_net.training import TrainSettings, train_identity
 
+        check_images(images=images, validation_image=validation_image)
         check_analyzer(analyzer)
         name = checked_file_stem(name, "name", identity_outputs())
         if images.shape[0] < 3:
@@ -167,12 +174,14 @@ class AttributeTransfer:
             "parser": ("FACE_PARSER", {"tooltip": "Optional face parser for the attribute masks."}),
         }}
 
+    @shows_warnings
     def transfer(self, model, clip, vae, identity, images, analyzer, attributes, name, steps, seed, lr_lora=1.2e-4,
                  lr_embeddings=2e-3, batch_size=4, working_size=512, parser=None):
         from ..techniques.facea_net.files import identity_outputs, save_trained_identity
         from ..techniques.facea_net.lora import identity_lora_state
         from ..techniques.facea_net.training import TrainSettings, attribute_transfer_settings, train_identity
 
+        check_images(images=images)
         identity = _check_identity(identity)
         check_analyzer(analyzer)
         name = checked_file_stem(name, "name", identity_outputs(("lora", "identity")))
@@ -202,20 +211,28 @@ class LoadIdentity:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..host.folders import list_files
-
-        files = file_choices(lambda: list_files("likeness", "identities", {".safetensors"}), NO_IDENTITY)
+        files = _identity_files()
         return {"required": {
             "identity": (files, {"default": files[0], "tooltip": "An identity file in models/likeness/identities/."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, identity):
+        return IDENTITIES.choice_problem(identity, _identity_files(), NO_IDENTITY)
 
     def load(self, identity):
         from ..host.folders import resolve
         from ..techniques.facea_net.identity import load_identity
 
         if identity == NO_IDENTITY:
-            raise InvalidInputError("No identity files found; train one with 'Train Identity (FaceA-Net)'.")
-        return (load_identity(resolve("likeness", identity, "identities")),)
+            raise ModelFileError(IDENTITIES.missing_message())
+        return (load_identity(resolved_path(resolve, "likeness", identity, "identities")),)
+
+
+def _identity_files() -> list[str]:
+    from ..host.folders import list_files
+
+    return file_choices(lambda: list_files("likeness", "identities", {".safetensors"}), NO_IDENTITY)
 
 
 class IdentityPrompt:
@@ -269,6 +286,7 @@ class ApplyIdentityLora:
             "strength": float_input(1.0, -4.0, 4.0, 0.05, "LoRA strength (1 = as trained)."),
         }}
 
+    @shows_warnings
     def apply(self, model, identity, strength):
         from ..techniques.facea_net.lora import apply_lora_to_model, identity_lora_state
 
@@ -357,6 +375,7 @@ class FaceInpaint:
         optional.update(_mask_inputs())
         return {"required": required, "optional": optional}
 
+    @shows_warnings
     def inpaint(self, model, clip, vae, image, analyzer, identity, selection, text, negative, seed, steps, cfg,
                 sampler_name, scheduler, denoise, identity_2=None, identity_3=None, identity_4=None,
                 assignment="left_to_right", face_index=0, lora_strength=1.0, feat_strength=1.0,
@@ -365,6 +384,7 @@ class FaceInpaint:
         from ..host.progress import Progress
         from ..techniques.facea_net.pipeline import InpaintSettings, inpaint_faces
 
+        check_images(image=image)
         check_analyzer(analyzer)
         identities = [_check_identity(i, n) for i, n in ((identity, "identity"), (identity_2, "identity_2"),
                                                            (identity_3, "identity_3"), (identity_4, "identity_4"))
@@ -401,10 +421,12 @@ class FaceCrop:
             "parser": ("FACE_PARSER", {"tooltip": "Optional face parser for region masks (default: landmarks)."}),
         }}
 
+    @shows_warnings
     def crop(self, image, faces, regions, mask_shape, grow, feather, context, working_size, parser=None):
         from ..face_analysis.types import FaceAnalysis
         from ..techniques.facea_net.pipeline import InpaintSettings, crop_faces
 
+        check_images(image=image)
         if not isinstance(faces, FaceAnalysis):
             raise InvalidInputError("'faces' must be FACES from the Analyze Faces node.")
         settings = InpaintSettings(regions=regions, mask_shape=mask_shape, grow=grow, feather=feather,
@@ -436,6 +458,7 @@ class FacePaste:
     def paste(self, image, crops, crop_info):
         from ..techniques.facea_net.pipeline import FaceCrops, paste_faces
 
+        check_images(image=image, crops=crops)
         if not isinstance(crop_info, FaceCrops):
             raise InvalidInputError("'crop_info' must come from the Face Crop (FaceA-Net) node.")
         return paste_faces(image, crops, crop_info)

@@ -4,7 +4,10 @@ from __future__ import annotations
 import logging
 
 from ..errors import InvalidInputError, ModelFileError
+from ..model_hints import ModelFolder
+from ..validation import check_images, check_masks
 from ._common import category, float_input, percent_range_inputs, resolved_path
+from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
@@ -12,6 +15,7 @@ CATEGORY = category("FaceID")
 FOLDER = "likeness"
 SUBFOLDERS = ("faceid", "face_makeup")
 NO_FILE = "(no file in models/likeness/faceid or face_makeup)"
+ADAPTERS = ModelFolder("FaceID-family adapter", FOLDER, SUBFOLDERS)
 SHORTCUT_CHOICES = {"auto (from file name)": None, "on (PlusV2, Face-MakeUp)": True, "off (Plus v1)": False}
 
 
@@ -47,13 +51,16 @@ class FaceIDLoader:
                          "'auto' turns it on for names containing 'plusv2' and for Face-MakeUp."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        return ADAPTERS.choice_problem(model_name, _files(), NO_FILE)
+
     def load(self, model_name, shortcut):
         from ..host.folders import resolve
         from ..techniques.faceid.checkpoint import load_faceid_checkpoint
 
         if model_name == NO_FILE or "/" not in model_name:
-            raise ModelFileError("No FaceID-family file found. Put ip-adapter-faceid-plusv2_sd15.bin in "
-                                 "models/likeness/faceid/ (or Face-MakeUp's model.bin in models/likeness/face_makeup/).")
+            raise ModelFileError(ADAPTERS.missing_message(None if model_name == NO_FILE else model_name))
         sub, name = model_name.split("/", 1)
         path = resolved_path(resolve, FOLDER, name, sub)
         checkpoint = load_faceid_checkpoint(path, shortcut=SHORTCUT_CHOICES.get(shortcut))
@@ -93,12 +100,15 @@ class FaceIDApply:
             "mask": ("MASK", {"tooltip": "Optional: only where the ID tokens act."}),
         }}
 
+    @shows_warnings
     def apply(self, model, faceid, image, faces, weight, s_scale, lora_strength, start_at, end_at,
               clip_vision=None, mix_weights="", mask=None):
         from ..techniques.faceid.apply import apply_faceid_adapter
         from ..techniques.faceid.checkpoint import FaceIDCheckpoint, Variant
         from ..techniques.faceid.references import faceid_tokens
 
+        check_images(image=image)
+        check_masks(mask=mask)
         if not isinstance(faceid, FaceIDCheckpoint):
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
         tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)
@@ -144,12 +154,14 @@ class FaceMakeUpApply:
                             "empty = equal."}),
         }}
 
+    @shows_warnings
     def apply(self, model, faceid, clip_vision, image, faces, positive, negative, weight, s_scale, lora_strength,
               controlnet_strength, start_at, end_at, pose_map=None, mix_weights=""):
         from ..techniques.faceid.apply import apply_face_makeup
         from ..techniques.faceid.checkpoint import FaceIDCheckpoint
         from ..techniques.faceid.references import faceid_tokens, reference_pose_map
 
+        check_images(image=image, pose_map=pose_map)
         if not isinstance(faceid, FaceIDCheckpoint):
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
         tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)

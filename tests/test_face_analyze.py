@@ -212,16 +212,15 @@ def test_batch_mixing_faces_and_no_faces(dlib_analyzer, mode):
 
 
 @dlib_only
-def test_nan_pixels_are_replaced_and_reported(dlib_analyzer):
-    image = as_image(astronaut())
-    image[0, 400:450, 10:60] = float("nan")
-    image[0, 0, 0, 0] = float("inf")
-    result = analyze(dlib_analyzer, image)
-    assert len(result.faces.faces[0]) == 1
-    assert any("2501 NaN/infinite pixels" in note for note in result.faces.notes)
-    all_nan = torch.full((1, 64, 64, 3), float("nan"))
-    with pytest.raises(NoFaceError, match="no face detected"):
-        analyze(dlib_analyzer, all_nan)
+def test_nan_pixels_are_refused_naming_the_image(dlib_analyzer):
+    image = as_image(astronaut()).repeat(3, 1, 1, 1)
+    image[2, 400:450, 10:60] = float("nan")
+    image[2, 0, 0, 0] = float("inf")
+    with pytest.raises(InvalidInputError, match=r"'image' image 2 has NaN/infinite pixels \(image 2: 7501 values; "
+                                                r"batch of 3\).*fix or replace"):
+        analyze(dlib_analyzer, image)
+    with pytest.raises(InvalidInputError, match="'image' image 0 has NaN"):
+        analyze(dlib_analyzer, torch.full((1, 64, 64, 3), float("nan")))
 
 
 def test_wrong_image_shapes_are_invalid_input_errors():

@@ -24,7 +24,7 @@ def _image():
 def test_loader_lists_packs_and_explains_an_empty_folder(models_root):
     choices = nodes.InsightFaceAnalyzerLoader.INPUT_TYPES()["required"]["pack"][0]
     assert choices == [nodes.NO_PACK]
-    with pytest.raises(ModelFileError, match="No insightface pack was found") as error:
+    with pytest.raises(ModelFileError, match="No insightface model pack found in models/insightface/models") as error:
         nodes.InsightFaceAnalyzerLoader().load(nodes.NO_PACK, "CPU", "none", 640, 0.5)
     assert os.path.join(models_root, "insightface", "models") in str(error.value)
 
@@ -83,7 +83,9 @@ def test_node_input_errors_are_clear(tiny_pack):
 def test_align_with_every_image_skipped_returns_one_black_crop(tiny_pack):
     analyzer, = nodes.InsightFaceAnalyzerLoader().load(tiny_pack, "CPU", "none", 640, 0.5)
     blank = torch.zeros(1, 128, 128, 3)
-    faces, preview, count = nodes.AnalyzeFaces().analyze(analyzer, blank, "largest", 0, "skip", True)
+    output = nodes.AnalyzeFaces().analyze(analyzer, blank, "largest", 0, "skip", True)
+    faces, preview, count = output["result"]
     assert count == 0 and faces.faces == [[]]
+    assert output["ui"]["text"] == ["Likeness Analyze Faces: image 0: no face detected (also retried smaller and padded)"]
     crops, _ = nodes.AlignFaces().align(faces, blank, "112", 1.0)
     assert crops.shape == (1, 112, 112, 3) and crops.abs().sum() == 0

@@ -403,7 +403,9 @@ def test_two_faces_get_their_own_identities_and_the_rest_is_unchanged(comfy_read
     with torch.inference_mode():
         out, mask, notes = pipeline.inpaint_faces(model, host_models["clip"], host_models["vae"], image, analyzer(),
                                                   [anna, ben], inpaint_settings(selection="all"))
-    assert used == ["anna", "ben"] and not notes
+    assert used == ["anna", "ben"]
+    (note,) = notes   # the faces beyond the two identities are reported, not silently skipped
+    assert note.startswith("image 0: face(s) [2, 3") and "got no identity and were left unchanged" in note
     assert out.shape == image.shape and mask.shape == image.shape[:3]
     outside = mask < 1.0 / 255
     assert (out - image).abs()[outside].max() <= 1.0 / 255

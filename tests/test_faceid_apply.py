@@ -66,6 +66,25 @@ def test_id_tokens_and_adapter_change_the_output_and_zero_restores_it(tiny_sd15,
     assert torch.equal(_sample(tiny_sd15), base)                       # the input model was never modified
 
 
+def test_applied_twice_both_id_branches_act(tiny_sd15, tiny_clip_vision, tiny_plus):
+    from likeness.attention_patches import find_patch
+    from likeness.techniques.faceid.apply import apply_faceid_adapter, clip_hidden_states, encode_id_tokens
+
+    with torch.inference_mode():
+        arcface = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(4)), dim=-1)
+        clip = clip_hidden_states(tiny_clip_vision, torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(3)))
+        tokens = encode_id_tokens(tiny_plus, arcface, clip, clip_hidden_states(tiny_clip_vision, None))
+    once = apply_faceid_adapter(tiny_sd15, tiny_plus, tokens, weight=1.0, lora_strength=0.0)
+    twice = apply_faceid_adapter(once, tiny_plus, tokens, weight=1.0, lora_strength=0.0)
+    names = [i.name for i in find_patch(twice).injectors]
+    assert len(names) == 2 and names[1] == names[0] + "#2"
+    double = apply_faceid_adapter(tiny_sd15, tiny_plus, tokens, weight=2.0, lora_strength=0.0)
+    out_twice, out_double = _sample(twice), _sample(double)
+    scale = float(out_double.abs().max())
+    assert (out_twice - out_double).abs().max() <= 1e-5 * scale        # two decoupled branches add up (float order)
+    assert (out_twice - _sample(once)).abs().max() > 1e-3 * scale
+
+
 def test_apply_node_and_identity_mixing(tiny_sd15, tiny_clip_vision, tiny_plus):
     from likeness.nodes.faceid import FaceIDApply
     from likeness.techniques.faceid.references import faceid_tokens

@@ -121,6 +121,25 @@ def test_fusion_stacked_with_decoupled_both_apply(tiny_sd15):
     assert len(find_patch(fusion_only).injectors) == 1
 
 
+def test_fusion_applied_twice_stacks_like_the_other_techniques(tiny_sd15):
+    from likeness.attention_patches import find_patch
+    from likeness.techniques.face_fusion import FusionIdentityLatents, apply_face_fusion
+
+    first, _, adapter = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(1, 1))], capture_mode="cached_clean")
+    second = [FusionIdentityLatents(_refs(1, 2))]
+    twice = apply_face_fusion(first, adapter, second, capture_mode="cached_clean")
+    patch = find_patch(twice)
+    assert [i.name for i in patch.injectors] == ["face_fusion", "face_fusion#2"]
+    assert len(find_patch(first).injectors) == 1                      # the input model keeps one application
+    second_only = apply_face_fusion(tiny_sd15, adapter, second, capture_mode="cached_clean")
+    out_twice, out_first, out_second = _sample(twice), _sample(first), _sample(second_only)
+    assert patch.capture_passes == 2                                   # each application has its references
+    assert (out_twice - out_first).abs().max().item() > 1e-5
+    assert (out_twice - out_second).abs().max().item() > 1e-5          # the first is not dropped
+    off = apply_face_fusion(first, adapter, second, weight=0.0, capture_mode="cached_clean")
+    assert (_sample(off) - out_first).abs().max().item() <= 1e-6       # a second one at weight 0 changes nothing
+
+
 def test_training_forward_is_differentiable(tiny_sd15):
     """What the trainer does: a direct apply_model with the wrappers merged, autograd on."""
     from likeness.host.attention import forward_transformer_options

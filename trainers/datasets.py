@@ -2,12 +2,15 @@
 
 Images are ``[H, W, 3]`` float tensors in 0..1 (ComfyUI's IMAGE layout without the batch axis), resized
 so the shorter side matches ``size`` and centre-cropped to ``size × size`` so they batch.
+
+Bad data is refused before training starts, with the file (or the input and image index) and the problem:
+an unreadable image file, a caption file that is not UTF-8, an IMAGE with NaN pixels (``validation``).
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError
+from ..validation import check_image
 
 logger = logging.getLogger("likeness")
 
@@ -71,35 +75,47 @@ def list_image_folder(folder: str, default_caption: str = DEFAULT_CAPTION) -> li
         stem, ext = os.path.splitext(name)
         if ext.lower() not in IMAGE_EXTENSIONS:
             continue
-        caption = default_caption
         caption_path = os.path.join(folder, stem + ".txt")
-        if os.path.isfile(caption_path):
-            with open(caption_path, encoding="utf-8") as handle:
-                caption = handle.read().strip() or default_caption
+        caption = read_caption(caption_path, default_caption) if os.path.isfile(caption_path) else default_caption
         entries.append((name, os.path.join(folder, name), caption))
     if not entries:
         raise InvalidInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in training folder '{folder}'")
     return entries
 
 
-def iter_image_folder(folder: str, default_caption: str = DEFAULT_CAPTION) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """``(name, image [H, W, 3], caption)`` at full resolution, one at a time; unreadable files are skipped."""
+def read_caption(path: str, default_caption: str = DEFAULT_CAPTION) -> str:
+    """The text of a caption file, or InvalidInputError naming the file when it is unreadable or not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip() or default_caption
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"caption file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                f"save it as UTF-8 (or delete it to use '{default_caption}').") from exc
+    except OSError as exc:
+        raise InvalidInputError(f"caption file '{path}' cannot be read ({exc.strerror or exc}).") from exc
+
+
+def read_image_folder(folder: str, default_caption: str = DEFAULT_CAPTION) -> list[tuple[str, torch.Tensor, str]]:
+    """``(name, image [H, W, 3], caption)`` of every image at full resolution. An unreadable file is refused:
+    InvalidInputError lists every such file with the reason (a silently smaller training set is worse)."""
+    from PIL import Image
+
+    items, problems = [], []
     for name, path, caption in list_image_folder(folder, default_caption):
         try:
-            image = read_image(path)
-        except OSError as exc:
-            logger.warning("skipping unreadable training image %s (%s)", path, exc)
-            continue
-        yield name, image, caption
+            items.append((name, read_image(path), caption))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            problems.append(f"'{name}' ({exc})")
+    if problems:
+        raise InvalidInputError(f"{len(problems)} of {len(problems) + len(items)} training image(s) in '{folder}' "
+                                f"cannot be read: {'; '.join(problems)}. Fix or remove those files.")
+    return items
 
 
 def load_image_folder(folder: str, size: int, default_caption: str = DEFAULT_CAPTION) -> list[ImageCaption]:
     """Every image in ``folder`` with its same-stem ``.txt`` caption, resized and centre-cropped to ``size``."""
-    items = [ImageCaption(resize_center_crop(image, size), caption, name)
-             for name, image, caption in iter_image_folder(folder, default_caption)]
-    if not items:
-        raise InvalidInputError(f"no readable images in training folder '{folder}'")
-    return items
+    return [ImageCaption(resize_center_crop(image, size), caption, name)
+            for name, image, caption in read_image_folder(folder, default_caption)]
 
 
 def captions_for(count: int, text: str | Sequence[str] | None, default_caption: str = DEFAULT_CAPTION) -> list[str]:
@@ -122,6 +138,7 @@ def from_images(images: torch.Tensor, text: str | Sequence[str] | None, size: in
     """Items from an IMAGE batch ``[B, H, W, C]`` and caption text (see :func:`captions_for`)."""
     if images.ndim != 4 or images.shape[-1] < 3:
         raise InvalidInputError(f"expected IMAGE [B, H, W, C>=3], got shape {tuple(images.shape)}")
+    check_image(images, "images")
     captions = captions_for(images.shape[0], text, default_caption)
     return [ImageCaption(resize_center_crop(images[i, ..., :3], size), captions[i], f"image_{i}")
             for i in range(images.shape[0])]
@@ -179,10 +196,11 @@ def training_sources(images: torch.Tensor | None, captions: str | None,
     if images is not None:
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             raise InvalidInputError("images must be an IMAGE batch [B, H, W, C]")
+        check_image(images, "images")
         texts = captions_for(images.shape[0], captions if captions and captions.strip() else None)
         sources += [(f"image_{i}", images[i], texts[i]) for i in range(images.shape[0])]
     if folder:
-        sources += list(iter_image_folder(folder))
+        sources += read_image_folder(folder)
     if not sources:
         raise InvalidInputError("give training images: connect 'images' or set 'folder' to a folder of photos")
     return sources

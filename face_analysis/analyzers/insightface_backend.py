@@ -28,6 +28,7 @@ import numpy as np
 
 from ...deps import require
 from ...errors import ModelFileError
+from ...model_hints import fetch_advice, fetch_ids
 from ..types import Face
 from .base import Capability
 
@@ -207,8 +208,9 @@ def resolve_pack(name: str) -> str:
         misplaced = os.path.join(os.path.dirname(root), name)
         if _onnx_files(misplaced):
             hint = f" Found {misplaced}: it belongs in {os.path.join(root, name)} (note the 'models' level)."
+    fetch = fetch_advice(fetch_ids(["insightface/models"], name))
     raise ModelFileError(
-        f"insightface pack '{name}' was not found. Looked in: {', '.join(candidates)}.{hint}\n{tree}")
+        f"insightface pack '{name}' was not found. Looked in: {', '.join(candidates)}.{hint} {fetch}\n{tree}")
 
 
 # ----------------------------------------------------------------------------------------- routing

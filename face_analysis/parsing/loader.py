@@ -15,6 +15,7 @@ import threading
 import torch
 
 from ...errors import CheckpointLayoutError, ModelFileError
+from ...model_hints import fetch_advice, fetch_ids
 from .bisenet import NUM_CLASSES, BiSeNet
 
 logger = logging.getLogger("likeness")
@@ -146,6 +147,7 @@ def load_face_parser(choice: str, device: str = "auto"):
         try:
             path = resolve("likeness", choice, subfolder="parsing")
         except FileNotFoundError as exc:
+            fetch = fetch_advice(fetch_ids(["likeness/parsing"], choice))
             raise ModelFileError(f"{exc} Put 79999_iter.pth (or face_parsing.pth) in models/likeness/parsing/, or "
-                                 f"choose '{LANDMARKS_CHOICE}'.") from exc
+                                 f"choose '{LANDMARKS_CHOICE}'. {fetch}".rstrip()) from exc
     return FaceParser(kind="bisenet", name=os.path.basename(path), model=load_bisenet(path), device=device)

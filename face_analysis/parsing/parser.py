@@ -68,7 +68,7 @@ class ParseResult:
 # ----------------------------------------------------------------------------------------- inputs
 
 def rgb_batch(images) -> tuple[torch.Tensor, list[str]]:
-    """IMAGE -> float ``[B,H,W,3]`` 0..1 on CPU (gray replicated, alpha dropped, NaN -> black, noted)."""
+    """IMAGE -> float ``[B,H,W,3]`` 0..1 on CPU (gray replicated, alpha dropped, noted; NaN pixels are refused)."""
     from ..images import check_image_tensor
 
     x = check_image_tensor(images, "image").detach().to("cpu", torch.float32)
@@ -79,9 +79,6 @@ def rgb_batch(images) -> tuple[torch.Tensor, list[str]]:
     elif x.shape[-1] == 4:
         x = x[..., :3]
         notes.append("the image is RGBA: alpha was ignored for parsing.")
-    if not bool(torch.isfinite(x).all()):
-        notes.append("the image has NaN/infinite pixels; they were treated as black.")
-        x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0)
     return x.clamp(0.0, 1.0).contiguous(), notes
 
 

@@ -40,6 +40,7 @@ from ...attention_patches import (NEGATIVE, POSITIVE, AttentionCall, CaptureRequ
                                   JointInjector, KeyGroup, ReferenceLatents, RegionMask, SigmaRange, SiteWeights,
                                   install)
 from ...attention_patches.capture import CAPTURE_MODES
+from ...attention_patches.injectors import stacking_name
 from ...attention_patches.kernels import pool_key_grid, pooling_window, reference_grid
 from ...attention_patches.masks import eq7_bias, rows_for
 from ...errors import InvalidInputError
@@ -266,7 +267,9 @@ def apply_face_fusion(model: Any, adapter: FusionAdapter, identities: Sequence[F
                       noise_seed: int = 0, per_row: bool = False,
                       reference_budget: float = DEFAULT_REFERENCE_BUDGET,
                       reference_downsample: int = DEFAULT_REFERENCE_DOWNSAMPLE) -> Any:
-    """A clone of ``model`` with Face Fusion installed (other identity techniques on it keep working).
+    """A clone of ``model`` with Face Fusion installed (other identity techniques on it keep working). Applied to a
+    model that already has Face Fusion, both apply: each application is its own injector (own references, own
+    capture pass, own key block in the joint softmax), as stacked FaceID adapters are.
 
     ``per_row=True`` (training): one identity whose i-th reference belongs to batch row i (per chunk),
     captured at that row's sigma. ``reference_budget``, ``reference_downsample``: see the module doc. The
@@ -277,7 +280,7 @@ def apply_face_fusion(model: Any, adapter: FusionAdapter, identities: Sequence[F
     adapter.check_sites(patch.sites)
     patch.add(FusionInjector(adapter, identities, capture_mode=capture_mode, capture_percent=capture_percent,
                              uncond=uncond, reference_context=reference_context, noise_seed=noise_seed,
-                             per_row=per_row, weight=weight, sigma_range=SigmaRange(start_at, end_at),
+                             per_row=per_row, name=stacking_name(patch.injectors, INJECTOR_NAME), weight=weight, sigma_range=SigmaRange(start_at, end_at),
                              site_weights=site_weights, reference_budget=reference_budget,
                              reference_downsample=reference_downsample))
     return clone

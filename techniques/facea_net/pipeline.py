@@ -27,6 +27,8 @@ logger = logging.getLogger("likeness")
 
 ASSIGNMENTS = ("left_to_right", "most_similar")
 NO_FACE = ("pass_through", "error")
+NO_FACE_ADVICE = ("Set on_no_face to 'pass_through' to return such images unchanged, or change "
+                  "selection / face_index.")
 
 
 @dataclass
@@ -74,12 +76,8 @@ def analyze_scene(analyzer, image: torch.Tensor, settings: InpaintSettings, embe
     from ...face_analysis.analyze import analyze
 
     on_no_face = "error" if settings.on_no_face == "error" else "pass_through"
-    try:
-        result = analyze(analyzer, image, selection=settings.selection, face_index=settings.face_index,
-                         on_no_face=on_no_face, embed=embed)
-    except NoFaceError as exc:
-        raise NoFaceError(f"Face Inpaint: {exc} (set on_no_face to 'pass_through' to return such images "
-                          "unchanged)") from exc
+    result = analyze(analyzer, image, selection=settings.selection, face_index=settings.face_index,
+                     on_no_face=on_no_face, embed=embed, no_face_advice=NO_FACE_ADVICE)
     return result.faces
 
 
@@ -115,6 +113,20 @@ def assign_identities(faces: Sequence, identities: Sequence[Identity], mode: str
         used_faces.add(i)
         used_ids.add(j)
     return sorted(pairs)
+
+
+def assignment_notes(image_index: int, faces: int, identities: int, pairs: Sequence[tuple[int, int]]) -> list[str]:
+    """What an assignment leaves out: faces that get no identity (left unchanged) and identities no face gets."""
+    notes = []
+    unassigned = sorted(set(range(faces)) - {i for i, _ in pairs})
+    unused = sorted(set(range(identities)) - {j for _, j in pairs})
+    if unassigned:
+        notes.append(f"image {image_index}: face(s) {unassigned} (left to right) got no identity and were left "
+                     f"unchanged ({identities} identities for {faces} faces)")
+    if unused:
+        notes.append(f"image {image_index}: identity number(s) {[j + 1 for j in unused]} were not used "
+                     f"({identities} identities for {faces} faces)")
+    return notes
 
 
 def face_crop(image: torch.Tensor, face, settings: InpaintSettings, parser=None, image_index: int = 0):
@@ -189,7 +201,9 @@ def inpaint_faces(model, clip, vae, image: torch.Tensor, analyzer, identities: S
         if not faces:
             notes.append(f"image {b}: no face found; passed through unchanged")
             continue
-        jobs += [(b, faces[i], j) for i, j in assign_identities(faces, identities, settings.assignment)]
+        pairs = assign_identities(faces, identities, settings.assignment)
+        notes += assignment_notes(b, len(faces), len(identities), pairs)
+        jobs += [(b, faces[i], j) for i, j in pairs]
     progress = progress_factory(len(jobs)) if progress_factory is not None and jobs else None
     for k, (b, face, j) in enumerate(jobs):
         identity = identities[j]

@@ -109,12 +109,17 @@ class Reference:
     embedding: np.ndarray | None = None
 
 
+NO_FACE_ADVICE = ("Every photo the FaceA-Net trainer gets ('images', and 'validation_image' when connected) needs "
+                  "one clearly visible face: replace the listed image(s), crop them closer, or leave them out.")
+
+
 def analyze_largest(analyzer, images: torch.Tensor, embed: bool = True) -> list:
     """The largest face of every image of an IMAGE batch (the face analysis chain, with its retries);
     NoFaceError names the images without one."""
     from ...face_analysis.analyze import analyze
 
-    result = analyze(analyzer, images, selection="largest", on_no_face="error", embed=embed)
+    result = analyze(analyzer, images, selection="largest", on_no_face="error", embed=embed,
+                     no_face_advice=NO_FACE_ADVICE)
     return [faces[0] for faces in result.faces.faces]
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...attention_patches import DecoupledInjector, SigmaRange, add_injector
+from ...attention_patches import DecoupledInjector, SigmaRange, install
+from ...attention_patches.injectors import stacking_name
 from ...errors import InvalidInputError
 from .checkpoint import FaceIDCheckpoint
 from .ip_weights import IdentityKV
@@ -81,10 +82,10 @@ def apply_faceid_adapter(model_patcher, checkpoint: FaceIDCheckpoint, tokens: ID
     if weight != 0.0:
         device = _load_device(model_patcher)
         provider = IdentityKV(checkpoint.adapter, tokens.cond, tokens.uncond, device=device)
-        injector = DecoupledInjector(name or checkpoint.variant.value, provider, weight=weight,
-                                     sigma_range=SigmaRange(start_at, end_at),
-                                     region=mask)
-        add_injector(patched, injector)
+        patch = install(patched)
+        injector = DecoupledInjector(stacking_name(patch.injectors, name or checkpoint.variant.value), provider,
+                                     weight=weight, sigma_range=SigmaRange(start_at, end_at), region=mask)
+        patch.add(injector)   # a second application stacks (its own name), as its LoRA does
     return patched
 
 

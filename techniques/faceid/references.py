@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import InvalidInputError
+from ...face_analysis.analyze import warn_images_without_face
 from .apply import IDTokens, arcface_from_faces, clip_hidden_states, encode_id_tokens
 from .checkpoint import FaceIDCheckpoint
 from .mixing import mix_identities
@@ -58,6 +59,7 @@ def faceid_tokens(checkpoint: FaceIDCheckpoint, image: torch.Tensor, faces, clip
     with_face = [i for i, f in enumerate(faces.first_face_per_image()) if f is not None]
     if not with_face:
         raise InvalidInputError("no face in any reference image.")
+    warn_images_without_face(faces, "image")
     clip_rows: list[torch.Tensor | None] = [None] * len(with_face)
     zero = None
     if checkpoint.needs_clip_vision:

@@ -55,8 +55,32 @@ class LikenessTestImageStats:
         }]}}
 
 
+class LikenessTestNaNImage:
+    """An IMAGE whose given image has NaN pixels (what an overflowing fp16 VAE decode gives)."""
+
+    DESCRIPTION = "Test only: a grey IMAGE batch with a NaN patch in image nan_index."
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "batch": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": "Images in the batch."}),
+            "nan_index": ("INT", {"default": 0, "min": 0, "max": 7, "tooltip": "The image with NaN pixels."}),
+        }}
+
+    def make(self, batch, nan_index):
+        import torch
+
+        image = torch.full((batch, 64, 64, 3), 0.5)
+        image[nan_index, 8:16, 8:16] = float("nan")
+        return (image,)
+
+
 NODE_CLASS_MAPPINGS = {
     "LikenessTestTinySD15Loader": LikenessTestTinySD15Loader,
     "LikenessTestImageStats": LikenessTestImageStats,
+    "LikenessTestNaNImage": LikenessTestNaNImage,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {k: k for k in NODE_CLASS_MAPPINGS}
