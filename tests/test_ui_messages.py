@@ -72,7 +72,19 @@ def test_inpaint_advice_offers_only_its_own_on_no_face_choice():
 
 @pytest.fixture
 def models_dir(tmp_path, monkeypatch):
+    """An empty models folder, for the pack alone ($LIKENESS_MODELS_DIR) and inside ComfyUI (folder_paths)."""
     monkeypatch.setenv("LIKENESS_MODELS_DIR", str(tmp_path))
+    from likeness.host import comfy_available
+
+    if comfy_available():
+        import folder_paths
+
+        monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+        for name in ("likeness", "insightface"):
+            if name in folder_paths.folder_names_and_paths:
+                _, extensions = folder_paths.folder_names_and_paths[name]
+                monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(tmp_path / name)], extensions))
     return tmp_path
 
 
