@@ -60,3 +60,10 @@ def resolved_path(resolver: Callable[..., str], *args) -> str:
         return resolver(*args)
     except FileNotFoundError as exc:
         raise ModelFileError(str(exc)) from exc
+
+
+def resume_input() -> tuple:
+    """The trainers' ``resume`` combo (the loop's one resume policy)."""
+    return (["auto", "fresh", "require"], {"default": "auto", "tooltip": "auto: continue this name's checkpoint when "
+            "it was written with the same images and settings, else start over (one warning) and replace it. fresh: "
+            "start over and replace it. require: continue it, or stop with an error naming what differs."})

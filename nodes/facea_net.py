@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 
-from ..errors import InvalidInputError, TrainingError
+from ..errors import InvalidInputError
 from ..trainers.precision import PRECISIONS
-from ._common import category, file_choices, float_input, int_input
+from ._common import category, file_choices, float_input, int_input, resume_input
 
 logger = logging.getLogger("likeness")
 
@@ -63,23 +62,6 @@ def _attributes(spec: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _save_outputs(output, name: str) -> tuple[str, str]:
-    """Write the LoRA (loras/likeness/<name>.safetensors) and the identity file; returns their paths."""
-    from ..host.folders import LORA_SUBFOLDER, save_dir
-    from ..techniques.facea_net.identity import save_identity
-    from ..trainers.checkpoint import atomic_save
-
-    lora_path = os.path.join(save_dir("loras", LORA_SUBFOLDER), f"{name}.safetensors")
-    meta = {"likeness.kind": "facea_net_lora", "ss_network_dim": str(output.identity.metadata.get("rank", "")),
-            "ss_network_module": "attention to_q/to_k/to_v/to_out (UNet)"}
-    atomic_save(output.lora_state, lora_path, meta)
-    output.identity.lora_name = f"{LORA_SUBFOLDER}/{name}.safetensors"
-    output.identity.name = name
-    identity_path = save_identity(output.identity, os.path.join(save_dir("likeness", "identities"), f"{name}.safetensors"))
-    logger.info("FaceA-Net: saved LoRA %s and identity %s", lora_path, identity_path)
-    return lora_path, identity_path
-
-
 def _previews(output):
     import torch
 
@@ -132,8 +114,7 @@ class TrainIdentity:
             "mask_shape": (["box", "region"], {"default": "box", "tooltip": "box: rectangles around face and parts "
                            "(the paper's detector boxes); region: the parsed shapes."}),
             "checkpoint_every": int_input(100, 0, 10000, "Steps between resumable checkpoints (0 = only at the end)."),
-            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue an interrupted run of the same name and "
-                       "settings from its checkpoint."}),
+            "resume": resume_input(),
             "preview_every": int_input(0, 0, 10000, "Steps between validation previews (0 = only one at the end)."),
             "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute UNet blocks in the "
                                        "backward pass: much less memory for about a third more time."}),
@@ -148,10 +129,9 @@ class TrainIdentity:
 
     def train(self, model, clip, vae, images, analyzer, class_word, name, steps, seed, rank=48, lr_lora=1.2e-4,
               lr_embeddings=2e-3, batch_size=4, feat_tokens=0, attributes="left_eye, right_eye, nose, mouth",
-              working_size=512, mask_shape="box", checkpoint_every=100, resume=True, preview_every=0,
+              working_size=512, mask_shape="box", checkpoint_every=100, resume="auto", preview_every=0,
               gradient_checkpointing=True, precision="auto", parser=None, validation_image=None):
-        from ..host.folders import save_dir
-        from ..techniques.facea_net.training import TrainSettings, train_identity
+        from ..techniques.facea_net.training import TrainSettings, run_paths, save_outputs, train_identity
 
         _check_analyzer(analyzer)
         name = _safe_name(name)
@@ -161,20 +141,12 @@ class TrainIdentity:
             class_word=class_word, feat_tokens=feat_tokens or None, steps=steps, rank=rank, lr_lora=lr_lora,
             lr_embed=lr_embeddings, batch_size=batch_size, seed=seed, attributes=_attributes(attributes),
             working_size=working_size, mask_shape=mask_shape, checkpoint_every=checkpoint_every,
-            checkpoint_path=os.path.join(save_dir("likeness", "training"), f"facea_{name}.safetensors"),
-            resume=resume, preview_every=preview_every, gradient_checkpointing=gradient_checkpointing,
-            precision=precision, label=f"FaceA-Net {name}")
-        try:
-            output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser,
-                                    validation_image=validation_image)
-        except TrainingError as exc:
-            if not (resume and "cannot resume" in str(exc)):
-                raise
-            logger.warning("FaceA-Net: %s Starting a new run of '%s' instead.", exc, name)
-            settings.resume = False
-            output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser,
-                                    validation_image=validation_image)
-        _save_outputs(output, name)
+            preview_every=preview_every, gradient_checkpointing=gradient_checkpointing, precision=precision,
+            label=f"FaceA-Net {name}")
+        identity_path, checkpoint = run_paths(name)
+        output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser,
+                                validation_image=validation_image, checkpoint_path=checkpoint, resume=resume)
+        save_outputs(output, name, identity_path)
         return (output.identity, output.lora_state, output.result.loss_curve, _previews(output))
 
 
@@ -215,7 +187,12 @@ class AttributeTransfer:
     def transfer(self, model, clip, vae, identity, images, analyzer, attributes, name, steps, seed, lr_lora=1.2e-4,
                  lr_embeddings=2e-3, batch_size=4, working_size=512, parser=None):
         from ..techniques.facea_net.lora import identity_lora_state
-        from ..techniques.facea_net.training import TrainSettings, attribute_transfer_settings, train_identity
+        from ..techniques.facea_net.training import (
+            TrainSettings,
+            attribute_transfer_settings,
+            save_outputs,
+            train_identity,
+        )
 
         identity = _check_identity(identity)
         _check_analyzer(analyzer)
@@ -230,7 +207,7 @@ class AttributeTransfer:
         settings = attribute_transfer_settings(base, chosen, steps)
         output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser, base_identity=identity,
                                 base_lora=identity_lora_state(identity))
-        _save_outputs(output, name)
+        save_outputs(output, name)
         return (output.identity, output.lora_state, output.result.loss_curve)
 
 

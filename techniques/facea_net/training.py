@@ -22,7 +22,10 @@ itself is only imported lazily to load a ModelPatcher onto its device.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -31,11 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InvalidInputError, NoFaceError
+from ...host.folders import LORA_SUBFOLDER, save_dir
 from ...trainers import losses as diffusion_losses
+from ...trainers.checkpoint import atomic_save
 from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
 from ...trainers.memory import checkpointed_blocks, trims_cpu_memory
 from ...trainers.precision import check_precision, compute_dtype, compute_precision
-from .identity import ATTRIBUTES, DEFAULT_FEAT_TOKENS, TASKS, Identity
+from ...trainers.task import TrainingTask, run_field
+from .identity import ATTRIBUTES, DEFAULT_FEAT_TOKENS, TASKS, Identity, save_identity
 from .inpaint import CropInfo, crop_image, crop_region_masks, grow_mask, make_crop_info, masked_pixels
 from .lora import IdentityLoRA, autograd_safe_weights
 from .prompt import TaskTemplate, encode_task_template
@@ -47,11 +53,12 @@ LATENT_SCALE = 8
 
 @dataclass
 class TrainSettings:
-    """Everything that shapes a FaceA-Net training run (defaults: the paper's recipe)."""
+    """Everything that shapes a FaceA-Net training run (defaults: the paper's recipe); ``asdict`` minus the run
+    fields is its resume fingerprint."""
 
     class_word: str = "person"
     feat_tokens: int | None = None          # None: 3 for "man", 4 otherwise
-    steps: int = 600
+    steps: int = run_field(600)
     rank: int = 48
     lr_lora: float = 1.2e-4
     lr_embed: float = 2e-3
@@ -65,16 +72,14 @@ class TrainSettings:
     mask_shape: str = "box"                 # "box" (the paper's detector boxes) or "region" (parsed shape)
     local_only: bool = False                # attribute transfer: local task only
     train_feats: tuple[str, ...] | None = None   # None: every task trained; else only these tasks' feats
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = run_field(False)   # same training, less memory
     precision: str = "auto"                 # "auto" (bf16 where native, else fp32), "bf16", "fp32"
-    checkpoint_every: int = 100
-    checkpoint_path: str | None = None
-    resume: bool = False
-    preview_every: int = 0                  # steps between validation previews (0 = none during training)
-    final_preview: bool = True              # one preview of the finished identity
-    preview_steps: int = 12
-    preview_cfg: float = 4.0
-    label: str = "FaceA-Net identity"
+    checkpoint_every: int = run_field(100)
+    preview_every: int = run_field(0)       # steps between validation previews (0 = none during training)
+    final_preview: bool = run_field(True)   # one preview of the finished identity
+    preview_steps: int = run_field(12)
+    preview_cfg: float = run_field(4.0)
+    label: str = run_field("FaceA-Net identity")
 
     def __post_init__(self):
         if not self.class_word.strip():
@@ -206,14 +211,21 @@ class TrainingOutput:
         return self.result.losses
 
 
-class IdentityTrainer:
-    """Holds the templates, parameters and data of one run; :meth:`run` trains through the shared loop."""
+class IdentityTask(TrainingTask):
+    """One FaceA-Net identity run (templates, parameters and encoded references) as the loop's task.
+
+    Its loss sums the global task's and the local task's per-row means, so rows of one batch are not
+    exchangeable: it trains in one process (``shardable`` False).
+    """
+
+    technique = "facea_net"
+    shardable = False
 
     def __init__(self, model, clip, vae, refs: Sequence[Reference], settings: TrainSettings,
                  base_identity: Identity | None = None, base_lora: dict[str, torch.Tensor] | None = None,
-                 validation_ref: Reference | None = None, analyzer=None, progress_factory=None,
-                 step_callback=None, interrupt_check=None):
+                 validation_ref: Reference | None = None, analyzer=None):
         self.settings = settings
+        self.label = settings.label
         self.patcher = model
         self.base_model = load_patcher(model)
         self.unet = self.base_model.diffusion_model
@@ -222,9 +234,6 @@ class IdentityTrainer:
         self.analyzer = analyzer
         self.refs = list(refs)
         self.validation_ref = validation_ref
-        self.progress_factory = progress_factory
-        self.step_callback = step_callback
-        self.interrupt_check = interrupt_check
         self.base_identity = base_identity
         tasks = settings.tasks
         class_word = base_identity.class_word if base_identity else settings.class_word
@@ -232,13 +241,14 @@ class IdentityTrainer:
         with torch.inference_mode(False):
             self.templates: dict[str, TaskTemplate] = {}
             for task in (TASKS if base_identity else tasks):
-                n = base_identity.n_tokens(task) if base_identity and task in base_identity.feats else settings.feat_tokens
+                inherited = base_identity is not None and task in base_identity.feats
+                n = base_identity.n_tokens(task) if inherited else settings.feat_tokens
                 self.templates[task] = encode_task_template(clip, class_word, task, n)
             self.feats = {t: self._initial_feat(t) for t in self.templates}
             self.lora = IdentityLoRA.for_model(self.unet, rank=settings.rank, seed=settings.seed)
             if base_lora is not None:
                 self.lora.load_native(base_lora)
-            self.items = encode_references(self.refs, vae, self.base_model, tasks)
+            self.data = encode_references(self.refs, vae, self.base_model, tasks)
             self.negative = None
             if settings.preview_every or settings.final_preview:
                 self.negative = clip.encode_from_tokens(clip.tokenize(""))
@@ -256,8 +266,8 @@ class IdentityTrainer:
         t = self.templates[task]
         return t.cond[0, t.positions].detach().float().clone()  # start as the plain prompt: no change at step 0
 
-    # ---- parameters -----------------------------------------------------------------------------
-    def params(self) -> dict[str, torch.Tensor]:
+    # ---- the contract ---------------------------------------------------------------------------
+    def trainables(self) -> dict[str, torch.Tensor]:
         out = {f"feat.{t}": self.feats[t] for t in self.trained_feats}
         for name, adapter in self.lora.adapters.items():
             out[f"lora.{name}.down"] = adapter.down
@@ -267,6 +277,31 @@ class IdentityTrainer:
     def lr_groups(self) -> list[LrGroup]:
         return [LrGroup(lr=self.settings.lr_embed, prefix="feat.", weight_decay=0.0, name="feat"),
                 LrGroup(lr=self.settings.lr_lora, prefix="lora.", weight_decay=0.01, name="lora")]
+
+    @contextlib.contextmanager
+    def session(self):
+        """The LoRA on the UNet's attention, its weights autograd-usable without copies, optional checkpointing."""
+        with torch.inference_mode(False), self.lora.attached(self.unet), autograd_safe_weights(self.unet), \
+                checkpointed_blocks(self.unet, self.settings.gradient_checkpointing, self.release_memory):
+            yield self
+
+    def data_fingerprint(self) -> str:
+        """The reference crops and masks (pixels, before the VAE: the same on every device)."""
+        digest = hashlib.sha1()
+        for ref in self.refs:
+            digest.update(ref.crop.contiguous().numpy().tobytes())
+            for task in sorted(ref.masks):
+                digest.update(task.encode() + ref.masks[task].contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def fingerprint(self, params: dict[str, torch.Tensor]) -> dict:
+        return {**super().fingerprint(params), "class_word": self.class_word, "in_channels": self.in_channels}
+
+    def metadata(self) -> dict[str, str]:
+        return {"technique": self.technique, "class_word": self.class_word}
+
+    def validate(self, step: int) -> tuple[torch.Tensor, float | None]:
+        return self.preview(step)
 
     # ---- one batch ------------------------------------------------------------------------------
     def batch_tasks(self, size: int, generator: torch.Generator) -> list[str]:
@@ -328,36 +363,9 @@ class IdentityTrainer:
                     "n/a" if score is None else f"{score:.3f}")
         return image, score
 
-    # ---- the run --------------------------------------------------------------------------------
-    def config(self) -> TrainConfig:
-        s = self.settings
-        return TrainConfig(
-            steps=s.steps, lr_groups=self.lr_groups(), batch_size=s.batch_size, seed=s.seed,
-            checkpoint_every=s.checkpoint_every if s.checkpoint_path else 0, checkpoint_path=s.checkpoint_path,
-            resume=s.resume, validate_every=s.preview_every,
-            validate_fn=self.preview if s.preview_every else None, label=s.label,
-            metadata={"technique": "facea_net", "class_word": self.class_word},
-            fingerprint={"technique": "facea_net", "rank": s.rank, "tasks": list(s.tasks), "local_only": s.local_only,
-                         "working_size": s.working_size, "class_word": self.class_word,
-                         "in_channels": self.in_channels},
-            progress_factory=self.progress_factory, interrupt_check=self.interrupt_check,
-            step_callback=self.step_callback)
-
     @property
     def release_memory(self) -> bool:
         return trims_cpu_memory(next(self.unet.parameters()).device)
-
-    def run(self) -> TrainingOutput:
-        params = self.params()
-        loss_fn = lambda batch, ctx: self.loss(batch, ctx)[0]  # noqa: E731
-        with torch.inference_mode(False), self.lora.attached(self.unet), autograd_safe_weights(self.unet), \
-                checkpointed_blocks(self.unet, self.settings.gradient_checkpointing, self.release_memory):
-            result = train(params, loss_fn, self.items, self.config())
-            if self.settings.final_preview and not result.cancelled and not (
-                    result.validations and result.validations[-1][0] == result.step):
-                with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                    result.validations.append((result.step, self.preview(result.step)))
-        return self.finish(result)
 
     def finish(self, result: TrainResult) -> TrainingOutput:
         feats = {t: f.detach().float().cpu().clone() for t, f in self.feats.items()}
@@ -386,6 +394,30 @@ class IdentityTrainer:
                             reference_embedding=reference, embedding_model_id=model_id)
         previews = [(step, value[0], value[1]) for step, value in result.validations]
         return TrainingOutput(identity=identity, lora_state=lora_state, result=result, previews=previews)
+
+    def write_result(self, artefact: TrainingOutput, path: str) -> list[str]:
+        """The identity file at ``path`` and its LoRA, named after it, in models/loras/likeness/."""
+        return list(save_outputs(artefact, os.path.splitext(os.path.basename(path))[0], path))
+
+
+def run_paths(name: str) -> tuple[str, str]:
+    """(identity file, training checkpoint) of the identity called ``name`` in the models folders."""
+    return (os.path.join(save_dir("likeness", "identities"), f"{name}.safetensors"),
+            os.path.join(save_dir("likeness", "training"), f"facea_{name}.safetensors"))
+
+
+def save_outputs(output: TrainingOutput, name: str, identity_path: str | None = None) -> tuple[str, str]:
+    """Write the LoRA (models/loras/likeness/<name>.safetensors, loadable by the stock LoraLoader) and the identity
+    file (``identity_path``, by default models/likeness/identities/<name>.safetensors); returns both paths."""
+    lora_path = os.path.join(save_dir("loras", LORA_SUBFOLDER), f"{name}.safetensors")
+    meta = {"likeness.kind": "facea_net_lora", "ss_network_dim": str(output.identity.metadata.get("rank", "")),
+            "ss_network_module": "attention to_q/to_k/to_v/to_out (UNet)"}
+    atomic_save(output.lora_state, lora_path, meta)
+    output.identity.lora_name = f"{LORA_SUBFOLDER}/{name}.safetensors"
+    output.identity.name = name
+    identity_path = save_identity(output.identity, identity_path or run_paths(name)[0])
+    logger.info("FaceA-Net: saved LoRA %s and identity %s", lora_path, identity_path)
+    return lora_path, identity_path
 
 
 def _mean_embedding(embeddings) -> torch.Tensor | None:
@@ -464,20 +496,30 @@ def _schedule(ms, steps: int) -> torch.Tensor:
 def train_identity(model, clip, vae, images: torch.Tensor, analyzer, settings: TrainSettings,
                    parser=None, validation_image: torch.Tensor | None = None,
                    base_identity: Identity | None = None, base_lora: dict[str, torch.Tensor] | None = None,
-                   progress_factory=None, step_callback=None, interrupt_check=None) -> TrainingOutput:
+                   checkpoint_path: str | None = None, resume: str = "fresh", **loop_options) -> TrainingOutput:
     """Train (or, with ``base_identity``, continue) a FaceA-Net identity from reference IMAGEs.
 
     ``validation_image`` (optional, [1,H,W,3]) is held out and inpainted for the previews; without it the
-    first reference is used.
+    first reference is used. ``resume`` is the loop's policy; ``loop_options`` go to :class:`TrainConfig`
+    (``progress_factory``, ``step_callback``, ``interrupt_check`` ...).
     """
     refs = prepare_references(images, analyzer, settings, parser)
     validation_ref = None
     if validation_image is not None:
         validation_ref = prepare_references(validation_image[:1], analyzer, settings, parser)[0]
-    trainer = IdentityTrainer(model, clip, vae, refs, settings, base_identity=base_identity, base_lora=base_lora,
-                              validation_ref=validation_ref, analyzer=analyzer, progress_factory=progress_factory,
-                              step_callback=step_callback, interrupt_check=interrupt_check)
-    return trainer.run()
+    task = IdentityTask(model, clip, vae, refs, settings, base_identity=base_identity, base_lora=base_lora,
+                        validation_ref=validation_ref, analyzer=analyzer)
+    return train_identity_task(task, checkpoint_path, resume, **loop_options)
+
+
+def train_identity_task(task: IdentityTask, checkpoint_path: str | None = None, resume: str = "fresh",
+                        **loop_options) -> TrainingOutput:
+    """Run ``task`` through the loop: previews every ``preview_every`` steps and (``final_preview``) at the end."""
+    s = task.settings
+    config = TrainConfig.from_settings(s, checkpoint_path=checkpoint_path, resume=resume,
+                                       validate_every=s.preview_every, validate_at_end=s.final_preview,
+                                       **loop_options)
+    return task.finish(train(task, config))
 
 
 def attribute_transfer_settings(base: TrainSettings, attributes: Sequence[str], steps: int = 100) -> TrainSettings:
