@@ -157,6 +157,26 @@ def test_masked_loss_falls_and_parameters_change(trained):
     assert curve.ndim == 4 and curve.shape[-1] == 3
 
 
+def test_previews_sample_like_the_stock_inpainting_nodes(trained):
+    """A preview is what InpaintModelConditioning + KSampler (euler, normal) + VAEDecode give for the identity's face
+    prompt with the LoRA on: ComfyUI's own sampler, not a separate one."""
+    import nodes
+
+    task = trained["trainer"]
+    ref, s = task.refs[0], task.settings
+    with torch.inference_mode(), task.session():
+        image, _score = task.preview(60)
+        positive, negative = [[task.conditioning(["face"]), {}]], [[task.negative, {}]]
+        mask = ref.masks["face"][None]
+        positive, negative, latent = nodes.InpaintModelConditioning().encode(positive, negative, ref.crop[None],
+                                                                            task.vae, mask, noise_mask=True)
+        (sampled,) = nodes.common_ksampler(task.patcher, s.seed, s.preview_steps, s.preview_cfg, "euler", "normal",
+                                           positive, negative, latent)
+        expected = task.vae.decode(sampled["samples"])[0, ..., :3].clamp(0, 1)
+    assert image.shape == ref.crop.shape and float(image.std()) > 0.01
+    assert torch.allclose(image, expected, atol=1e-4), float((image - expected).abs().max())
+
+
 def test_training_leaves_the_shared_model_untouched(trained, host_models):
     unet = host_models["model"].model.diffusion_model
     assert all("forward" not in m.__dict__ for m in unet.modules())

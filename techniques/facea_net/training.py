@@ -17,8 +17,9 @@ loss curve). *Attribute transfer* continues a trained identity on another person
 local task of the chosen attributes only (~100 steps), training the LoRA and those attributes' feats.
 
 The model is used through ComfyUI's ``BaseModel`` interface (``apply_model``, ``model_sampling``,
-``process_latent_in/out``, ``diffusion_model``) and the VAE through ``encode``/``decode``; ComfyUI
-itself is only imported lazily to load a ModelPatcher onto its device.
+``process_latent_in``, ``diffusion_model``) and the VAE through ``encode``/``decode``; loading the
+ModelPatcher and sampling the previews (ComfyUI's own sampler, as at inference) go through the host
+adapters (``host.training``, ``host.sampling``), so this module imports nothing from ComfyUI.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 
 from ...errors import InvalidInputError, NoFaceError
 from ...host.folders import LORA_SUBFOLDER, save_dir
+from ...host.sampling import conditioning, sample_latent
+from ...host.training import load_for_training
 from ...trainers import losses as diffusion_losses
 from ...trainers.checkpoint import atomic_save
 from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
@@ -49,6 +52,7 @@ from .prompt import TaskTemplate, encode_task_template
 logger = logging.getLogger("likeness")
 
 LATENT_SCALE = 8
+PREVIEW_SAMPLER, PREVIEW_SCHEDULER = "euler", "normal"
 
 
 @dataclass
@@ -179,16 +183,6 @@ def encode_references(refs: Sequence[Reference], vae, base_model, tasks: Sequenc
 
 # ------------------------------------------------------------------------------------- the model
 
-def load_patcher(model):
-    """``model`` (a ComfyUI ModelPatcher or a bare BaseModel) -> the BaseModel, loaded and patched."""
-    if hasattr(model, "model") and hasattr(model, "load_device"):
-        import comfy.model_management
-
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-        return model.model
-    return model
-
-
 def model_in_channels(base_model) -> int:
     channels = int(getattr(base_model.diffusion_model, "in_channels", 4))
     if channels not in (4, 9):
@@ -227,7 +221,8 @@ class IdentityTask(TrainingTask):
         self.settings = settings
         self.label = settings.label
         self.patcher = model
-        self.base_model = load_patcher(model)
+        load_for_training(model)
+        self.base_model = getattr(model, "model", model)
         self.unet = self.base_model.diffusion_model
         self.in_channels = model_in_channels(self.base_model)
         self.vae = vae
@@ -249,9 +244,7 @@ class IdentityTask(TrainingTask):
             if base_lora is not None:
                 self.lora.load_native(base_lora)
             self.data = encode_references(self.refs, vae, self.base_model, tasks)
-            self.negative = None
-            if settings.preview_every or settings.final_preview:
-                self.negative = clip.encode_from_tokens(clip.tokenize(""))
+            self.negative = clip.encode_from_tokens(clip.tokenize(""))   # the previews' negative prompt
         self.task_index = {t: i for i, t in enumerate(tasks)}
         self.compute_dtype = compute_dtype(settings.precision, next(self.unet.parameters()).device)
         logger.info("%s: computing in %s (precision %s)", settings.label,
@@ -351,17 +344,28 @@ class IdentityTask(TrainingTask):
     # ---- validation -----------------------------------------------------------------------------
     @torch.no_grad()
     def preview(self, step: int, _params=None) -> tuple[torch.Tensor, float | None]:
-        """Inpaint the held-out reference's face with the current identity (Euler, CFG) and score it."""
+        """Inpaint the held-out reference's face with the current identity and score it."""
         ref = self.validation_ref or self.refs[0]
-        image = sample_face(self.base_model, self.vae, ref.crop, ref.masks["face"] if "face" in ref.masks
-                            else next(iter(ref.masks.values())),
-                            self.conditioning(["face"] if "face" in self.feats else [self.trained_feats[0]]),
-                            self.negative, steps=self.settings.preview_steps, cfg=self.settings.preview_cfg,
-                            seed=self.settings.seed, in_channels=self.in_channels)
+        mask = ref.masks["face"] if "face" in ref.masks else next(iter(ref.masks.values()))
+        cond = self.conditioning(["face"] if "face" in self.feats else [self.trained_feats[0]])
+        image = self.sample_preview(ref.crop, mask, cond)
         score = identity_similarity(self.analyzer, image, ref.embedding)
         logger.info("%s: preview at step %d, identity similarity %s", self.settings.label, step,
                     "n/a" if score is None else f"{score:.3f}")
         return image, score
+
+    def sample_preview(self, crop: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Inpaint ``crop`` [h,w,3] inside ``mask`` [h,w] with ComfyUI's sampler (euler, normal schedule),
+        prepared as InpaintModelConditioning + a latent noise mask prepare inference; returns [h,w,3]."""
+        s = self.settings
+        pixels, mask = crop[None, ..., :3], mask[None].float()
+        noise_mask = mask.reshape(1, 1, *mask.shape[-2:])
+        values = {"concat_latent_image": self.vae.encode(masked_pixels(pixels, mask)), "concat_mask": noise_mask}
+        samples = sample_latent(self.patcher, conditioning(cond), conditioning(self.negative),
+                                self.vae.encode(pixels), seed=s.seed, steps=s.preview_steps, cfg=s.preview_cfg,
+                                sampler_name=PREVIEW_SAMPLER, scheduler=PREVIEW_SCHEDULER, noise_mask=noise_mask,
+                                cond_values=values)
+        return self.vae.decode(samples)[0, ..., :3].float().clamp(0, 1).cpu()
 
     @property
     def release_memory(self) -> bool:
@@ -445,52 +449,6 @@ def identity_similarity(analyzer, image: torch.Tensor, reference) -> float | Non
     if a.shape != b.shape:
         return None
     return float(F.cosine_similarity(a[None], b[None]).item())
-
-
-@torch.no_grad()
-def sample_face(base_model, vae, crop: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
-                negative: torch.Tensor | None, steps: int = 12, cfg: float = 4.0, seed: int = 0,
-                in_channels: int = 9) -> torch.Tensor:
-    """A small, self-contained Euler inpainting sampler for training previews ([h,w,3] -> [h,w,3]).
-
-    Same inputs as ComfyUI's sampling with InpaintModelConditioning; the latent outside the mask is
-    held at the (noised) original, as a latent noise mask does.
-    """
-    ms = base_model.model_sampling
-    device = next(base_model.diffusion_model.parameters()).device
-    latent = base_model.process_latent_in(vae.encode(crop[None, ..., :3])).float().to(device)
-    hw = tuple(latent.shape[-2:])
-    mask_in, _ = latent_masks(mask, hw)
-    mask_in = mask_in[None].to(device)
-    c_concat = None
-    if in_channels == 9:
-        masked = base_model.process_latent_in(vae.encode(masked_pixels(crop, mask)[None, ..., :3])).float().to(device)
-        c_concat = torch.cat([mask_in, masked], dim=1)
-    sigmas = _schedule(ms, steps).to(device)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(int(seed))).to(device)
-    x = latent + noise * sigmas[0]
-    x = x * mask_in + (latent + noise * sigmas[0]) * (1 - mask_in)
-    cond = cond.to(device)
-    for i in range(len(sigmas) - 1):
-        sigma = sigmas[i:i + 1]
-        denoised = base_model.apply_model(x, sigma, c_concat=c_concat, c_crossattn=cond)
-        if negative is not None and cfg != 1.0:  # cond and uncond run separately: lengths may differ
-            uncond = base_model.apply_model(x, sigma, c_concat=c_concat, c_crossattn=negative.to(device))
-            denoised = uncond + (denoised - uncond) * cfg
-        d = (x - denoised) / sigma
-        x = x + d * (sigmas[i + 1] - sigma)
-        x = x * mask_in + (latent + noise * sigmas[i + 1]) * (1 - mask_in)
-    x = x * mask_in + latent * (1 - mask_in)
-    image = vae.decode(base_model.process_latent_out(x.cpu()))
-    return image[0, ..., :3].float().clamp(0, 1).cpu()
-
-
-def _schedule(ms, steps: int) -> torch.Tensor:
-    """ComfyUI's "normal" schedule: evenly spaced timesteps from sigma_max to sigma_min, then 0."""
-    start, end = ms.timestep(ms.sigma_max), ms.timestep(ms.sigma_min)
-    timesteps = torch.linspace(float(start), float(end), max(1, int(steps)))
-    sigmas = torch.stack([ms.sigma(t) for t in timesteps]).float().reshape(-1)
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
 def train_identity(model, clip, vae, images: torch.Tensor, analyzer, settings: TrainSettings,
