@@ -1,7 +1,9 @@
-"""Host side of the in-graph trainers: load the model the way samplers do, and resolve input paths.
+"""Host side of the trainers: load the model the way samplers do, resolve input paths, and (for the
+command-line trainer, which runs outside a graph) load a checkpoint, a VAE or a CLIP vision model by file
+the way ComfyUI's loader nodes do.
 
-``comfy`` / ``folder_paths`` are imported inside the functions; outside ComfyUI both degrade to plain
-behaviour (the model is used where it is, paths are taken as given).
+``comfy`` / ``folder_paths`` are imported inside the functions; outside ComfyUI the first two degrade to
+plain behaviour (the model is used where it is, paths are taken as given).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ModelFileError
 from . import comfy_available
 
 
@@ -39,3 +42,43 @@ def input_path(path: str) -> str:
         if os.path.exists(candidate) or not os.path.exists(path):
             return candidate
     return os.path.abspath(path)
+
+
+def _existing(path: str, kind: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{kind} file '{path}' does not exist")
+    return path
+
+
+def load_checkpoint_file(path: str) -> tuple[Any, Any, Any]:
+    """(MODEL, CLIP, VAE) of a single-file checkpoint, as CheckpointLoaderSimple loads it."""
+    import comfy.sd
+    import folder_paths
+
+    path = _existing(path, "checkpoint")
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+        path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+    if model is None or clip is None or vae is None:
+        raise ModelFileError(f"'{path}' is not a full checkpoint (diffusion model, text encoder and VAE)")
+    return model, clip, vae
+
+
+def load_vae_file(path: str) -> Any:
+    """A VAE file, as VAELoader loads it."""
+    import comfy.sd
+    import comfy.utils
+
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(_existing(path, "VAE")))
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+def load_clip_vision_file(path: str) -> Any:
+    """A CLIP vision model file, as CLIPVisionLoader loads it."""
+    import comfy.clip_vision
+
+    model = comfy.clip_vision.load(_existing(path, "CLIP vision"))
+    if model is None:
+        raise ModelFileError(f"'{path}' is not a CLIP vision model ComfyUI recognises")
+    return model
