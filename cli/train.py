@@ -118,7 +118,7 @@ def _report(settings) -> dict:
 
 
 def _train_fusion(args, model, clip, vae, sources):
-    """Train a Face Fusion adapter; returns (TrainResult, a writer of the result file, its default path)."""
+    """Train a Face Fusion adapter (rank 0 writes it); returns the TrainResult."""
     from ..techniques.face_fusion import training
     from ..techniques.face_fusion.adapter import load_fusion_adapter
 
@@ -127,12 +127,12 @@ def _train_fusion(args, model, clip, vae, sources):
     adapter = load_fusion_adapter(args.adapter) if args.adapter else None
     output = training.train_face_fusion(model, vae, clip, sources, settings, analyzer=_analyzer(args.analyzer),
                                         adapter=adapter, checkpoint_path=args.state or checkpoint,
-                                        resume=args.resume, **_report(settings))
-    return output.result, lambda path: training.save_trained_adapter(output.adapter, path), result_path
+                                        resume=args.resume, result_path=args.out or result_path, **_report(settings))
+    return output.result
 
 
 def _train_consistentid(args, model, clip, vae, sources):
-    """Train ConsistentID; returns (TrainResult, a writer of the result file, its default path)."""
+    """Train ConsistentID (rank 0 writes it); returns the TrainResult."""
     from ..face_analysis.parsing import LANDMARKS_CHOICE
     from ..face_analysis.parsing.loader import load_face_parser
     from ..host.training import load_clip_vision_file
@@ -146,8 +146,9 @@ def _train_consistentid(args, model, clip, vae, sources):
     output = training.train_consistentid(
         model, vae, clip, load_clip_vision_file(args.clip_vision), _analyzer(args.analyzer or "insightface:buffalo_l"),
         parser, sources, settings, start=load_consistentid(args.start) if args.start else None,
-        checkpoint_path=args.state or checkpoint, resume=args.resume, **_report(settings))
-    return output.result, lambda path: training.save_trained(output.weights, path), result_path
+        checkpoint_path=args.state or checkpoint, resume=args.resume, result_path=args.out or result_path,
+        **_report(settings))
+    return output.result
 
 
 def _load_host(args):
@@ -172,13 +173,12 @@ def run_training(args: argparse.Namespace, world) -> str | None:
     sources = list(iter_image_folder(os.path.abspath(args.data)))
     train = _train_fusion if args.technique == "fusion" else _train_consistentid
     with torch.inference_mode():  # as ComfyUI runs nodes: the trainers escape it themselves
-        result, write, default_path = train(args, model, clip, vae, sources)
+        result = train(args, model, clip, vae, sources)
     if not world.is_main:
         return None
-    written = write(args.out or default_path)
     say(f"{args.technique}: {result.step} steps (started at {result.start_step}), final loss "
-        f"{result.losses[-1]:.5f}; wrote {written}", flush=True)
-    return written
+        f"{result.losses[-1]:.5f}; wrote {', '.join(result.result_files)}", flush=True)
+    return result.result_files[0]
 
 
 def _setup_logging(rank: int, verbose: bool) -> None:

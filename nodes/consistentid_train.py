@@ -106,11 +106,12 @@ class TrainConsistentID:
             train_processors=bool(train_processors))
         result_path, checkpoint = training.run_paths(stem)
         output = training.train_consistentid(model, vae, clip, clip_vision, face_analyzer, parser, sources, settings,
-                                             start=consistentid, checkpoint_path=checkpoint, resume=resume)
-        path = training.save_trained(output.weights, result_path)
-        logger.info("ConsistentID saved to %s (%d steps, final loss %s, facial term %s)", path, output.result.step,
-                    output.weights.metadata.get("final_loss"), output.weights.metadata.get("final_facial_loss"))
-        return (load_consistentid(path), output.result.loss_curve)
+                                             start=consistentid, checkpoint_path=checkpoint, resume=resume,
+                                             result_path=result_path)
+        logger.info("ConsistentID saved to %s (%d steps, final loss %s, facial term %s)", result_path,
+                    output.result.step, output.weights.metadata.get("final_loss"),
+                    output.weights.metadata.get("final_facial_loss"))
+        return (load_consistentid(result_path), output.result.loss_curve)
 
 
 NODE_CLASSES = [TrainConsistentID]

@@ -86,9 +86,9 @@ class TrainFaceFusion:
             reference_downsample=reference_downsample)
         result_path, checkpoint = training.run_paths(stem)
         output = training.train_face_fusion(model, vae, clip, sources, settings, analyzer=face_analyzer,
-                                            adapter=fusion_adapter, checkpoint_path=checkpoint, resume=resume)
-        path = training.save_trained_adapter(output.adapter, result_path)
-        logger.info("Face Fusion adapter saved to %s (%d steps, final loss %s)", path, output.result.step,
+                                            adapter=fusion_adapter, checkpoint_path=checkpoint, resume=resume,
+                                            result_path=result_path)
+        logger.info("Face Fusion adapter saved to %s (%d steps, final loss %s)", result_path, output.result.step,
                     output.adapter.metadata.get("final_loss"))
         return (output.adapter, output.result.loss_curve)
 

@@ -131,7 +131,7 @@ class TrainIdentity:
               lr_embeddings=2e-3, batch_size=4, feat_tokens=0, attributes="left_eye, right_eye, nose, mouth",
               working_size=512, mask_shape="box", checkpoint_every=100, resume="auto", preview_every=0,
               gradient_checkpointing=True, precision="auto", parser=None, validation_image=None):
-        from ..techniques.facea_net.training import TrainSettings, run_paths, save_outputs, train_identity
+        from ..techniques.facea_net.training import TrainSettings, run_paths, train_identity
 
         _check_analyzer(analyzer)
         name = _safe_name(name)
@@ -145,8 +145,8 @@ class TrainIdentity:
             label=f"FaceA-Net {name}")
         identity_path, checkpoint = run_paths(name)
         output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser,
-                                validation_image=validation_image, checkpoint_path=checkpoint, resume=resume)
-        save_outputs(output, name, identity_path)
+                                validation_image=validation_image, checkpoint_path=checkpoint, resume=resume,
+                                result_path=identity_path)
         return (output.identity, output.lora_state, output.result.loss_curve, _previews(output))
 
 
@@ -187,12 +187,8 @@ class AttributeTransfer:
     def transfer(self, model, clip, vae, identity, images, analyzer, attributes, name, steps, seed, lr_lora=1.2e-4,
                  lr_embeddings=2e-3, batch_size=4, working_size=512, parser=None):
         from ..techniques.facea_net.lora import identity_lora_state
-        from ..techniques.facea_net.training import (
-            TrainSettings,
-            attribute_transfer_settings,
-            save_outputs,
-            train_identity,
-        )
+        from ..techniques.facea_net.training import (TrainSettings, attribute_transfer_settings, run_paths,
+                                                     train_identity)
 
         identity = _check_identity(identity)
         _check_analyzer(analyzer)
@@ -206,8 +202,7 @@ class AttributeTransfer:
                              label=f"FaceA-Net attribute transfer {name}")
         settings = attribute_transfer_settings(base, chosen, steps)
         output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser, base_identity=identity,
-                                base_lora=identity_lora_state(identity))
-        save_outputs(output, name)
+                                base_lora=identity_lora_state(identity), result_path=run_paths(name)[0])
         return (output.identity, output.lora_state, output.result.loss_curve)
 
 

@@ -164,7 +164,7 @@ def test_previews_sample_like_the_stock_inpainting_nodes(trained):
 
     task = trained["trainer"]
     ref, s = task.refs[0], task.settings
-    with torch.inference_mode(), task.session():
+    with torch.inference_mode(), task.session(), torch.no_grad():  # as the loop validates
         image, _score = task.preview(60)
         positive, negative = [[task.conditioning(["face"]), {}]], [[task.negative, {}]]
         mask = ref.masks["face"][None]

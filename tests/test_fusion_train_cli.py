@@ -107,3 +107,13 @@ def test_cli_writes_the_nodes_adapter(comfy_ready, host_env, tmp_path, isolated_
     assert from_cli.metadata["trained_steps"] == "2"
     for (name, a), (_, b) in zip(from_cli.named_parameters(), from_node.named_parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.host
+def test_model_files_that_are_missing_or_partial_are_model_file_errors(comfy_ready, tmp_path):
+    from likeness.errors import ModelFileError
+    from likeness.host.training import load_checkpoint_file, load_clip_vision_file, load_vae_file
+
+    for load in (load_checkpoint_file, load_vae_file, load_clip_vision_file):
+        with pytest.raises(ModelFileError, match="does not exist"):
+            load(str(tmp_path / "missing.safetensors"))

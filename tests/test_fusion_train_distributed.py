@@ -79,10 +79,8 @@ RANK_SCRIPT = textwrap.dedent("""
     data = torch.load({data!r}, weights_only=False)
     with torch.inference_mode():
         adapter, result = T.train_on_data(t.tiny_fusion_model(), data, t.fusion_settings(), checkpoint_path={state!r},
-                                          resume={resume!r}, step_callback=die)
-    if world.is_main:
-        T.save_trained_adapter(adapter, {out!r})
-        print("start_step", result.start_step, "world", world.size)
+                                          resume={resume!r}, step_callback=die, result_path={out!r})
+    print("rank", world.rank, "start_step", result.start_step, "world", world.size, "wrote", result.result_files)
     distributed.shutdown()
 """)
 
@@ -153,7 +151,8 @@ def test_two_ranks_train_one_process_adapter_and_resume_after_rank_0_is_killed(e
 
     resumed = launch(folder, host_env, kill=False, resume="require")
     assert [code for code, _ in resumed] == [0, 0], "\n".join(out[-3000:] for _, out in resumed)
-    assert "start_step 2 world 2" in resumed[0][1]
+    assert "rank 0 start_step 2 world 2 wrote ['" in resumed[0][1]
+    assert "rank 1 start_step 2 world 2 wrote []" in resumed[1][1]   # rank 0 alone writes the result
     state = load_training_state(str(folder / "state.safetensors"))
     assert state.step == 3 and np.allclose(state.losses, single_result.losses, atol=1e-5, rtol=0)
     trained = load_fusion_adapter(str(folder / "adapter.safetensors"))

@@ -62,7 +62,7 @@ RANK_SCRIPT = textwrap.dedent("""
 
     world = distributed.init_from_environment()
     try:
-        result = t.run_sharded_toy({batch})
+        result = t.run_sharded_toy({batch}, result_path={out!r} + "/result.safetensors")
         atomic_save(dict(result.params, losses=torch.tensor(result.losses, dtype=torch.float64)),
                     {out!r} + f"/rank{{world.rank}}.safetensors", {{}})
     finally:
@@ -70,7 +70,7 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_sharded_toy(batch_size: int = 4):
+def run_sharded_toy(batch_size: int = 4, **config):
     """A toy regression whose loss is a plain mean over rows with per-row noise (no global-RNG dropout)."""
     from test_trainer_loop import ToyTask, toy_config
 
@@ -79,7 +79,7 @@ def run_sharded_toy(batch_size: int = 4):
         x = batch["x"] + 0.05 * ctx.randn(batch["x"].shape)
         return (((x @ p["lin.weight"] + p["lin.bias"]) * p["scale.gain"] - batch["y"]) ** 2).mean()
 
-    return train(ToyTask(loss=loss), toy_config(steps=12, batch_size=batch_size, grad_accumulation=2))
+    return train(ToyTask(loss=loss), toy_config(steps=12, batch_size=batch_size, grad_accumulation=2, **config))
 
 
 def _free_port() -> int:
@@ -107,6 +107,7 @@ def test_two_gloo_ranks_train_what_one_process_trains(tmp_path):
     done = launch_ranks(tmp_path)
     assert all(p.returncode == 0 for p in done), "\n".join(p.stderr[-2000:] for p in done)
     ranks = [load_tensors(str(tmp_path / f"rank{r}.safetensors"))[0] for r in range(2)]
+    assert sorted(os.listdir(tmp_path)) == ["rank0.safetensors", "rank1.safetensors", "result.safetensors"]
     for name, value in single.params.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name          # the ranks stay identical
         assert torch.allclose(ranks[0][name], value, atol=1e-6, rtol=0), name

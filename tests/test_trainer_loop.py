@@ -201,6 +201,17 @@ def test_resume_require_without_a_checkpoint_raises(tmp_path):
         run_toy(tmp_path, resume=True)
 
 
+def test_a_finished_run_writes_the_tasks_result(tmp_path):
+    result = run_toy(steps=3, result_path=str(tmp_path / "toy.safetensors"))
+    assert result.artefact is result.params  # ToyTask.finish
+    assert result.result_files == [str(tmp_path / "toy.safetensors")]
+    written = safetensors_io.load_tensors(result.result_files[0])[0]
+    assert all(torch.equal(written[k], v) for k, v in result.params.items())
+    cancelled = run_toy(steps=3, result_path=str(tmp_path / "cancelled.safetensors"), on_cancel="return",
+                        progress_factory=lambda total, label: _QuietProgress(cancel_at=2))
+    assert cancelled.cancelled and cancelled.result_files == [] and not (tmp_path / "cancelled.safetensors").exists()
+
+
 def test_cancel_from_progress_keeps_last_checkpoint(tmp_path):
     path = tmp_path / "run.safetensors"
     with pytest.raises(TrainingCancelled):

@@ -18,7 +18,9 @@ dataclass; :func:`train` owns the rest:
   :class:`ResumeMismatchError` (naming the differing fields) for a mismatch;
 - data parallel when the process group is initialised (``torchrun``, see :mod:`.distributed`): each rank
   takes its share of the global batch, gradients are averaged, rank 0 checkpoints, logs and reports;
-- cancel keeps the last good checkpoint; a validation hook every N steps (and at the end); the loss curve.
+- cancel keeps the last good checkpoint; a validation hook every N steps (and at the end); the loss curve;
+- the task's artefact (``task.finish``), written by ``task.write_result`` to ``result_path`` (rank 0) when
+  the run finished.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class TrainConfig:
     validate_every: int = 0                      # task.validate every N steps (0 = never during training)
     validate_at_end: bool = False                # task.validate once more at the last step
     on_cancel: str = "raise"                     # "raise" (what ComfyUI expects) or "return" a partial result
+    result_path: str | None = None               # a finished run's artefact is written here (rank 0)
     progress_factory: Callable[[int, str], Any] | None = None  # default: host Progress(total, label)
     interrupt_check: Callable[[], None] | None = None          # default: the host's interrupt check
     step_callback: Callable[[int, float], None] | None = None  # after every finished optimizer step
@@ -95,6 +98,8 @@ class TrainResult:
     checkpoint_step: int | None          # step of the last checkpoint on disk
     validations: list[tuple[int, Any]] = field(default_factory=list)
     cancelled: bool = False
+    artefact: Any = None                 # task.finish(result): the trained adapter / weights / identity
+    result_files: list[str] = field(default_factory=list)   # what task.write_result wrote (rank 0)
 
 
 def is_cancel(exc: BaseException) -> bool:
@@ -381,6 +386,11 @@ def train(task: TrainingTask, config: TrainConfig) -> TrainResult:
                 tensor.requires_grad_(False)
                 tensor.grad = None
         curve = render_loss_curve(run.losses, title=task.label, resumed_at=run.start_step or None)
-    return TrainResult(params={k: v.detach() for k, v in run.params.items()}, losses=list(run.losses),
-                       start_step=run.start_step, step=run.step, loss_curve=curve, checkpoint_path=path,
-                       checkpoint_step=run.checkpoint_step, validations=run.validations, cancelled=cancelled)
+    result = TrainResult(params={k: v.detach() for k, v in run.params.items()}, losses=list(run.losses),
+                         start_step=run.start_step, step=run.step, loss_curve=curve, checkpoint_path=path,
+                         checkpoint_step=run.checkpoint_step, validations=run.validations, cancelled=cancelled)
+    result.artefact = task.finish(result)
+    if config.result_path and world.is_main and not cancelled:
+        result.result_files = task.write_result(result.artefact, os.path.abspath(config.result_path))
+        logger.info("%s: wrote %s", task.label, ", ".join(result.result_files))
+    return result

@@ -10,7 +10,8 @@ identity). It supplies:
 - ``settings``: a dataclass. ``dataclasses.asdict(settings)`` is the resume fingerprint, except the fields
   declared with :func:`run_field` (how long and how often: steps, checkpoint interval, previews), which may
   change between a run and its resume;
-- ``finish(result)`` and ``write_result(artefact, path)``: the trained artefact and its file.
+- ``finish(result)`` and ``write_result(artefact, path)``: the trained artefact and its file(s); the loop
+  calls both at the end of a run (the writer on rank 0, when the config names a result path).
 
 Optional hooks: ``session()`` (what must hold while the loop runs: a loaded model clone, patches),
 ``frozen_modules()`` (modules the gradient flows through without training them: the loop makes their

@@ -695,12 +695,12 @@ def train_on_data(model_patcher, data: ConsistentIDTrainingData, settings: Consi
     """Train a copy of ``weights`` on prepared data; the input model and weights stay untouched.
 
     ``resume`` is the loop's policy (``auto`` / ``fresh`` / ``require``); ``loop_options`` go to
-    :class:`TrainConfig` (``progress_factory``, ``interrupt_check``, ``step_callback``, ``on_cancel`` ...).
+    :class:`TrainConfig` (``result_path``, ``progress_factory``, ``interrupt_check``, ``step_callback`` ...).
     """
     task = ConsistentIDTask(model_patcher, data, settings, weights)
     result = train(task, TrainConfig.from_settings(settings, checkpoint_path=checkpoint_path, resume=resume,
                                                    **loop_options))
-    return task.finish(result), result
+    return result.artefact, result
 
 
 def train_consistentid(model_patcher, vae, clip, clip_vision, analyzer, parser,

@@ -188,6 +188,7 @@ class FusionTrainingData:
     empty_context: torch.Tensor      # [1, L, ctx] (caption dropout)
     weights: torch.Tensor | None     # [N, 1, h, w] loss weights, None = plain MSE
     fingerprint: str                 # names + captions + sizes (resume refuses another data set)
+    aligned: int = 0                 # examples whose reference is an aligned face crop
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
@@ -235,7 +236,8 @@ def encode_examples(model_patcher, vae, clip, examples: PreparedExamples,
     for name, caption in zip(examples.names, examples.captions):
         digest.update(f"{name}\0{caption}\0".encode())
     digest.update(str((tuple(latents.shape), tuple(references.shape))).encode())
-    return FusionTrainingData(latents, references, contexts, empty, weights, digest.hexdigest()[:16])
+    return FusionTrainingData(latents, references, contexts, empty, weights, digest.hexdigest()[:16],
+                              sum(examples.aligned))
 
 
 # --------------------------------------------------------------------------- training
@@ -350,7 +352,7 @@ class FusionTask(TrainingTask):
             "grad_accumulation": str(s.grad_accumulation), "seed": str(s.seed), "images": str(len(self.data)),
             "resolution": str(s.resolution), "reference_size": str(s.reference_size),
             "reference_noise": s.reference_noise, "face_weight": str(s.face_weight),
-            "reference_downsample": str(s.reference_downsample),
+            "reference_downsample": str(s.reference_downsample), "aligned_references": str(self.data.aligned),
             "final_loss": f"{result.losses[-1]:.6g}" if result.losses else "",
         })
         return adapter
@@ -364,9 +366,9 @@ def train_on_data(model_patcher, data: FusionTrainingData, settings: FusionTrain
                   **loop_options) -> tuple[FusionAdapter, TrainResult]:
     """Train a copy of ``adapter`` (or a new one from the model) on encoded data; see :func:`train_face_fusion`."""
     task = FusionTask(model_patcher, data, settings, adapter)
-    config = TrainConfig.from_settings(settings, checkpoint_path=checkpoint_path, resume=resume, **loop_options)
-    result = train(task, config)
-    return task.finish(result), result
+    result = train(task, TrainConfig.from_settings(settings, checkpoint_path=checkpoint_path, resume=resume,
+                                                   **loop_options))
+    return result.artefact, result
 
 
 def train_face_fusion(model_patcher, vae, clip, sources: Iterable[tuple[str, torch.Tensor, str]],
@@ -375,14 +377,13 @@ def train_face_fusion(model_patcher, vae, clip, sources: Iterable[tuple[str, tor
     """Train (or continue training a copy of) a Fusion adapter; the input model and adapter stay untouched.
 
     ``resume`` is the loop's policy (``auto`` / ``fresh`` / ``require``); ``loop_options`` go to
-    :class:`TrainConfig` (``progress_factory``, ``interrupt_check``, ``step_callback``, ``on_cancel`` ...).
+    :class:`TrainConfig` (``result_path``, ``progress_factory``, ``interrupt_check``, ``step_callback`` ...).
     """
     settings.check()
     check_model(model_patcher)
     examples = prepare_examples(sources, settings, analyzer)
     data = encode_examples(model_patcher, vae, clip, examples, settings)
     trained, result = train_on_data(model_patcher, data, settings, adapter, checkpoint_path, resume, **loop_options)
-    trained.metadata["aligned_references"] = str(sum(examples.aligned))
     info = {"images": len(examples), "aligned": sum(examples.aligned), "names": examples.names}
     return FusionTrainOutput(trained, result, info)
 

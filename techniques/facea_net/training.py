@@ -459,7 +459,8 @@ def train_identity(model, clip, vae, images: torch.Tensor, analyzer, settings: T
 
     ``validation_image`` (optional, [1,H,W,3]) is held out and inpainted for the previews; without it the
     first reference is used. ``resume`` is the loop's policy; ``loop_options`` go to :class:`TrainConfig`
-    (``progress_factory``, ``step_callback``, ``interrupt_check`` ...).
+    (``result_path``: the identity file, its LoRA beside it in models/loras/likeness/; ``progress_factory``,
+    ``step_callback``, ``interrupt_check`` ...).
     """
     refs = prepare_references(images, analyzer, settings, parser)
     validation_ref = None
@@ -477,7 +478,7 @@ def train_identity_task(task: IdentityTask, checkpoint_path: str | None = None, 
     config = TrainConfig.from_settings(s, checkpoint_path=checkpoint_path, resume=resume,
                                        validate_every=s.preview_every, validate_at_end=s.final_preview,
                                        **loop_options)
-    return task.finish(train(task, config))
+    return train(task, config).artefact
 
 
 def attribute_transfer_settings(base: TrainSettings, attributes: Sequence[str], steps: int = 100) -> TrainSettings:
