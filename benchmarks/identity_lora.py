@@ -193,8 +193,12 @@ def worker(args) -> dict:
     import torch
 
     from likeness.face_analysis.analyzers.dlib_backend import load_dlib
-    from likeness.techniques.facea_net.training import (IdentityTask, TrainSettings, prepare_references,
-                                                        train_identity_task)
+    from likeness.techniques.facea_net.training import (
+        IdentityTask,
+        TrainSettings,
+        prepare_references,
+        train_identity_task,
+    )
 
     t0 = time.perf_counter()
     patcher, clip, vae = build_models(args)

@@ -187,8 +187,12 @@ class AttributeTransfer:
     def transfer(self, model, clip, vae, identity, images, analyzer, attributes, name, steps, seed, lr_lora=1.2e-4,
                  lr_embeddings=2e-3, batch_size=4, working_size=512, parser=None):
         from ..techniques.facea_net.lora import identity_lora_state
-        from ..techniques.facea_net.training import (TrainSettings, attribute_transfer_settings, run_paths,
-                                                     train_identity)
+        from ..techniques.facea_net.training import (
+            TrainSettings,
+            attribute_transfer_settings,
+            run_paths,
+            train_identity,
+        )
 
         identity = _check_identity(identity)
         _check_analyzer(analyzer)
