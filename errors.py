@@ -65,3 +65,34 @@ class IncompatibleEmbedsError(LikenessError):
 
 class TrainingError(LikenessError):
     """Training cannot go on (diverged, resume mismatch); the last good checkpoint is kept."""
+
+
+class ResumeMismatchError(TrainingError):
+    """A training checkpoint belongs to another run: other settings, data or trainable tensors.
+
+    ``differences`` maps every differing fingerprint field to ``(value in the checkpoint, value now)``.
+    """
+
+    def __init__(self, path: str, differences: dict[str, tuple[object, object]]):
+        self.path = path
+        self.differences = dict(differences)
+        super().__init__(f"cannot resume from '{path}': {self.details}. Use the settings of the interrupted run, "
+                         "or set resume to 'fresh' (or pick another name) to start a new run.")
+
+    @property
+    def details(self) -> str:
+        """``"field: checkpoint <value> vs now <value>; ..."``"""
+        return "; ".join(f"{name}: checkpoint {saved!r} vs now {now!r}"
+                         for name, (saved, now) in self.differences.items())
+
+    @property
+    def fields(self) -> list[str]:
+        """Names of the differing fields."""
+        return list(self.differences)
+
+    def __reduce__(self):  # picklable (errors cross process boundaries under torch.multiprocessing)
+        return type(self), (self.path, self.differences)
+
+
+class NoCheckpointError(TrainingError):
+    """Resume was required but there is no training checkpoint to resume from."""

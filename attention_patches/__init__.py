@@ -34,12 +34,27 @@ Reference capture (:mod:`.capture`)
 """
 from __future__ import annotations
 
-from .capture import CAPTURE_MODES, CaptureRequest, CapturedStates, ReferenceLatents
-from .injectors import (NEGATIVE, POSITIVE, AttentionCall, ChunkLayout, DecoupledInjector, Injector, JointInjector,
-                        KeyGroup)
+from .capture import CAPTURE_MODES, CapturedStates, CaptureRequest, ReferenceLatents
+from .injectors import (
+                        NEGATIVE,
+                        POSITIVE,
+                        AttentionCall,
+                        ChunkLayout,
+                        DecoupledInjector,
+                        Injector,
+                        JointInjector,
+                        KeyGroup,
+)
 from .masks import RegionMask, eq7_additive_mask, eq7_allowed, eq7_bias, resize_to_grid
-from .patch import (PASS_KEY, IdentityAttentionPatch, PassContext, add_injector, find_patch, identity_attention_wrapper,
-                    install)
+from .patch import (
+                        PASS_KEY,
+                        IdentityAttentionPatch,
+                        PassContext,
+                        add_injector,
+                        find_patch,
+                        identity_attention_wrapper,
+                        install,
+)
 from .sigma import SigmaRange, SiteWeights
 from .sites import AttentionSite, describe_sites, diffusion_model_of, find_sites
 

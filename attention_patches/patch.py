@@ -28,8 +28,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .capture import (CaptureComplete, CaptureRecorder, CaptureRequest, CapturedStates, ReferenceKeyDownsampling,
-                      reference_input, slice_extra_conds)
+from .capture import (
+    CaptureComplete,
+    CapturedStates,
+    CaptureRecorder,
+    CaptureRequest,
+    ReferenceKeyDownsampling,
+    reference_input,
+    slice_extra_conds,
+)
 from .injectors import AttentionCall, ChunkLayout, Injector, KeyGroup, row_index, take_rows
 from .kernels import attention_with_lse, joint_attention_concat, merge_heads, merge_into, sdpa, split_heads
 from .sites import AttentionSite, find_sites, sites_by_key

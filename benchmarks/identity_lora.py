@@ -196,7 +196,12 @@ def worker(args) -> dict:
     import torch
 
     from likeness.face_analysis.analyzers.dlib_backend import load_dlib
-    from likeness.techniques.facea_net.training import IdentityTrainer, TrainSettings, prepare_references
+    from likeness.techniques.facea_net.training import (
+        IdentityTask,
+        TrainSettings,
+        prepare_references,
+        train_identity_task,
+    )
 
     t0 = time.perf_counter()
     patcher, clip, vae = build_models(args)
@@ -210,14 +215,14 @@ def worker(args) -> dict:
     info = {"trainer": args.worker, "unet_params": params, "setup_s": round(time.perf_counter() - t0, 1)}
     if args.worker == "ours":
         with torch.inference_mode():
-            trainer = IdentityTrainer(patcher, clip, vae, refs, settings)
-            trained = sum(p.numel() for p in trainer.params().values())
+            trainer = IdentityTask(patcher, clip, vae, refs, settings)
+            trained = sum(p.numel() for p in trainer.trainables().values())
             compute = "bf16 mixed precision (fp32 LoRA/AdamW)" if trainer.compute_dtype else "fp32"
             release = "on" if trainer.release_memory and settings.gradient_checkpointing else "off"
             rss_before = _rss_kib()
             start = time.perf_counter()
             with RssSampler() as sampler:
-                trainer.run()
+                train_identity_task(trainer)
         info.update(config=f"FaceA-Net trainer: LoRA rank {args.rank} on attention to_q/k/v/out only "
                            f"(activation-side adapters), + [feat] embeddings; precision {args.ours_precision} = "
                            f"{compute}; AdamW lr 1.2e-4 / 2e-3; masked eps loss; gradient checkpointing "

@@ -1,4 +1,5 @@
-"""``python path/to/pack <command>``: model files (list, verify, fetch, table) and the headless runner.
+"""``python path/to/pack <command>``: model files (list, verify, fetch, table), the headless runner and the
+command-line trainer (``train``, :mod:`.train`).
 
 ``models`` commands use only the standard library (and PyYAML for an ``extra_model_paths.yaml``) and
 never import torch; ``run`` imports the runner (and through it ComfyUI) only when it is the command given.
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("run", add_help=False, help="run a workflow headless: run WORKFLOW.json [--set N.I=V] "
                                                     "[--out DIR] (see `run --help`)")
+    commands.add_parser("train", add_help=False, help="train a Face Fusion adapter or ConsistentID on a folder, "
+                                                      "also under torchrun (see `train --help`)")
     return parser
 
 
@@ -97,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         return cmd_run(argv[1:])
+    if argv and argv[0] == "train":
+        from . import train  # imports torch and ComfyUI only after parsing its arguments
+        return train.main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

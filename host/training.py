@@ -1,14 +1,17 @@
-"""Host side of the in-graph trainers: load the model the way samplers do.
+"""Host side of the trainers: load the model the way samplers do and (for the command-line trainer, which
+runs outside a graph) load a checkpoint, a VAE or a CLIP vision model by file the way ComfyUI's loader
+nodes do. Training folders are resolved by :mod:`host.paths`.
 
-``comfy`` is imported inside the function; outside ComfyUI the model is used where it is. Training folders
-are resolved by :mod:`host.paths`.
+``comfy`` is imported inside the functions; outside ComfyUI the model is used where it is.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
+from ..errors import ModelFileError
 from . import comfy_available
 
 
@@ -24,3 +27,43 @@ def load_for_training(model_patcher: Any) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def _existing(path: str, kind: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{kind} file '{path}' does not exist")
+    return path
+
+
+def load_checkpoint_file(path: str) -> tuple[Any, Any, Any]:
+    """(MODEL, CLIP, VAE) of a single-file checkpoint, as CheckpointLoaderSimple loads it."""
+    import comfy.sd
+    import folder_paths
+
+    path = _existing(path, "checkpoint")
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+        path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+    if model is None or clip is None or vae is None:
+        raise ModelFileError(f"'{path}' is not a full checkpoint (diffusion model, text encoder and VAE)")
+    return model, clip, vae
+
+
+def load_vae_file(path: str) -> Any:
+    """A VAE file, as VAELoader loads it."""
+    import comfy.sd
+    import comfy.utils
+
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(_existing(path, "VAE")))
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+def load_clip_vision_file(path: str) -> Any:
+    """A CLIP vision model file, as CLIPVisionLoader loads it."""
+    import comfy.clip_vision
+
+    model = comfy.clip_vision.load(_existing(path, "CLIP vision"))
+    if model is None:
+        raise ModelFileError(f"'{path}' is not a CLIP vision model ComfyUI recognises")
+    return model

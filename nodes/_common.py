@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from ..errors import InvalidInputError, ModelFileError
 from ..safetensors_io import longest_file_name
@@ -50,6 +50,12 @@ def longest_stem(outputs: Iterable[tuple[str, str]]) -> int:
                for folder, template in outputs)
 
 
+def run_outputs(run_paths: Callable[[str], Sequence[str]]) -> list[tuple[str, str]]:
+    """The ``(folder, file name template)`` pairs of a trainer's ``run_paths(name)`` (called with "{}" as the
+    name), so the name check and the trainer share one source of file names."""
+    return [(os.path.dirname(path), os.path.basename(path)) for path in run_paths("{}")]
+
+
 def checked_file_stem(name: str, input_name: str, outputs: Iterable[tuple[str, str]]) -> str:
     """A user-typed output name as a plain file stem (no folders, no extension), checked before any work starts.
 
@@ -86,3 +92,10 @@ def resolved_path(resolver: Callable[..., str], *args) -> str:
         return resolver(*args)
     except FileNotFoundError as exc:
         raise ModelFileError(str(exc)) from exc
+
+
+def resume_input() -> tuple:
+    """The trainers' ``resume`` combo (the loop's one resume policy)."""
+    return (["auto", "fresh", "require"], {"default": "auto", "tooltip": "auto: continue this name's checkpoint when "
+            "it was written with the same images and settings, else start over (one warning) and replace it. fresh: "
+            "start over and replace it. require: continue it, or stop with an error naming what differs."})

@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 
 from ..errors import InvalidInputError, ModelFileError
+from ..face_analysis.analyze import warn_images_without_face
 from ..model_hints import ModelFolder
 from ..validation import check_images, check_masks
 from ._common import category, file_choices, float_input, resolved_path
-from ..face_analysis.analyze import warn_images_without_face
 from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from ..errors import InvalidInputError
 from ..validation import check_images
-from ._common import category, check_analyzer, checked_file_stem, float_input, int_input
+from ._common import category, check_analyzer, checked_file_stem, float_input, int_input, resume_input, run_outputs
 from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
 
 CATEGORY = category("ConsistentID")
-FOLDER, SUBFOLDER, TRAINING_SUBFOLDER = "likeness", "consistentid", "training/consistentid"
 
 
 class TrainConsistentID:
@@ -56,8 +54,7 @@ class TrainConsistentID:
                                  "result)."}),
                 "checkpoint_every": int_input(50, 0, 100000, "Write a resumable checkpoint every N steps "
                                               "(0 = only at the end)."),
-                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from this name's checkpoint if there "
-                                       "is one (same images and settings). Off = start over and replace it."}),
+                "resume": resume_input(),
                 "resolution": int_input(512, 64, 2048, "Training image size (square, centre crop; official 512).",
                                         step=64),
                 "train_processors": ("BOOLEAN", {"default": False, "tooltip": "Also train the rank-128 LoRA and the "
@@ -90,15 +87,13 @@ class TrainConsistentID:
               images=None, captions="", folder="", localization_weight=0.01, condition_dropout=0.1,
               background_mask_prob=0.5):
         from ..face_analysis.parsing import FaceParser
-        from ..host.folders import save_dir
         from ..host.paths import INPUT, resolve_user_path
+        from ..techniques.consistentid import training
         from ..techniques.consistentid.loader import load_consistentid
-        from ..techniques.consistentid.training import ConsistentIDTrainSettings, save_trained, train_consistentid
         from ..trainers.datasets import training_sources
 
         check_images(images=images)
-        stem = checked_file_stem(name, "name", [(save_dir(FOLDER, TRAINING_SUBFOLDER), "{}.safetensors"),
-                                                (save_dir(FOLDER, SUBFOLDER), "{}.safetensors")])
+        stem = checked_file_stem(name, "name", run_outputs(training.run_paths))
         check_analyzer(face_analyzer, "face_analyzer")
         if not isinstance(parser, FaceParser):
             raise InvalidInputError("'parser' must come from the Face Parser Loader node.")
@@ -106,18 +101,19 @@ class TrainConsistentID:
             raise InvalidInputError("'consistentid' must come from the ConsistentID Loader.")
         folder_path = resolve_user_path(folder, INPUT, "training folder") if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)
-        settings = ConsistentIDTrainSettings(
+        settings = training.ConsistentIDTrainSettings(
             steps=steps, lr=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed,
             checkpoint_every=checkpoint_every, resolution=resolution, localization_weight=localization_weight,
             condition_dropout=condition_dropout, background_mask_prob=background_mask_prob,
             train_processors=bool(train_processors))
-        checkpoint = os.path.join(save_dir(FOLDER, TRAINING_SUBFOLDER), stem + ".safetensors")
-        output = train_consistentid(model, vae, clip, clip_vision, face_analyzer, parser, sources, settings,
-                                    start=consistentid, checkpoint_path=checkpoint, resume=resume)
-        path = save_trained(output.weights, os.path.join(save_dir(FOLDER, SUBFOLDER), stem + ".safetensors"))
-        logger.info("ConsistentID saved to %s (%d steps, final loss %s, facial term %s)", path, output.result.step,
-                    output.weights.metadata.get("final_loss"), output.weights.metadata.get("final_facial_loss"))
-        return (load_consistentid(path), output.result.loss_curve)
+        result_path, checkpoint = training.run_paths(stem)
+        output = training.train_consistentid(model, vae, clip, clip_vision, face_analyzer, parser, sources, settings,
+                                             start=consistentid, checkpoint_path=checkpoint, resume=resume,
+                                             result_path=result_path)
+        logger.info("ConsistentID saved to %s (%d steps, final loss %s, facial term %s)", result_path,
+                    output.result.step, output.weights.metadata.get("final_loss"),
+                    output.weights.metadata.get("final_facial_loss"))
+        return (load_consistentid(result_path), output.result.loss_curve)
 
 
 NODE_CLASSES = [TrainConsistentID]

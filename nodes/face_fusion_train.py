@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from ..validation import check_images
-from ._common import category, check_analyzer, checked_file_stem, float_input, int_input
+from ._common import category, check_analyzer, checked_file_stem, float_input, int_input, resume_input, run_outputs
 from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
@@ -21,8 +20,8 @@ class TrainFaceFusion:
     DESCRIPTION = ("Trains a Face Fusion adapter (only the per-layer Linear_kf / Linear_vf; the model stays frozen) "
                    "from face photos: each image's aligned face crop is the reference and the image the target, with "
                    "the model's own noise loss. Shows progress, honours cancel, writes a checkpoint every N steps "
-                   "(resume continues exactly), saves the adapter to models/likeness/fusion/<name>.safetensors and "
-                   "outputs it with a loss-curve image.")
+                   "(resume continues exactly; changed settings start over or stop, as 'resume' says), saves the "
+                   "adapter to models/likeness/fusion/<name>.safetensors and outputs it with a loss-curve image.")
     RETURN_TYPES = ("FUSION_ADAPTER", "IMAGE")
     RETURN_NAMES = ("fusion_adapter", "loss_curve")
     FUNCTION = "train"
@@ -46,8 +45,7 @@ class TrainFaceFusion:
                                  "Seeds the data order, noise and timesteps (same seed + settings = same adapter)."}),
                 "checkpoint_every": int_input(50, 0, 100000, "Write a resumable checkpoint every N steps "
                                               "(0 = only at the end)."),
-                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from this name's checkpoint if there "
-                                       "is one (same images and settings). Off = start over and replace it."}),
+                "resume": resume_input(),
                 "resolution": int_input(512, 64, 2048, "Training image size (square, centre crop).", step=64),
                 "reference_size": ([256, 384, 512], {"default": 256, "tooltip": "Side of the aligned reference "
                                    "face crop. Bigger = more detail, slower."}),
@@ -77,29 +75,26 @@ class TrainFaceFusion:
               checkpoint_every, resume, resolution, reference_size, images=None, captions="", folder="",
               face_analyzer=None, fusion_adapter=None, face_weight=1.0, reference_noise="same noise level (paper)",
               reference_downsample=2):
-        from ..host.folders import save_dir
         from ..host.paths import INPUT, resolve_user_path
-        from ..techniques.face_fusion.adapter import fusion_save_dir
-        from ..techniques.face_fusion.training import FusionTrainSettings, save_trained_adapter, train_face_fusion
+        from ..techniques.face_fusion import training
         from ..trainers.datasets import training_sources
 
         check_images(images=images)
-        stem = checked_file_stem(name, "name", [(save_dir("likeness", "training/fusion"), "{}.safetensors"),
-                                                (fusion_save_dir(), "{}.safetensors")])
+        stem = checked_file_stem(name, "name", run_outputs(training.run_paths))
         if face_analyzer is not None:
             check_analyzer(face_analyzer, "face_analyzer")
         folder_path = resolve_user_path(folder, INPUT, "training folder") if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)
-        settings = FusionTrainSettings(
+        settings = training.FusionTrainSettings(
             steps=steps, lr=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed,
             checkpoint_every=checkpoint_every, resolution=resolution, reference_size=int(reference_size),
             face_weight=face_weight, reference_noise=REFERENCE_NOISE_CHOICES.get(reference_noise, reference_noise),
             reference_downsample=reference_downsample)
-        checkpoint = os.path.join(save_dir("likeness", "training/fusion"), stem + ".safetensors")
-        output = train_face_fusion(model, vae, clip, sources, settings, analyzer=face_analyzer,
-                                   adapter=fusion_adapter, checkpoint_path=checkpoint, resume=resume)
-        path = save_trained_adapter(output.adapter, os.path.join(fusion_save_dir(), stem + ".safetensors"))
-        logger.info("Face Fusion adapter saved to %s (%d steps, final loss %s)", path, output.result.step,
+        result_path, checkpoint = training.run_paths(stem)
+        output = training.train_face_fusion(model, vae, clip, sources, settings, analyzer=face_analyzer,
+                                            adapter=fusion_adapter, checkpoint_path=checkpoint, resume=resume,
+                                            result_path=result_path)
+        logger.info("Face Fusion adapter saved to %s (%d steps, final loss %s)", result_path, output.result.step,
                     output.adapter.metadata.get("final_loss"))
         return (output.adapter, output.result.loss_curve)
 

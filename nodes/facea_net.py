@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import InvalidInputError, ModelFileError, TrainingError
+from ..errors import InvalidInputError, ModelFileError
 from ..model_hints import ModelFolder
 from ..trainers.precision import PRECISIONS
 from ..validation import check_images
-from ._common import category, check_analyzer, checked_file_stem, file_choices, float_input, int_input, resolved_path
+from ._common import (
+    category,
+    check_analyzer,
+    checked_file_stem,
+    file_choices,
+    float_input,
+    int_input,
+    resolved_path,
+    resume_input,
+)
 from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
@@ -92,8 +101,7 @@ class TrainIdentity:
             "mask_shape": (["box", "region"], {"default": "box", "tooltip": "box: rectangles around face and parts "
                            "(the paper's detector boxes); region: the parsed shapes."}),
             "checkpoint_every": int_input(100, 0, 10000, "Steps between resumable checkpoints (0 = only at the end)."),
-            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue an interrupted run of the same name and "
-                       "settings from its checkpoint."}),
+            "resume": resume_input(),
             "preview_every": int_input(0, 0, 10000, "Steps between validation previews (0 = only one at the end)."),
             "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute UNet blocks in the "
                                        "backward pass: much less memory for about a third more time."}),
@@ -109,10 +117,10 @@ class TrainIdentity:
     @shows_warnings
     def train(self, model, clip, vae, images, analyzer, class_word, name, steps, seed, rank=48, lr_lora=1.2e-4,
               lr_embeddings=2e-3, batch_size=4, feat_tokens=0, attributes="left_eye, right_eye, nose, mouth",
-              working_size=512, mask_shape="box", checkpoint_every=100, resume=True, preview_every=0,
+              working_size=512, mask_shape="box", checkpoint_every=100, resume="auto", preview_every=0,
               gradient_checkpointing=True, precision="auto", parser=None, validation_image=None):
-        from ..techniques.facea_net.files import identity_file, identity_outputs, save_trained_identity
-        from ..techniques.facea_net.training import TrainSettings, train_identity
+        from ..techniques.facea_net.files import identity_outputs
+        from ..techniques.facea_net.training import TrainSettings, run_paths, train_identity
 
         check_images(images=images, validation_image=validation_image)
         check_analyzer(analyzer)
@@ -123,20 +131,12 @@ class TrainIdentity:
             class_word=class_word, feat_tokens=feat_tokens or None, steps=steps, rank=rank, lr_lora=lr_lora,
             lr_embed=lr_embeddings, batch_size=batch_size, seed=seed, attributes=_attributes(attributes),
             working_size=working_size, mask_shape=mask_shape, checkpoint_every=checkpoint_every,
-            checkpoint_path=identity_file("checkpoint", name),
-            resume=resume, preview_every=preview_every, gradient_checkpointing=gradient_checkpointing,
-            precision=precision, label=f"FaceA-Net {name}")
-        try:
-            output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser,
-                                    validation_image=validation_image)
-        except TrainingError as exc:
-            if not (resume and "cannot resume" in str(exc)):
-                raise
-            logger.warning("FaceA-Net: %s Starting a new run of '%s' instead.", exc, name)
-            settings.resume = False
-            output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser,
-                                    validation_image=validation_image)
-        save_trained_identity(output.identity, output.lora_state, name)
+            preview_every=preview_every, gradient_checkpointing=gradient_checkpointing, precision=precision,
+            label=f"FaceA-Net {name}")
+        identity_path, checkpoint = run_paths(name)
+        output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser,
+                                validation_image=validation_image, checkpoint_path=checkpoint, resume=resume,
+                                result_path=identity_path)
         return (output.identity, output.lora_state, output.result.loss_curve, _previews(output))
 
 
@@ -177,9 +177,14 @@ class AttributeTransfer:
     @shows_warnings
     def transfer(self, model, clip, vae, identity, images, analyzer, attributes, name, steps, seed, lr_lora=1.2e-4,
                  lr_embeddings=2e-3, batch_size=4, working_size=512, parser=None):
-        from ..techniques.facea_net.files import identity_outputs, save_trained_identity
+        from ..techniques.facea_net.files import identity_outputs
         from ..techniques.facea_net.lora import identity_lora_state
-        from ..techniques.facea_net.training import TrainSettings, attribute_transfer_settings, train_identity
+        from ..techniques.facea_net.training import (
+            TrainSettings,
+            attribute_transfer_settings,
+            run_paths,
+            train_identity,
+        )
 
         check_images(images=images)
         identity = _check_identity(identity)
@@ -194,8 +199,7 @@ class AttributeTransfer:
                              label=f"FaceA-Net attribute transfer {name}")
         settings = attribute_transfer_settings(base, chosen, steps)
         output = train_identity(model, clip, vae, images, analyzer, settings, parser=parser, base_identity=identity,
-                                base_lora=identity_lora_state(identity))
-        save_trained_identity(output.identity, output.lora_state, name)
+                                base_lora=identity_lora_state(identity), result_path=run_paths(name)[0])
         return (output.identity, output.lora_state, output.result.loss_curve)
 
 

@@ -149,36 +149,33 @@ def test_facial_term_reaches_the_facial_encoder_through_the_engine(setup):
     """One micro-batch: 11 attn2 maps recorded (SD1.5's five middle blocks), the facial term is a proper value and
     its gradient reaches the FacialEncoder (compare with lambda = 0 on the same draws)."""
     from likeness.techniques.consistentid import training as T
-    from likeness.trainers.autograd import autograd_enabled
+    from likeness.trainers.autograd import autograd_enabled, release_inference_tensors
     from likeness.trainers.loop import StepContext
 
     data = setup["data"]
     grads = {}
     for weight in (0.0, 1.0):
         settings = _settings(localization_weight=weight, condition_dropout=0.0)
-        weights = T.ConsistentIDWeights.from_checkpoint(setup["start"])
-        with torch.inference_mode():
-            session = T.open_session(setup["model"], weights, False)
-        try:
-            stats = []
-            loss_fn = T.make_loss(session, weights, data, settings, stats)
+        task = T.ConsistentIDTask(setup["model"], data, settings, _weights(setup))
+        with torch.inference_mode(), task.session():
+            for module in task.frozen_modules():
+                release_inference_tensors(module)  # what the loop does before training
             recorded = []
-            original_end = session.recorder.end
+            original_end = task.state.recorder.end
 
             def end(original_end=original_end, recorded=recorded):
                 records = original_end()
                 recorded.append(records)
                 return records
 
-            session.recorder.end = end
-            params = weights.trainable(False)
+            task.state.recorder.end = end
+            params = task.trainables()
             with autograd_enabled():
                 for p in params.values():
                     p.requires_grad_(True)
-                loss = loss_fn(data.get_batch([0, 1]), StepContext(0, 0, torch.Generator().manual_seed(3), params))
+                loss = task.loss(data.get_batch([0, 1]), StepContext(0, 0, torch.Generator().manual_seed(3), params))
                 loss.backward()
-        finally:
-            session.close()
+        stats = task.stats
         grads[weight] = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
         noise, facial = stats[0]
         assert float(loss.detach()) == pytest.approx(noise + weight * facial, rel=1e-5)
@@ -255,7 +252,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(setup, tmp_path):
                             step_callback=cancel_at_3)
         assert ckpt.load_training_state(str(tmp_path / "b.safetensors")).step == 2
         resumed, resumed_result = T.train_on_data(model, data, settings, _weights(setup),
-                                                  checkpoint_path=str(tmp_path / "b.safetensors"), resume=True)
+                                                  checkpoint_path=str(tmp_path / "b.safetensors"), resume="require")
     assert resumed_result.start_step == 2 and resumed_result.step == 6
     assert resumed_result.losses == full_result.losses
     full_params, resumed_params = full.trainable(True), resumed.trainable(True)
@@ -267,6 +264,30 @@ def test_interrupted_and_resumed_equals_uninterrupted(setup, tmp_path):
     assert any(k.startswith("FacialEncoder.") for k in changed) and any(k.startswith("image_proj.") for k in changed)
     # the weight wrappers are gone from the shared UNet
     assert not any(getattr(m, "weight_function", None) for m in model.model.modules())
+
+
+def test_resume_policy_with_changed_settings(setup, tmp_path, caplog):
+    """require: ResumeMismatchError naming the fields; auto: a new run and one warning; fresh: a new run."""
+    from likeness.errors import ResumeMismatchError
+    from likeness.techniques.consistentid import training as T
+
+    model, data = setup["model"], setup["data"]
+    path = str(tmp_path / "p.safetensors")
+    changed = _settings(steps=2, localization_weight=0.05, condition_dropout=0.2)
+    with torch.inference_mode():
+        T.train_on_data(model, data, _settings(steps=2), _weights(setup), checkpoint_path=path)
+        with pytest.raises(ResumeMismatchError) as caught:
+            T.train_on_data(model, data, changed, _weights(setup), checkpoint_path=path, resume="require")
+        assert caught.value.fields == ["condition_dropout", "localization_weight"]
+        assert "localization_weight: checkpoint 0.01 vs now 0.05" in str(caught.value)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="likeness"):
+            _, auto = T.train_on_data(model, data, changed, _weights(setup), checkpoint_path=path, resume="auto")
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert auto.start_step == 0 and len(warnings) == 1 and "condition_dropout: checkpoint 0.1" in warnings[0]
+        _, fresh = T.train_on_data(model, data, _settings(steps=3), _weights(setup), checkpoint_path=path,
+                                   resume="fresh")
+    assert fresh.start_step == 0 and fresh.step == 3
 
 
 def test_saved_file_round_trips_through_the_loader_and_encodes(setup, tmp_path):

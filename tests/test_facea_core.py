@@ -326,9 +326,9 @@ def test_latent_masks_and_batch_tasks():
 
 def test_batches_mix_the_global_and_local_tasks():
     from likeness.techniques.facea_net.identity import ATTRIBUTES
-    from likeness.techniques.facea_net.training import IdentityTrainer, TrainSettings
+    from likeness.techniques.facea_net.training import IdentityTask, TrainSettings
 
-    trainer = IdentityTrainer.__new__(IdentityTrainer)  # only the task sampler is exercised
+    trainer = IdentityTask.__new__(IdentityTask)  # only the task sampler is exercised
     trainer.settings = TrainSettings()
     g = torch.Generator().manual_seed(0)
     tasks = trainer.batch_tasks(4, g)

@@ -105,7 +105,7 @@ def fixed_eval_loss(trainer, seed: int = 123, repeats: int = 4) -> float:
     from likeness.trainers.datasets import collate
     from likeness.trainers.loop import StepContext
 
-    batch = collate(list(trainer.items) * 3)
+    batch = collate(list(trainer.data) * 3)
     total = 0.0
     with torch.inference_mode(False), torch.no_grad(), trainer.lora.attached(trainer.unet), \
             autograd_safe_weights(trainer.unet):
@@ -119,19 +119,19 @@ def fixed_eval_loss(trainer, seed: int = 123, repeats: int = 4) -> float:
 def trained(host_models, photos):
     """One 60-step run on the 9-channel model (shared by the loss, LoRA and identity tests), in bf16 mixed
     precision (what "auto" picks on CPUs with bf16 units and on GPUs)."""
-    from likeness.techniques.facea_net.training import IdentityTrainer, prepare_references
+    from likeness.techniques.facea_net.training import IdentityTask, prepare_references, train_identity_task
 
     s = settings(steps=60, precision="bf16")
     with torch.inference_mode():
         refs = prepare_references(photos, analyzer(), s)
-        trainer = IdentityTrainer(host_models["model"], host_models["clip"], host_models["vae"], refs, s,
-                                  analyzer=analyzer())
+        trainer = IdentityTask(host_models["model"], host_models["clip"], host_models["vae"], refs, s,
+                               analyzer=analyzer())
     initial_feats = {t: f.clone() for t, f in trainer.feats.items()}
     grad_flags = [p.requires_grad for p in trainer.unet.parameters()]
     initial_lora = trainer.lora.native_state_dict()
     before = fixed_eval_loss(trainer)
     with torch.inference_mode():
-        output = trainer.run()
+        output = train_identity_task(trainer)
     after = fixed_eval_loss(trainer)
     return {"output": output, "trainer": trainer, "before": before, "after": after,
             "initial_feats": initial_feats, "initial_lora": initial_lora, "grad_flags": grad_flags}
@@ -158,6 +158,26 @@ def test_masked_loss_falls_and_parameters_change(trained):
     assert curve.ndim == 4 and curve.shape[-1] == 3
 
 
+def test_previews_sample_like_the_stock_inpainting_nodes(trained):
+    """A preview is what InpaintModelConditioning + KSampler (euler, normal) + VAEDecode give for the identity's face
+    prompt with the LoRA on: ComfyUI's own sampler, not a separate one."""
+    import nodes
+
+    task = trained["trainer"]
+    ref, s = task.refs[0], task.settings
+    with torch.inference_mode(), task.session(), torch.no_grad():  # as the loop validates
+        image, _score = task.preview(60)
+        positive, negative = [[task.conditioning(["face"]), {}]], [[task.negative, {}]]
+        mask = ref.masks["face"][None]
+        positive, negative, latent = nodes.InpaintModelConditioning().encode(positive, negative, ref.crop[None],
+                                                                            task.vae, mask, noise_mask=True)
+        (sampled,) = nodes.common_ksampler(task.patcher, s.seed, s.preview_steps, s.preview_cfg, "euler", "normal",
+                                           positive, negative, latent)
+        expected = task.vae.decode(sampled["samples"])[0, ..., :3].clamp(0, 1)
+    assert image.shape == ref.crop.shape and float(image.std()) > 0.01
+    assert torch.allclose(image, expected, atol=1e-4), float((image - expected).abs().max())
+
+
 def test_training_leaves_the_shared_model_untouched(trained, host_models):
     unet = host_models["model"].model.diffusion_model
     assert all("forward" not in m.__dict__ for m in unet.modules())
@@ -179,7 +199,7 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(host_models, phot
     from likeness.trainers.loop import TrainingCancelled
 
     m, c, v = host_models["model"], host_models["clip"], host_models["vae"]
-    full = run_training(m, c, v, photos, settings(steps=6, checkpoint_every=2, checkpoint_path=str(tmp_path / "a.st")))
+    full = run_training(m, c, v, photos, settings(steps=6, checkpoint_every=2), checkpoint_path=str(tmp_path / "a.st"))
 
     def stop_at_3(step, loss):
         if step == 3:
@@ -187,14 +207,35 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(host_models, phot
 
     path = str(tmp_path / "b.st")
     with pytest.raises(TrainingCancelled):
-        run_training(m, c, v, photos, settings(steps=6, checkpoint_every=2, checkpoint_path=path), step_callback=stop_at_3)
-    resumed = run_training(m, c, v, photos, settings(steps=6, checkpoint_every=2, checkpoint_path=path, resume=True))
+        run_training(m, c, v, photos, settings(steps=6, checkpoint_every=2), checkpoint_path=path, step_callback=stop_at_3)
+    resumed = run_training(m, c, v, photos, settings(steps=6, checkpoint_every=2), checkpoint_path=path,
+                           resume="require")
     assert resumed.result.start_step == 2
     assert np.allclose(resumed.losses, full.losses, atol=1e-6, rtol=0)
     for key, value in full.lora_state.items():
         assert torch.allclose(resumed.lora_state[key], value, atol=1e-6, rtol=0), key
     for task, value in full.identity.feats.items():
         assert torch.allclose(resumed.identity.feats[task], value, atol=1e-6, rtol=0), task
+
+
+def test_resume_policy_with_changed_settings(host_models, photos, tmp_path, caplog):
+    """require: ResumeMismatchError naming the fields; auto: a new run and one warning; fresh: a new run."""
+    from likeness.errors import ResumeMismatchError
+
+    m, c, v = host_models["model"], host_models["clip"], host_models["vae"]
+    path = str(tmp_path / "p.st")
+    run_training(m, c, v, photos, settings(steps=2), checkpoint_path=path)
+    changed = settings(steps=2, lr_lora=1e-3, seed=1)
+    with pytest.raises(ResumeMismatchError) as caught:
+        run_training(m, c, v, photos, changed, checkpoint_path=path, resume="require")
+    assert caught.value.fields == ["lr_lora", "seed"] and "seed: checkpoint 0 vs now 1" in str(caught.value)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="likeness"):
+        auto = run_training(m, c, v, photos, changed, checkpoint_path=path, resume="auto")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert auto.result.start_step == 0 and len(warnings) == 1 and "lr_lora: checkpoint 0.003" in warnings[0]
+    fresh = run_training(m, c, v, photos, settings(steps=3), checkpoint_path=path, resume="fresh")
+    assert fresh.result.start_step == 0 and fresh.result.step == 3
 
 
 KILL_SCRIPT = r"""
@@ -219,7 +260,7 @@ def dying_write(tensors, path, metadata):
 ckpt._write_safetensors = dying_write
 import host_support as hs
 model, clip, vae = t.inpaint_model(), hs.build_tiny_clip(), hs.build_tiny_vae()
-t.run_training(model, clip, vae, t.reference_photos(), t.settings(steps=6, checkpoint_every=2, checkpoint_path={path!r}))
+t.run_training(model, clip, vae, t.reference_photos(), t.settings(steps=6, checkpoint_every=2), checkpoint_path={path!r})
 print("not killed")
 """
 
@@ -235,7 +276,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(host_model
     state = load_training_state(path)  # the step-2 checkpoint, complete and readable
     assert state.step == 2 and len(state.losses) == 2
     resumed = run_training(host_models["model"], host_models["clip"], host_models["vae"], photos,
-                           settings(steps=4, checkpoint_every=2, checkpoint_path=path, resume=True))
+                           settings(steps=4, checkpoint_every=2), checkpoint_path=path, resume="require")
     assert resumed.result.start_step == 2 and resumed.result.step == 4
 
 
@@ -522,7 +563,7 @@ def tiny_overrides(prompt: dict) -> dict:
         elif kind in ("LikenessFaceATrainIdentity", "LikenessFaceAAttributeTransfer"):
             inputs.update(steps=3, working_size=WORKING, lr_lora=3e-3)
             if "preview_every" in inputs:
-                inputs.update(checkpoint_every=0, resume=False)
+                inputs.update(checkpoint_every=0, resume="fresh")
         elif kind in ("LikenessFaceAInpaint", "LikenessFaceACrop"):
             inputs.update(working_size=WORKING, grow=2, feather=4)
             if "steps" in inputs:

@@ -134,11 +134,34 @@ def test_interrupted_and_resumed_equals_uninterrupted(fusion_setup, tmp_path):
                             step_callback=cancel_at_5)
         assert ckpt.load_training_state(str(tmp_path / "b.safetensors")).step == 3
         resumed, resumed_result = T.train_on_data(model, data, settings, checkpoint_path=str(tmp_path / "b.safetensors"),
-                                                  resume=True)
+                                                  resume="require")
     assert resumed_result.start_step == 3 and resumed_result.step == 8
     assert resumed_result.losses == full_result.losses
     diff = max(float((a - b).abs().max()) for a, b in zip(full.parameters(), resumed.parameters(), strict=True))
     assert diff <= 1e-6
+
+
+def test_resume_policy_with_changed_settings(fusion_setup, tmp_path, caplog):
+    """require: ResumeMismatchError naming the fields; auto: a new run and one warning; fresh: a new run."""
+    from likeness.errors import ResumeMismatchError
+    from likeness.techniques.face_fusion import training as T
+
+    model, data = fusion_setup["model"], fusion_setup["data"]
+    path = str(tmp_path / "p.safetensors")
+    changed = _settings(steps=2, lr=1e-3, reference_noise="clean")
+    with torch.inference_mode():
+        T.train_on_data(model, data, _settings(steps=2), checkpoint_path=path)
+        with pytest.raises(ResumeMismatchError) as caught:
+            T.train_on_data(model, data, changed, checkpoint_path=path, resume="require")
+        assert caught.value.fields == ["lr", "reference_noise"]
+        assert "lr: checkpoint 0.03 vs now 0.001" in str(caught.value)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="likeness"):
+            _, auto = T.train_on_data(model, data, changed, checkpoint_path=path, resume="auto")
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert auto.start_step == 0 and len(warnings) == 1 and "reference_noise: checkpoint 'same_sigma'" in warnings[0]
+        _, fresh = T.train_on_data(model, data, _settings(steps=3), checkpoint_path=path, resume="fresh")
+    assert fresh.start_step == 0 and fresh.step == 3
 
 
 def test_host_cancel_keeps_last_checkpoint(fusion_setup, tmp_path):
@@ -172,7 +195,7 @@ def test_host_cancel_keeps_last_checkpoint(fusion_setup, tmp_path):
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
         with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-            T.train_on_data(model, data, settings, checkpoint_path=path, resume=True)
+            T.train_on_data(model, data, settings, checkpoint_path=path, resume="require")
     finally:
         comfy.utils.set_progress_bar_global_hook(previous_hook)
     assert ckpt.load_training_state(path).step == 4

@@ -67,9 +67,8 @@ def test_a_training_photo_without_a_face_is_a_likeness_error_with_the_trainers_o
 @pytest.fixture
 def saved_identity(host_env):
     import host_support
-    from test_facea_host import synthetic_identity
-
     from likeness.techniques.facea_net.identity import save_identity
+    from test_facea_host import synthetic_identity
 
     identity = synthetic_identity("likeness_messages", host_support.build_tiny_sd15(in_channels=9), 1)
     path = save_identity(identity, os.path.join(host_env.models, "likeness", "identities",

@@ -206,8 +206,8 @@ def test_existing_ui_text_is_kept_and_other_threads_are_not_mixed_in():
 def test_reference_images_without_a_face_are_reported():
     import numpy as np
 
-    from likeness.face_analysis.types import Face, FaceAnalysis
     from likeness.face_analysis.analyze import warn_images_without_face
+    from likeness.face_analysis.types import Face, FaceAnalysis
 
     face = Face(bbox=np.array([0, 0, 10, 10], np.float32), score=0.9, kps=np.zeros((5, 2), np.float32))
     faces = FaceAnalysis(faces=[[face], [], [face]], image_sizes=[(32, 32)] * 3, backend="t", model_id="t")

@@ -12,6 +12,9 @@ it and refuses in-place updates. The rules this module implements:
   same tensor object, so modules that hold it keep working);
 - frozen weights that autograd has to *save* (every Linear/Conv/Norm between the trainable tensors and
   the loss) must be normal tensors too (:func:`release_inference_tensors`, same values, swapped in place).
+
+:class:`InferenceTensorGuard` names the cause when one was missed: an op that fails while one of its
+tensor arguments is an inference tensor and another one requires grad (checked on the tensors).
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import logging
 from collections.abc import Iterator, Mapping
 
 import torch
+from torch.overrides import TorchFunctionMode
+
+from ..errors import TrainingError
 
 logger = logging.getLogger("likeness")
 
@@ -109,3 +115,34 @@ def release_inference_tensors(module: torch.nn.Module) -> int:
     if count:
         logger.debug("released %d inference tensors of %s for training", count, type(module).__name__)
     return count
+
+
+def _tensors(value) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+class InferenceTensorGuard(TorchFunctionMode):
+    """While active, an op that fails on an inference tensor autograd would have to save raises a
+    :class:`TrainingError` that says what to do (the loop runs the first micro-step under it)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as exc:
+            tensors = list(_tensors((args, kwargs)))
+            if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) \
+                    and any(torch.is_inference(t) for t in tensors):
+                raise TrainingError(
+                    "a tensor created in inference mode reached autograd (usually frozen model weights between the "
+                    "trained tensors and the loss); list the model in the task's frozen_modules() or call "
+                    "trainers.autograd.release_inference_tensors(model) before training, and clone inference "
+                    "inputs") from exc
+            raise

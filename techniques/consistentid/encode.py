@@ -29,8 +29,14 @@ from ...errors import InvalidInputError
 from ..faceid.apply import apply_faceid_adapter, clip_hidden_states, encode_id_tokens
 from ..faceid.checkpoint import FaceIDCheckpoint
 from ..faceid.mixing import average_identities
-from .tokens import (FACIAL_MARKER, FACIAL_REGION_LABELS, FIXED_FACIAL_CAPTION, facial_prompt, select_facial_regions,
-                     tokenize_facial_prompt)
+from .tokens import (
+    FACIAL_MARKER,
+    FACIAL_REGION_LABELS,
+    FIXED_FACIAL_CAPTION,
+    facial_prompt,
+    select_facial_regions,
+    tokenize_facial_prompt,
+)
 
 logger = logging.getLogger("likeness")
 

@@ -28,16 +28,20 @@ Per micro-batch (all randomness from the loop's generator, so a resumed run is e
 - loss = noise loss (the host's eps-MSE; with p = 0.5 per image only inside the "without background" mask,
   a masked mean) + lambda * facial attention-localization loss (``localization.py``, lambda = 0.01).
 
-The shared loop (:mod:`...trainers.loop`) does AdamW, accumulation, progress/cancel, atomic checkpoints,
-exact resume and the loss curve. The result is saved in the official key layout (``image_proj_model.*``,
+:class:`ConsistentIDTask` is the trainer contract (:mod:`...trainers.task`); the shared loop
+(:mod:`...trainers.loop`) does AdamW, accumulation, progress/cancel, atomic checkpoints, the resume policy,
+data-parallel ranks and the loss curve. The result is saved in the official key layout (``image_proj_model.*``,
 ``adapter_modules.*``, ``FacialEncoder.*``; the official safetensors names), which the ConsistentID loader reads.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,12 +50,14 @@ import torch.nn.functional as F
 from ...attention_patches import DecoupledInjector, find_sites, install
 from ...errors import CheckpointLayoutError, InvalidInputError
 from ...host.attention import forward_transformer_options
+from ...host.folders import save_dir
 from ...host.training import load_for_training
 from ...trainers import losses
-from ...trainers.autograd import autograd_enabled, detach_inputs, release_inference_tensors
+from ...trainers.autograd import autograd_enabled, detach_inputs
 from ...trainers.checkpoint import atomic_save
 from ...trainers.datasets import center_square, resize_center_crop
 from ...trainers.loop import LrGroup, StepContext, TrainConfig, TrainResult, check_run_settings, train
+from ...trainers.task import TrainingTask, run_field
 from ..faceid.apply import clip_hidden_states
 from ..faceid.checkpoint import FaceIDCheckpoint
 from ..faceid.lora import apply_lora, check_adapter_fits, lora_factors, transformer_blocks
@@ -73,12 +79,14 @@ PARAM_GROUPS = ("image_proj", "FacialEncoder", "adapter_modules")   # trainable-
 
 @dataclass
 class ConsistentIDTrainSettings:
-    steps: int = 1000
+    """Everything that shapes a ConsistentID training run; ``asdict`` minus the run fields is its resume fingerprint."""
+
+    steps: int = run_field(1000)
     lr: float = 1e-4                      # official: 1e-4 for every trainable module
     batch_size: int = 1
     grad_accumulation: int = 1
     seed: int = 0
-    checkpoint_every: int = 50
+    checkpoint_every: int = run_field(50)
     resolution: int = 512                 # official: 512 (resize + centre crop)
     localization_weight: float = 0.01     # lambda of the facial loss (paper and code)
     condition_dropout: float = 0.1        # empty text + zero CLIP image (official p = 0.1)
@@ -510,9 +518,6 @@ def open_session(model_patcher, weights: ConsistentIDWeights, train_processors: 
     recorder = AttentionMapRecorder(localization_sites(patch.sites))
     patch.add(recorder)
     device = load_for_training(clone)
-    released = release_inference_tensors(clone.model)
-    if released:
-        logger.info("ConsistentID training: %d frozen model tensors made autograd-usable (same values)", released)
     weights.to(device)
     return TrainingSession(clone, device, identity, recorder)
 
@@ -523,80 +528,14 @@ def _batch_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([c.repeat(total // c.shape[0], 1) for c in contexts])
 
 
-def make_loss(session: TrainingSession, weights: ConsistentIDWeights, data: ConsistentIDTrainingData,
-              settings: ConsistentIDTrainSettings, stats: list | None = None) -> Callable:
-    """The loss the loop calls per micro-batch (see the module doc). ``stats`` collects ``(noise, facial)``."""
-    clone, device = session.clone, session.device
-    base = clone.model
-    model_sampling = clone.get_model_object("model_sampling")
-    options = forward_transformer_options(clone)
-    dtype = base.get_dtype() if hasattr(base, "get_dtype") else torch.float32
-    empty = detach_inputs(data.empty_context)
-    zero_states = detach_inputs(data.zero_image_states)[0]
-    projector, encoder = weights.projector, weights.facial_encoder
-
-    def loss_fn(batch: dict, ctx: StepContext) -> torch.Tensor:
-        clean = batch["latent"].to(device)
-        count = clean.shape[0]
-        sigma = losses.sample_sigmas(model_sampling, count, ctx.generator).to(device)
-        noise = ctx.randn(clean.shape, device=device)
-        dropped = (ctx.rand((count,)) < settings.condition_dropout).tolist()
-        masked = (ctx.rand((count,)) < settings.background_mask_prob).tolist()
-
-        states = torch.stack([zero_states if d else s for d, s in zip(dropped, batch["image_states"])])
-        tokens = projector_tokens(projector, batch["arcface"].to(device), states.to(device), shortcut=False)
-
-        # fused text: one FacialEncoder call for every region of the batch
-        rows = [i for i in range(count) if not dropped[i] and batch["positions"][i]]
-        region_vectors = []
-        if rows:
-            stacked = torch.cat([batch["region_states"][i] for i in rows]).to(device)
-            region_vectors = list(encoder.encode_regions(stacked).split([len(batch["positions"][i]) for i in rows]))
-        contexts, positions, masks = [], [], []
-        for i in range(count):
-            if dropped[i]:
-                contexts.append(empty.to(device))
-                positions.append([])
-                continue
-            plain = batch["context"][i].to(device)
-            if i in rows:
-                plain = encoder.fuse(plain.unsqueeze(0), region_vectors.pop(0), batch["positions"][i])[0]
-                positions.append(batch["positions"][i])
-                masks.append((i, batch["region_masks"][i]))
-            else:
-                positions.append([])
-            contexts.append(plain)
-        context = _batch_contexts(contexts)
-
-        selector = valid = region_masks = None
-        if settings.localization_weight > 0 and masks:
-            selector, valid = token_selector(positions, [c.shape[0] for c in contexts], context.shape[1])
-            region_masks = torch.zeros(count, valid.shape[1], *batch["region_masks"][rows[0]].shape[-2:])
-            for i, m in masks:
-                region_masks[i, :m.shape[0]] = m
-        session.identity.tokens = tokens
-        session.recorder.begin(selector)
-        try:
-            x_t = losses.noised(model_sampling, sigma, noise, clean)
-            denoised = base.apply_model(x_t.to(dtype), sigma, c_crossattn=context.to(device, dtype),
-                                        transformer_options=options).float()
-        finally:
-            records = session.recorder.end()
-            session.identity.tokens = None
-
-        weight = None
-        if any(masked):
-            ones = torch.ones_like(batch["foreground"][0])
-            weight = torch.stack([f if m else ones for m, f in zip(masked, batch["foreground"])]).to(device)
-        noise_loss = losses.noise_prediction_loss(model_sampling, sigma, x_t, denoised, clean, weight)
-        facial = noise_loss.new_zeros(())
-        if selector is not None and records:
-            facial = facial_localization_loss(records, region_masks.to(device), valid)
-        if stats is not None:
-            stats.append((float(noise_loss.detach()), float(facial.detach())))
-        return noise_loss + settings.localization_weight * facial
-
-    return loss_fn
+@dataclass
+class _TextConditioning:
+    """A micro-batch's text: the batched context and, per row, the fused feature-word positions."""
+    context: torch.Tensor              # [B, L, C]
+    lengths: list[int]                 # each row's own context length
+    positions: list[list[int]]         # feature-word rows of each context ([] = none / dropped)
+    masks: list[tuple[int, torch.Tensor]]   # (row, its region masks) of the rows with fused regions
+    rows: list[int]                    # the rows whose text was fused
 
 
 # --------------------------------------------------------------------------- training
@@ -608,70 +547,171 @@ class ConsistentIDTrainOutput:
     info: dict = field(default_factory=dict)
 
 
+class ConsistentIDTask(TrainingTask):
+    """ConsistentID (a copy of ``weights``) trained on prepared data; the input model and weights stay untouched.
+
+    :meth:`session` opens a :class:`TrainingSession` (a private loaded clone with the ID injector, the map
+    recorder and the LoRA); the loss is the module doc's step, every random draw per row. ``stats`` collects
+    ``(noise loss, facial loss)`` of every micro-batch.
+    """
+
+    technique = "consistentid"
+    label = "ConsistentID training"
+
+    def __init__(self, model_patcher, data: ConsistentIDTrainingData, settings: ConsistentIDTrainSettings,
+                 weights: ConsistentIDWeights):
+        settings.check()
+        self.model_patcher = model_patcher
+        self.data = data
+        self.settings = settings
+        self.weights = ConsistentIDWeights.from_groups(
+            {"image_proj": weights.projector.state_dict(), "adapter_modules": weights.adapter_tensors,
+             "FacialEncoder": weights.facial_encoder.state_dict()}, weights.checkpoint.source, weights.metadata)
+        self.stats: list[tuple[float, float]] = []
+        self.state: TrainingSession | None = None
+
+    @contextlib.contextmanager
+    def session(self):
+        self.state = open_session(self.model_patcher, self.weights, self.settings.train_processors)
+        clone = self.state.clone
+        self.model_sampling = clone.get_model_object("model_sampling")
+        self.options = forward_transformer_options(clone)
+        self.dtype = clone.model.get_dtype() if hasattr(clone.model, "get_dtype") else torch.float32
+        self.empty = detach_inputs(self.data.empty_context)
+        self.zero_states = detach_inputs(self.data.zero_image_states)[0]
+        try:
+            yield self
+        finally:
+            self.state.close()
+            self.weights.to("cpu")
+
+    def trainables(self) -> dict[str, torch.Tensor]:
+        return self.weights.trainable(self.settings.train_processors)
+
+    def lr_groups(self) -> list[LrGroup]:
+        s = self.settings
+        return [LrGroup(lr=s.lr, prefix=p, weight_decay=s.weight_decay, name=p) for p in PARAM_GROUPS]
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.state.clone.model]
+
+    def data_fingerprint(self) -> str:
+        return self.data.fingerprint
+
+    def metadata(self) -> dict[str, str]:
+        return {"technique": self.technique, "started_from": self.weights.metadata.get("started_from", "")}
+
+    def loss(self, batch: dict, ctx: StepContext) -> torch.Tensor:
+        s, device, state = self.settings, self.state.device, self.state
+        clean = batch["latent"].to(device)
+        count = clean.shape[0]
+        sigma = ctx.per_row(count, lambda n: losses.sample_sigmas(self.model_sampling, n, ctx.generator)).to(device)
+        noise = ctx.randn(clean.shape, device=device)
+        dropped = (ctx.rand((count,)) < s.condition_dropout).tolist()
+        masked = (ctx.rand((count,)) < s.background_mask_prob).tolist()
+        states = torch.stack([self.zero_states if d else x for d, x in zip(dropped, batch["image_states"])])
+        tokens = projector_tokens(self.weights.projector, batch["arcface"].to(device), states.to(device),
+                                  shortcut=False)
+        text = self._text(batch, dropped)
+        selector = valid = region_masks = None
+        if s.localization_weight > 0 and text.masks:
+            selector, valid = token_selector(text.positions, text.lengths, text.context.shape[1])
+            region_masks = torch.zeros(count, valid.shape[1], *batch["region_masks"][text.rows[0]].shape[-2:])
+            for i, m in text.masks:
+                region_masks[i, :m.shape[0]] = m
+        state.identity.tokens = tokens
+        state.recorder.begin(selector)
+        try:
+            x_t = losses.noised(self.model_sampling, sigma, noise, clean)
+            denoised = state.clone.model.apply_model(x_t.to(self.dtype), sigma,
+                                                     c_crossattn=text.context.to(device, self.dtype),
+                                                     transformer_options=self.options).float()
+        finally:
+            records = state.recorder.end()
+            state.identity.tokens = None
+        noise_loss = losses.noise_prediction_loss(self.model_sampling, sigma, x_t, denoised, clean,
+                                                  self._background_weight(batch, masked))
+        facial = noise_loss.new_zeros(())
+        if selector is not None and records:
+            facial = facial_localization_loss(records, region_masks.to(device), valid)
+        self.stats.append((float(noise_loss.detach()), float(facial.detach())))
+        return noise_loss + s.localization_weight * facial
+
+    def _text(self, batch: dict, dropped: list[bool]) -> _TextConditioning:
+        """The plain caption embeddings with the FacialEncoder's region vectors fused in at the feature words
+        (one encoder call for every region of the batch); the empty caption for dropped rows."""
+        device, encoder = self.state.device, self.weights.facial_encoder
+        count = len(dropped)
+        rows = [i for i in range(count) if not dropped[i] and batch["positions"][i]]
+        region_vectors = []
+        if rows:
+            stacked = torch.cat([batch["region_states"][i] for i in rows]).to(device)
+            region_vectors = list(encoder.encode_regions(stacked).split([len(batch["positions"][i]) for i in rows]))
+        contexts, positions, masks = [], [], []
+        for i in range(count):
+            if dropped[i]:
+                contexts.append(self.empty.to(device))
+                positions.append([])
+                continue
+            plain = batch["context"][i].to(device)
+            if i in rows:
+                plain = encoder.fuse(plain.unsqueeze(0), region_vectors.pop(0), batch["positions"][i])[0]
+                positions.append(batch["positions"][i])
+                masks.append((i, batch["region_masks"][i]))
+            else:
+                positions.append([])
+            contexts.append(plain)
+        return _TextConditioning(_batch_contexts(contexts), [c.shape[0] for c in contexts], positions, masks, rows)
+
+    def _background_weight(self, batch: dict, masked: list[bool]) -> torch.Tensor | None:
+        """Per row: the "without background" mask (noise loss inside the person only) or all ones."""
+        if not any(masked):
+            return None
+        ones = torch.ones_like(batch["foreground"][0])
+        return torch.stack([f if m else ones for m, f in zip(masked, batch["foreground"])]).to(self.state.device)
+
+    def finish(self, result: TrainResult) -> ConsistentIDWeights:
+        s, weights = self.settings, self.weights
+        recent = self.stats[-8:]
+        weights.metadata.update({
+            "format": "consistentid", "trained_steps": str(result.step), "lr": str(s.lr),
+            "batch_size": str(s.batch_size), "grad_accumulation": str(s.grad_accumulation),
+            "seed": str(s.seed), "images": str(len(self.data)), "resolution": str(s.resolution),
+            "localization_weight": str(s.localization_weight),
+            "train_processors": str(s.train_processors).lower(),
+            "final_loss": f"{result.losses[-1]:.6g}" if result.losses else "",
+            "final_noise_loss": f"{sum(n for n, _ in recent) / len(recent):.6g}" if recent else "",
+            "final_facial_loss": f"{sum(f for _, f in recent) / len(recent):.6g}" if recent else "",
+        })
+        return weights
+
+    def write_result(self, artefact: ConsistentIDWeights, path: str) -> list[str]:
+        return [save_trained(artefact, path)]
+
+
 def train_on_data(model_patcher, data: ConsistentIDTrainingData, settings: ConsistentIDTrainSettings,
-                  weights: ConsistentIDWeights, checkpoint_path: str | None = None, resume: bool = False,
+                  weights: ConsistentIDWeights, checkpoint_path: str | None = None, resume: str = "fresh",
                   **loop_options) -> tuple[ConsistentIDWeights, TrainResult]:
     """Train a copy of ``weights`` on prepared data; the input model and weights stay untouched.
 
-    ``loop_options`` go to :class:`TrainConfig` (``progress_factory``, ``interrupt_check``, ``step_callback``,
-    ``on_cancel``, ``validate_fn`` ...).
+    ``resume`` is the loop's policy (``auto`` / ``fresh`` / ``require``); ``loop_options`` go to
+    :class:`TrainConfig` (``result_path``, ``progress_factory``, ``interrupt_check``, ``step_callback`` ...).
     """
-    settings.check()
-    weights = ConsistentIDWeights.from_groups(
-        {"image_proj": weights.projector.state_dict(), "adapter_modules": weights.adapter_tensors,
-         "FacialEncoder": weights.facial_encoder.state_dict()}, weights.checkpoint.source, weights.metadata)
-    session = open_session(model_patcher, weights, settings.train_processors)
-    stats: list[tuple[float, float]] = []
-    try:
-        loss_fn = make_loss(session, weights, data, settings, stats)
-        params = weights.trainable(settings.train_processors)
-        config = TrainConfig(
-            steps=settings.steps,
-            lr_groups=[LrGroup(lr=settings.lr, prefix=p, weight_decay=settings.weight_decay, name=p)
-                       for p in PARAM_GROUPS],
-            batch_size=settings.batch_size, grad_accumulation=settings.grad_accumulation, seed=settings.seed,
-            checkpoint_every=settings.checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
-            max_grad_norm=settings.max_grad_norm, label="ConsistentID training",
-            metadata={"technique": "consistentid", "started_from": weights.metadata.get("started_from", "")},
-            fingerprint={"technique": "consistentid", "data": data.fingerprint, "resolution": settings.resolution,
-                         "localization_weight": settings.localization_weight,
-                         "condition_dropout": settings.condition_dropout,
-                         "background_mask_prob": settings.background_mask_prob,
-                         "train_processors": settings.train_processors},
-            **loop_options)
-        result = train(params, loss_fn, data, config)
-    finally:
-        session.close()
-        weights.to("cpu")
-    noise_terms = [s[0] for s in stats]
-    facial_terms = [s[1] for s in stats]
-    weights.metadata.update({
-        "format": "consistentid", "trained_steps": str(result.step), "lr": str(settings.lr),
-        "batch_size": str(settings.batch_size), "grad_accumulation": str(settings.grad_accumulation),
-        "seed": str(settings.seed), "images": str(len(data)), "resolution": str(settings.resolution),
-        "localization_weight": str(settings.localization_weight),
-        "train_processors": str(settings.train_processors).lower(),
-        "final_loss": f"{result.losses[-1]:.6g}" if result.losses else "",
-        "final_noise_loss": f"{sum(noise_terms[-8:]) / max(1, len(noise_terms[-8:])):.6g}" if noise_terms else "",
-        "final_facial_loss": f"{sum(facial_terms[-8:]) / max(1, len(facial_terms[-8:])):.6g}" if facial_terms else "",
-    })
-    return weights, result
+    task = ConsistentIDTask(model_patcher, data, settings, weights)
+    result = train(task, TrainConfig.from_settings(settings, checkpoint_path=checkpoint_path, resume=resume,
+                                                   **loop_options))
+    return result.artefact, result
 
 
 def train_consistentid(model_patcher, vae, clip, clip_vision, analyzer, parser,
                        sources: Iterable[tuple[str, torch.Tensor, str]], settings: ConsistentIDTrainSettings,
                        start: FaceIDCheckpoint | None = None, architecture: FreshArchitecture = FreshArchitecture(),
-                       checkpoint_path: str | None = None, resume: bool = False,
+                       checkpoint_path: str | None = None, resume: str = "fresh",
                        **loop_options) -> ConsistentIDTrainOutput:
     """Prepare the data, then train a copy of ``start`` (a loaded ConsistentID) or a new model."""
     settings.check()
     check_model(model_patcher)
-    if start is not None:
-        weights = ConsistentIDWeights.from_checkpoint(start)
-    else:
-        clip_dim = int(clip_hidden_states(clip_vision, None).shape[-1])
-        weights = ConsistentIDWeights.fresh(model_patcher, clip_dim, architecture, settings.seed)
-    weights.check_model(model_patcher)
+    weights = initial_weights(model_patcher, clip_vision, settings, start, architecture)
     id_dim = weights.projector.proj[0].in_features
     data = prepare_training_data(model_patcher, vae, clip, clip_vision, analyzer, parser, sources, settings, id_dim)
     trained, result = train_on_data(model_patcher, data, settings, weights, checkpoint_path, resume, **loop_options)
@@ -679,27 +719,39 @@ def train_consistentid(model_patcher, vae, clip, clip_vision, analyzer, parser,
     return ConsistentIDTrainOutput(trained, result, info)
 
 
+def initial_weights(model_patcher, clip_vision, settings: ConsistentIDTrainSettings,
+                    start: FaceIDCheckpoint | None = None,
+                    architecture: FreshArchitecture = FreshArchitecture()) -> ConsistentIDWeights:
+    """What training starts from: a copy of ``start`` (a loaded ConsistentID) or a new, seeded model."""
+    if start is not None:
+        weights = ConsistentIDWeights.from_checkpoint(start)
+    else:
+        clip_dim = int(clip_hidden_states(clip_vision, None).shape[-1])
+        weights = ConsistentIDWeights.fresh(model_patcher, clip_dim, architecture, settings.seed)
+    weights.check_model(model_patcher)
+    return weights
+
+
 def evaluate_loss(model_patcher, weights: ConsistentIDWeights, data: ConsistentIDTrainingData,
                   settings: ConsistentIDTrainSettings, seed: int = 1234, rounds: int = 2) -> tuple[float, float]:
     """Mean ``(noise loss, facial loss)`` of ``weights`` over every example with fixed seeded draws (the same for
-    any weights, so two models compare fairly). Condition dropout and background masking are off."""
-    probe = ConsistentIDTrainSettings(**{**settings.__dict__, "condition_dropout": 0.0, "background_mask_prob": 0.0})
-    weights = ConsistentIDWeights.from_groups(
-        {"image_proj": weights.projector.state_dict(), "adapter_modules": weights.adapter_tensors,
-         "FacialEncoder": weights.facial_encoder.state_dict()}, weights.checkpoint.source)
-    session = open_session(model_patcher, weights, False)
-    stats: list[tuple[float, float]] = []
-    try:
-        loss_fn = make_loss(session, weights, data, probe, stats)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _ in range(rounds):
-                for start in range(0, len(data), settings.batch_size):
-                    rows = list(range(start, min(len(data), start + settings.batch_size)))
-                    loss_fn(data.get_batch(rows), StepContext(0, 0, generator, {}))
-    finally:
-        session.close()
-    return (sum(s[0] for s in stats) / len(stats), sum(s[1] for s in stats) / len(stats))
+    any weights, so two models compare fairly). Condition dropout, background masking and LoRA training are off."""
+    probe = dataclasses.replace(settings, condition_dropout=0.0, background_mask_prob=0.0, train_processors=False)
+    task = ConsistentIDTask(model_patcher, data, probe, weights)
+    generator = torch.Generator().manual_seed(seed)
+    with task.session(), torch.no_grad():
+        for _ in range(rounds):
+            for start in range(0, len(data), settings.batch_size):
+                rows = list(range(start, min(len(data), start + settings.batch_size)))
+                task.loss(data.get_batch(rows), StepContext(0, 0, generator, {}))
+    return (sum(n for n, _ in task.stats) / len(task.stats), sum(f for _, f in task.stats) / len(task.stats))
+
+
+def run_paths(name: str) -> tuple[str, str]:
+    """(model file, training checkpoint) of the run called ``name`` in the models folders: where the node and the
+    command line write, so either one resumes a run the other started."""
+    return (os.path.join(save_dir("likeness", "consistentid"), name + ".safetensors"),
+            os.path.join(save_dir("likeness", "training/consistentid"), name + ".safetensors"))
 
 
 def save_trained(weights: ConsistentIDWeights, path: str) -> str:

@@ -7,10 +7,15 @@ the apply function; the trainer lives in ``training``.
 """
 from __future__ import annotations
 
-from .adapter import (FusionAdapter, fusion_adapter_path, fusion_save_dir, list_fusion_adapters, load_fusion_adapter,
-                      save_fusion_adapter)
-from .apply import (UNCOND_MODES, FusionIdentityLatents, FusionInjector, apply_face_fusion,
-                    encode_reference_images)
+from .adapter import (
+                      FusionAdapter,
+                      fusion_adapter_path,
+                      fusion_save_dir,
+                      list_fusion_adapters,
+                      load_fusion_adapter,
+                      save_fusion_adapter,
+)
+from .apply import UNCOND_MODES, FusionIdentityLatents, FusionInjector, apply_face_fusion, encode_reference_images
 
 __all__ = ["FusionAdapter", "FusionIdentityLatents", "FusionInjector", "UNCOND_MODES", "apply_face_fusion",
            "encode_reference_images", "fusion_adapter_path", "fusion_save_dir", "list_fusion_adapters",

@@ -36,9 +36,21 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...attention_patches import (NEGATIVE, POSITIVE, AttentionCall, CaptureRequest, CapturedStates, ChunkLayout,
-                                  JointInjector, KeyGroup, ReferenceLatents, RegionMask, SigmaRange, SiteWeights,
-                                  install)
+from ...attention_patches import (
+    NEGATIVE,
+    POSITIVE,
+    AttentionCall,
+    CapturedStates,
+    CaptureRequest,
+    ChunkLayout,
+    JointInjector,
+    KeyGroup,
+    ReferenceLatents,
+    RegionMask,
+    SigmaRange,
+    SiteWeights,
+    install,
+)
 from ...attention_patches.capture import CAPTURE_MODES
 from ...attention_patches.injectors import stacking_name
 from ...attention_patches.kernels import pool_key_grid, pooling_window, reference_grid

@@ -12,8 +12,9 @@ the target. One step, per batch row i (paper §3, the pack's recorded choices in
    the host's noise loss (ε-MSE for SD1.5), optionally weighted up inside the face
    (``face_weight`` > 1, from the detected face box).
 
-Everything runs through the shared loop (:mod:`...trainers.loop`): AdamW, gradient accumulation,
-seeded randomness, progress + cancel, atomic checkpoints, exact resume, the loss curve.
+:class:`FusionTask` is the trainer contract (:mod:`...trainers.task`); the shared loop
+(:mod:`...trainers.loop`) runs it: AdamW, gradient accumulation, seeded per-row randomness, progress +
+cancel, atomic checkpoints, the resume policy, data-parallel ranks, the loss curve.
 
 References come from the face-analysis chain (``analyze`` + ``align_faces``: the ArcFace-template
 crop, as at inference). Without an analyzer, or for an image without a detectable face, the middle of
@@ -21,25 +22,28 @@ the image is used instead (logged), and that image gets no face weighting.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-from ...attention_patches import install
+from ...attention_patches import ReferenceLatents, install
 from ...errors import InvalidInputError
 from ...host.attention import forward_transformer_options
+from ...host.folders import save_dir
 from ...host.training import load_for_training
 from ...trainers import losses
-from ...trainers.autograd import release_inference_tensors
 from ...trainers.checkpoint import atomic_save
 from ...trainers.datasets import center_square, resize_center_crop
-from ...trainers.loop import LrGroup, TrainConfig, TrainResult, check_run_settings, train
-from .adapter import FusionAdapter
+from ...trainers.loop import LrGroup, StepContext, TrainConfig, TrainResult, check_run_settings, train
+from ...trainers.task import TrainingTask, run_field
+from .adapter import FusionAdapter, fusion_save_dir
 from .apply import DEFAULT_REFERENCE_DOWNSAMPLE, INJECTOR_NAME, FusionIdentityLatents, FusionInjector
 
 logger = logging.getLogger("likeness")
@@ -52,12 +56,14 @@ ENCODE_CHUNK = 8
 
 @dataclass
 class FusionTrainSettings:
-    steps: int = 500
+    """Everything that shapes a Face Fusion training run; ``asdict`` minus the run fields is its resume fingerprint."""
+
+    steps: int = run_field(500)
     lr: float = 1e-4
     batch_size: int = 1
     grad_accumulation: int = 1
     seed: int = 0
-    checkpoint_every: int = 50
+    checkpoint_every: int = run_field(50)
     resolution: int = 512            # training images (square, centre-cropped)
     reference_size: int = 256        # aligned reference crop side
     crop_scale: float = 1.0          # >1 zooms the reference crop out (more hair / background)
@@ -182,6 +188,7 @@ class FusionTrainingData:
     empty_context: torch.Tensor      # [1, L, ctx] (caption dropout)
     weights: torch.Tensor | None     # [N, 1, h, w] loss weights, None = plain MSE
     fingerprint: str                 # names + captions + sizes (resume refuses another data set)
+    aligned: int = 0                 # examples whose reference is an aligned face crop
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
@@ -229,7 +236,8 @@ def encode_examples(model_patcher, vae, clip, examples: PreparedExamples,
     for name, caption in zip(examples.names, examples.captions):
         digest.update(f"{name}\0{caption}\0".encode())
     digest.update(str((tuple(latents.shape), tuple(references.shape))).encode())
-    return FusionTrainingData(latents, references, contexts, empty, weights, digest.hexdigest()[:16])
+    return FusionTrainingData(latents, references, contexts, empty, weights, digest.hexdigest()[:16],
+                              sum(examples.aligned))
 
 
 # --------------------------------------------------------------------------- training
@@ -251,103 +259,131 @@ def check_model(model_patcher) -> None:
         raise InvalidInputError("Face Fusion training needs a normal (not an inpainting) model")
 
 
-def make_loss(model_patcher, adapter: FusionAdapter, data: FusionTrainingData, settings: FusionTrainSettings,
-              device: torch.device) -> Callable:
-    """The loss the loop calls per micro-batch (see the module doc)."""
-    base = model_patcher.model
-    model_sampling = model_patcher.get_model_object("model_sampling")
-    patch = install(model_patcher)
-    adapter.check_sites(patch.sites)
-    options = forward_transformer_options(model_patcher)
-    capture = "per_step" if settings.reference_noise == "same_sigma" else "cached_clean"
-    dtype = base.get_dtype() if hasattr(base, "get_dtype") else torch.float32
+class FusionTask(TrainingTask):
+    """A Face Fusion adapter (a copy of ``adapter``, or a new one from the model) trained on encoded data.
 
-    def loss_fn(batch: dict, ctx) -> torch.Tensor:
+    :meth:`session` trains on a private clone of the model, loaded for training, with the engine's patch
+    installed; the input model and adapter stay untouched. The loss is the module doc's step, with every
+    random draw per row (see :class:`StepContext`), so data-parallel ranks train what one process trains.
+    """
+
+    technique = "face_fusion"
+    label = "Face Fusion training"
+
+    def __init__(self, model_patcher, data: FusionTrainingData, settings: FusionTrainSettings,
+                 adapter: FusionAdapter | None = None):
+        settings.check()
+        check_model(model_patcher)
+        self.model_patcher = model_patcher
+        self.data = data
+        self.settings = settings
+        self.adapter = copy.deepcopy(adapter) if adapter is not None else None
+        self.clone = None
+
+    @contextlib.contextmanager
+    def session(self):
+        clone = self.model_patcher.clone()
+        self.device = load_for_training(clone)
+        if self.adapter is None:
+            self.adapter = FusionAdapter.from_model(clone)
+        self.adapter.to(self.device)
+        self.patch = install(clone)
+        self.adapter.check_sites(self.patch.sites)
+        self.model_sampling = clone.get_model_object("model_sampling")
+        self.options = forward_transformer_options(clone)
+        self.dtype = clone.model.get_dtype() if hasattr(clone.model, "get_dtype") else torch.float32
+        self.clone = clone
+        try:
+            yield self
+        finally:
+            self.patch.remove(INJECTOR_NAME)
+            self.adapter.to("cpu")
+
+    def trainables(self) -> dict[str, torch.Tensor]:
+        return {f"fusion.{name}": p for name, p in self.adapter.named_parameters()}
+
+    def lr_groups(self) -> list[LrGroup]:
+        return [LrGroup(lr=self.settings.lr, weight_decay=self.settings.weight_decay, name="fusion")]
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.clone.model]
+
+    def data_fingerprint(self) -> str:
+        return self.data.fingerprint
+
+    def metadata(self) -> dict[str, str]:
+        return {"technique": self.technique, "base": self.adapter.metadata.get("base", "unknown")}
+
+    def loss(self, batch: dict, ctx: StepContext) -> torch.Tensor:
+        s, device = self.settings, self.device
         clean = batch["latent"].to(device)
         count = clean.shape[0]
-        sigma = losses.sample_sigmas(model_sampling, count, ctx.generator).to(device)
+        sigma = ctx.per_row(count, lambda n: losses.sample_sigmas(self.model_sampling, n, ctx.generator)).to(device)
         noise = ctx.randn(clean.shape, device=device)
         context = batch["context"]
         drop = ctx.rand((count,))
-        if settings.caption_dropout > 0:
-            context = torch.where((drop < settings.caption_dropout).view(-1, 1, 1), data.empty_context, context)
-        reference_seed = int(torch.randint(0, 2 ** 62, (1,), generator=ctx.generator))
-        # A fresh injector per micro-batch: its reference rows, their noise and its capture belong to this step.
-        patch.add(FusionInjector(adapter, [FusionIdentityLatents(batch["reference"])], capture_mode=capture,
-                                 per_row=True, noise_seed=reference_seed,
-                                 reference_downsample=settings.reference_downsample))
-        x_t = losses.noised(model_sampling, sigma, noise, clean)
-        denoised = base.apply_model(x_t.to(dtype), sigma, c_crossattn=context.to(device, dtype),
-                                    transformer_options=options).float()
+        if s.caption_dropout > 0:
+            context = torch.where((drop < s.caption_dropout).view(-1, 1, 1), self.data.empty_context, context)
+        self.patch.add(self._injector(batch["reference"], ctx))
+        x_t = losses.noised(self.model_sampling, sigma, noise, clean)
+        denoised = self.clone.model.apply_model(x_t.to(self.dtype), sigma, c_crossattn=context.to(device, self.dtype),
+                                                transformer_options=self.options).float()
         weight = batch["weight"].to(device) if batch["weight"] is not None else None
-        return losses.noise_prediction_loss(model_sampling, sigma, x_t, denoised, clean, weight)
+        return losses.noise_prediction_loss(self.model_sampling, sigma, x_t, denoised, clean, weight)
 
-    return loss_fn
+    def _injector(self, references: torch.Tensor, ctx: StepContext) -> FusionInjector:
+        """A fresh injector per micro-batch: its reference rows, their noise and its capture belong to this step."""
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=ctx.generator))
+        capture = "per_step" if self.settings.reference_noise == "same_sigma" else "cached_clean"
+        injector = FusionInjector(self.adapter, [FusionIdentityLatents(references)], capture_mode=capture,
+                                  per_row=True, noise_seed=seed,
+                                  reference_downsample=self.settings.reference_downsample)
+        # The reference noise of this process's rows of the global batch: the seed's draw for every row of it,
+        # so a row's reference noise does not depend on how many processes share the batch.
+        noise = ctx.per_row(references.shape[0], lambda n: torch.randn(
+            (n, *references.shape[1:]), generator=torch.Generator().manual_seed(seed), dtype=torch.float32))
+        injector.references = ReferenceLatents(injector.references.latents, seed, _noise=noise)
+        return injector
 
+    def finish(self, result: TrainResult) -> FusionAdapter:
+        s, adapter = self.settings, self.adapter
+        adapter.metadata.update({
+            "trained_steps": str(result.step), "lr": str(s.lr), "batch_size": str(s.batch_size),
+            "grad_accumulation": str(s.grad_accumulation), "seed": str(s.seed), "images": str(len(self.data)),
+            "resolution": str(s.resolution), "reference_size": str(s.reference_size),
+            "reference_noise": s.reference_noise, "face_weight": str(s.face_weight),
+            "reference_downsample": str(s.reference_downsample), "aligned_references": str(self.data.aligned),
+            "final_loss": f"{result.losses[-1]:.6g}" if result.losses else "",
+        })
+        return adapter
 
-def _ready_clone(model_patcher) -> tuple:
-    """A private clone, loaded for training, whose frozen weights autograd may save (see trainers.autograd)."""
-    clone = model_patcher.clone()
-    check_model(clone)
-    device = load_for_training(clone)
-    released = release_inference_tensors(clone.model)
-    if released:
-        logger.info("Face Fusion training: %d frozen model tensors made autograd-usable (same values)", released)
-    return clone, device
+    def write_result(self, artefact: FusionAdapter, path: str) -> list[str]:
+        return [save_trained_adapter(artefact, path)]
 
 
 def train_on_data(model_patcher, data: FusionTrainingData, settings: FusionTrainSettings,
-                  adapter: FusionAdapter | None = None, checkpoint_path: str | None = None, resume: bool = False,
+                  adapter: FusionAdapter | None = None, checkpoint_path: str | None = None, resume: str = "fresh",
                   **loop_options) -> tuple[FusionAdapter, TrainResult]:
     """Train a copy of ``adapter`` (or a new one from the model) on encoded data; see :func:`train_face_fusion`."""
-    settings.check()
-    clone, device = _ready_clone(model_patcher)
-    adapter = copy.deepcopy(adapter) if adapter is not None else FusionAdapter.from_model(clone)
-    adapter.to(device)
-    params = {f"fusion.{name}": p for name, p in adapter.named_parameters()}
-    loss_fn = make_loss(clone, adapter, data, settings, device)
-    config = TrainConfig(
-        steps=settings.steps,
-        lr_groups=[LrGroup(lr=settings.lr, weight_decay=settings.weight_decay, name="fusion")],
-        batch_size=settings.batch_size, grad_accumulation=settings.grad_accumulation, seed=settings.seed,
-        checkpoint_every=settings.checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
-        max_grad_norm=settings.max_grad_norm, label="Face Fusion training",
-        metadata={"technique": "face_fusion", "base": adapter.metadata.get("base", "unknown")},
-        fingerprint={"technique": "face_fusion", "data": data.fingerprint, "resolution": settings.resolution,
-                     "reference_size": settings.reference_size, "face_weight": settings.face_weight,
-                     "reference_noise": settings.reference_noise, "caption_dropout": settings.caption_dropout,
-                     "crop_scale": settings.crop_scale, "reference_downsample": settings.reference_downsample},
-        **loop_options)
-    try:
-        result = train(params, loss_fn, data, config)
-    finally:
-        install(clone).remove(INJECTOR_NAME)
-        adapter.to("cpu")
-    adapter.metadata.update({
-        "trained_steps": str(result.step), "lr": str(settings.lr), "batch_size": str(settings.batch_size),
-        "grad_accumulation": str(settings.grad_accumulation), "seed": str(settings.seed),
-        "images": str(len(data)), "resolution": str(settings.resolution),
-        "reference_size": str(settings.reference_size), "reference_noise": settings.reference_noise,
-        "face_weight": str(settings.face_weight), "reference_downsample": str(settings.reference_downsample),
-        "final_loss": f"{result.losses[-1]:.6g}" if result.losses else "",
-    })
-    return adapter, result
+    task = FusionTask(model_patcher, data, settings, adapter)
+    result = train(task, TrainConfig.from_settings(settings, checkpoint_path=checkpoint_path, resume=resume,
+                                                   **loop_options))
+    return result.artefact, result
 
 
 def train_face_fusion(model_patcher, vae, clip, sources: Iterable[tuple[str, torch.Tensor, str]],
                       settings: FusionTrainSettings, analyzer=None, adapter: FusionAdapter | None = None,
-                      checkpoint_path: str | None = None, resume: bool = False, **loop_options) -> FusionTrainOutput:
+                      checkpoint_path: str | None = None, resume: str = "fresh", **loop_options) -> FusionTrainOutput:
     """Train (or continue training a copy of) a Fusion adapter; the input model and adapter stay untouched.
 
-    ``loop_options`` go to :class:`TrainConfig` (``progress_factory``, ``interrupt_check``,
-    ``step_callback``, ``on_cancel``, ``validate_fn`` ...).
+    ``resume`` is the loop's policy (``auto`` / ``fresh`` / ``require``); ``loop_options`` go to
+    :class:`TrainConfig` (``result_path``, ``progress_factory``, ``interrupt_check``, ``step_callback`` ...).
     """
     settings.check()
     check_model(model_patcher)
     examples = prepare_examples(sources, settings, analyzer)
     data = encode_examples(model_patcher, vae, clip, examples, settings)
     trained, result = train_on_data(model_patcher, data, settings, adapter, checkpoint_path, resume, **loop_options)
-    trained.metadata["aligned_references"] = str(sum(examples.aligned))
     info = {"images": len(examples), "aligned": sum(examples.aligned), "names": examples.names}
     return FusionTrainOutput(trained, result, info)
 
@@ -356,21 +392,24 @@ def evaluate_loss(model_patcher, adapter: FusionAdapter, data: FusionTrainingDat
                   seed: int = 1234, rounds: int = 2) -> float:
     """Mean noise loss of ``adapter`` over every example, ``rounds`` times, with fixed seeded sigmas and
     noise (the same draws for every adapter, so two adapters compare fairly)."""
-    from ...trainers.loop import StepContext
-
-    clone, device = _ready_clone(model_patcher)
-    adapter = copy.deepcopy(adapter).to(device)
-    loss_fn = make_loss(clone, adapter, data, settings, device)
+    task = FusionTask(model_patcher, data, settings, adapter)
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
-    with torch.no_grad():
+    with task.session(), torch.no_grad():
         for _ in range(rounds):
             for start in range(0, len(data), settings.batch_size):
                 rows = list(range(start, min(len(data), start + settings.batch_size)))
-                loss = loss_fn(data.get_batch(rows), StepContext(0, 0, generator, {}))
+                loss = task.loss(data.get_batch(rows), StepContext(0, 0, generator, {}))
                 total += float(loss) * len(rows)
                 count += len(rows)
     return total / count
+
+
+def run_paths(name: str) -> tuple[str, str]:
+    """(adapter file, training checkpoint) of the run called ``name`` in the models folders: where the node and
+    the command line write, so either one resumes a run the other started."""
+    return (os.path.join(fusion_save_dir(), name + ".safetensors"),
+            os.path.join(save_dir("likeness", "training/fusion"), name + ".safetensors"))
 
 
 def save_trained_adapter(adapter: FusionAdapter, path: str) -> str:

@@ -40,8 +40,10 @@ def identity_file(kind: str, name: str) -> str:
     return os.path.join(save_dir(folder, sub), template.replace(STEM, name))
 
 
-def save_trained_identity(identity: Identity, lora_state: dict[str, torch.Tensor], name: str) -> tuple[str, str]:
-    """Write the LoRA and the identity file under ``name`` (atomically); returns their paths.
+def save_trained_identity(identity: Identity, lora_state: dict[str, torch.Tensor], name: str,
+                          identity_path: str | None = None) -> tuple[str, str]:
+    """Write the LoRA and the identity file (``identity_path``, by default the one of ``name``) atomically;
+    returns their paths.
 
     ``identity`` gets ``name`` and the LoRA's name as the LoraLoader lists it (``likeness/<name>.safetensors``).
     """
@@ -51,6 +53,6 @@ def save_trained_identity(identity: Identity, lora_state: dict[str, torch.Tensor
     atomic_save(lora_state, lora_path, meta)
     identity.lora_name = f"{LORA_SUBFOLDER}/{os.path.basename(lora_path)}"
     identity.name = name
-    identity_path = save_identity(identity, identity_file("identity", name))
+    identity_path = save_identity(identity, identity_path or identity_file("identity", name))
     logger.info("FaceA-Net: saved LoRA %s and identity %s", lora_path, identity_path)
     return lora_path, identity_path

@@ -18,8 +18,17 @@ import torch
 
 from ...errors import InvalidInputError, NoFaceError
 from .identity import Identity
-from .inpaint import (CropInfo, build_masks, crop_image, crop_region_masks, make_crop_info, parse_regions,
-                      paste_back, region_mask_for, sample_inpaint)
+from .inpaint import (
+    CropInfo,
+    build_masks,
+    crop_image,
+    crop_region_masks,
+    make_crop_info,
+    parse_regions,
+    paste_back,
+    region_mask_for,
+    sample_inpaint,
+)
 from .lora import apply_lora_to_model, identity_lora_state
 from .prompt import build_identity_conditioning
 

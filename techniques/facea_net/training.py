@@ -17,12 +17,16 @@ loss curve). *Attribute transfer* continues a trained identity on another person
 local task of the chosen attributes only (~100 steps), training the LoRA and those attributes' feats.
 
 The model is used through ComfyUI's ``BaseModel`` interface (``apply_model``, ``model_sampling``,
-``process_latent_in/out``, ``diffusion_model``) and the VAE through ``encode``/``decode``; ComfyUI
-itself is only imported lazily to load a ModelPatcher onto its device.
+``process_latent_in``, ``diffusion_model``) and the VAE through ``encode``/``decode``; loading the
+ModelPatcher and sampling the previews (ComfyUI's own sampler, as at inference) go through the host
+adapters (``host.training``, ``host.sampling``), so this module imports nothing from ComfyUI.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -31,10 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InvalidInputError, NoFaceError
+from ...host.sampling import conditioning, sample_latent
+from ...host.training import load_for_training
 from ...trainers import losses as diffusion_losses
 from ...trainers.loop import LrGroup, TrainConfig, TrainResult, train
 from ...trainers.memory import checkpointed_blocks, trims_cpu_memory
 from ...trainers.precision import check_precision, compute_dtype, compute_precision
+from ...trainers.task import TrainingTask, run_field
+from .files import identity_file, save_trained_identity
 from .identity import ATTRIBUTES, DEFAULT_FEAT_TOKENS, TASKS, Identity
 from .inpaint import CropInfo, crop_image, crop_region_masks, grow_mask, make_crop_info, masked_pixels
 from .lora import IdentityLoRA, autograd_safe_weights
@@ -43,15 +51,17 @@ from .prompt import TaskTemplate, encode_task_template
 logger = logging.getLogger("likeness")
 
 LATENT_SCALE = 8
+PREVIEW_SAMPLER, PREVIEW_SCHEDULER = "euler", "normal"
 
 
 @dataclass
 class TrainSettings:
-    """Everything that shapes a FaceA-Net training run (defaults: the paper's recipe)."""
+    """Everything that shapes a FaceA-Net training run (defaults: the paper's recipe); ``asdict`` minus the run
+    fields is its resume fingerprint."""
 
     class_word: str = "person"
     feat_tokens: int | None = None          # None: 3 for "man", 4 otherwise
-    steps: int = 600
+    steps: int = run_field(600)
     rank: int = 48
     lr_lora: float = 1.2e-4
     lr_embed: float = 2e-3
@@ -65,16 +75,14 @@ class TrainSettings:
     mask_shape: str = "box"                 # "box" (the paper's detector boxes) or "region" (parsed shape)
     local_only: bool = False                # attribute transfer: local task only
     train_feats: tuple[str, ...] | None = None   # None: every task trained; else only these tasks' feats
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = run_field(False)   # same training, less memory
     precision: str = "auto"                 # "auto" (bf16 where native, else fp32), "bf16", "fp32"
-    checkpoint_every: int = 100
-    checkpoint_path: str | None = None
-    resume: bool = False
-    preview_every: int = 0                  # steps between validation previews (0 = none during training)
-    final_preview: bool = True              # one preview of the finished identity
-    preview_steps: int = 12
-    preview_cfg: float = 4.0
-    label: str = "FaceA-Net identity"
+    checkpoint_every: int = run_field(100)
+    preview_every: int = run_field(0)       # steps between validation previews (0 = none during training)
+    final_preview: bool = run_field(True)   # one preview of the finished identity
+    preview_steps: int = run_field(12)
+    preview_cfg: float = run_field(4.0)
+    label: str = run_field("FaceA-Net identity")
 
     def __post_init__(self):
         if not self.class_word.strip():
@@ -179,16 +187,6 @@ def encode_references(refs: Sequence[Reference], vae, base_model, tasks: Sequenc
 
 # ------------------------------------------------------------------------------------- the model
 
-def load_patcher(model):
-    """``model`` (a ComfyUI ModelPatcher or a bare BaseModel) -> the BaseModel, loaded and patched."""
-    if hasattr(model, "model") and hasattr(model, "load_device"):
-        import comfy.model_management
-
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-        return model.model
-    return model
-
-
 def model_in_channels(base_model) -> int:
     channels = int(getattr(base_model.diffusion_model, "in_channels", 4))
     if channels not in (4, 9):
@@ -211,25 +209,30 @@ class TrainingOutput:
         return self.result.losses
 
 
-class IdentityTrainer:
-    """Holds the templates, parameters and data of one run; :meth:`run` trains through the shared loop."""
+class IdentityTask(TrainingTask):
+    """One FaceA-Net identity run (templates, parameters and encoded references) as the loop's task.
+
+    Its loss sums the global task's and the local task's per-row means, so rows of one batch are not
+    exchangeable: it trains in one process (``shardable`` False).
+    """
+
+    technique = "facea_net"
+    shardable = False
 
     def __init__(self, model, clip, vae, refs: Sequence[Reference], settings: TrainSettings,
                  base_identity: Identity | None = None, base_lora: dict[str, torch.Tensor] | None = None,
-                 validation_ref: Reference | None = None, analyzer=None, progress_factory=None,
-                 step_callback=None, interrupt_check=None):
+                 validation_ref: Reference | None = None, analyzer=None):
         self.settings = settings
+        self.label = settings.label
         self.patcher = model
-        self.base_model = load_patcher(model)
+        load_for_training(model)
+        self.base_model = getattr(model, "model", model)
         self.unet = self.base_model.diffusion_model
         self.in_channels = model_in_channels(self.base_model)
         self.vae = vae
         self.analyzer = analyzer
         self.refs = list(refs)
         self.validation_ref = validation_ref
-        self.progress_factory = progress_factory
-        self.step_callback = step_callback
-        self.interrupt_check = interrupt_check
         self.base_identity = base_identity
         tasks = settings.tasks
         class_word = base_identity.class_word if base_identity else settings.class_word
@@ -237,16 +240,15 @@ class IdentityTrainer:
         with torch.inference_mode(False):
             self.templates: dict[str, TaskTemplate] = {}
             for task in (TASKS if base_identity else tasks):
-                n = base_identity.n_tokens(task) if base_identity and task in base_identity.feats else settings.feat_tokens
+                inherited = base_identity is not None and task in base_identity.feats
+                n = base_identity.n_tokens(task) if inherited else settings.feat_tokens
                 self.templates[task] = encode_task_template(clip, class_word, task, n)
             self.feats = {t: self._initial_feat(t) for t in self.templates}
             self.lora = IdentityLoRA.for_model(self.unet, rank=settings.rank, seed=settings.seed)
             if base_lora is not None:
                 self.lora.load_native(base_lora)
-            self.items = encode_references(self.refs, vae, self.base_model, tasks)
-            self.negative = None
-            if settings.preview_every or settings.final_preview:
-                self.negative = clip.encode_from_tokens(clip.tokenize(""))
+            self.data = encode_references(self.refs, vae, self.base_model, tasks)
+            self.negative = clip.encode_from_tokens(clip.tokenize(""))   # the previews' negative prompt
         self.task_index = {t: i for i, t in enumerate(tasks)}
         self.compute_dtype = compute_dtype(settings.precision, next(self.unet.parameters()).device)
         logger.info("%s: computing in %s (precision %s)", settings.label,
@@ -261,8 +263,8 @@ class IdentityTrainer:
         t = self.templates[task]
         return t.cond[0, t.positions].detach().float().clone()  # start as the plain prompt: no change at step 0
 
-    # ---- parameters -----------------------------------------------------------------------------
-    def params(self) -> dict[str, torch.Tensor]:
+    # ---- the contract ---------------------------------------------------------------------------
+    def trainables(self) -> dict[str, torch.Tensor]:
         out = {f"feat.{t}": self.feats[t] for t in self.trained_feats}
         for name, adapter in self.lora.adapters.items():
             out[f"lora.{name}.down"] = adapter.down
@@ -272,6 +274,31 @@ class IdentityTrainer:
     def lr_groups(self) -> list[LrGroup]:
         return [LrGroup(lr=self.settings.lr_embed, prefix="feat.", weight_decay=0.0, name="feat"),
                 LrGroup(lr=self.settings.lr_lora, prefix="lora.", weight_decay=0.01, name="lora")]
+
+    @contextlib.contextmanager
+    def session(self):
+        """The LoRA on the UNet's attention, its weights autograd-usable without copies, optional checkpointing."""
+        with torch.inference_mode(False), self.lora.attached(self.unet), autograd_safe_weights(self.unet), \
+                checkpointed_blocks(self.unet, self.settings.gradient_checkpointing, self.release_memory):
+            yield self
+
+    def data_fingerprint(self) -> str:
+        """The reference crops and masks (pixels, before the VAE: the same on every device)."""
+        digest = hashlib.sha1()
+        for ref in self.refs:
+            digest.update(ref.crop.contiguous().numpy().tobytes())
+            for task in sorted(ref.masks):
+                digest.update(task.encode() + ref.masks[task].contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def fingerprint(self, params: dict[str, torch.Tensor]) -> dict:
+        return {**super().fingerprint(params), "class_word": self.class_word, "in_channels": self.in_channels}
+
+    def metadata(self) -> dict[str, str]:
+        return {"technique": self.technique, "class_word": self.class_word}
+
+    def validate(self, step: int) -> tuple[torch.Tensor, float | None]:
+        return self.preview(step)
 
     # ---- one batch ------------------------------------------------------------------------------
     def batch_tasks(self, size: int, generator: torch.Generator) -> list[str]:
@@ -321,48 +348,32 @@ class IdentityTrainer:
     # ---- validation -----------------------------------------------------------------------------
     @torch.no_grad()
     def preview(self, step: int, _params=None) -> tuple[torch.Tensor, float | None]:
-        """Inpaint the held-out reference's face with the current identity (Euler, CFG) and score it."""
+        """Inpaint the held-out reference's face with the current identity and score it."""
         ref = self.validation_ref or self.refs[0]
-        image = sample_face(self.base_model, self.vae, ref.crop, ref.masks["face"] if "face" in ref.masks
-                            else next(iter(ref.masks.values())),
-                            self.conditioning(["face"] if "face" in self.feats else [self.trained_feats[0]]),
-                            self.negative, steps=self.settings.preview_steps, cfg=self.settings.preview_cfg,
-                            seed=self.settings.seed, in_channels=self.in_channels)
+        mask = ref.masks["face"] if "face" in ref.masks else next(iter(ref.masks.values()))
+        cond = self.conditioning(["face"] if "face" in self.feats else [self.trained_feats[0]])
+        image = self.sample_preview(ref.crop, mask, cond)
         score = identity_similarity(self.analyzer, image, ref.embedding)
         logger.info("%s: preview at step %d, identity similarity %s", self.settings.label, step,
                     "n/a" if score is None else f"{score:.3f}")
         return image, score
 
-    # ---- the run --------------------------------------------------------------------------------
-    def config(self) -> TrainConfig:
+    def sample_preview(self, crop: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Inpaint ``crop`` [h,w,3] inside ``mask`` [h,w] with ComfyUI's sampler (euler, normal schedule),
+        prepared as InpaintModelConditioning + a latent noise mask prepare inference; returns [h,w,3]."""
         s = self.settings
-        return TrainConfig(
-            steps=s.steps, lr_groups=self.lr_groups(), batch_size=s.batch_size, seed=s.seed,
-            checkpoint_every=s.checkpoint_every if s.checkpoint_path else 0, checkpoint_path=s.checkpoint_path,
-            resume=s.resume, validate_every=s.preview_every,
-            validate_fn=self.preview if s.preview_every else None, label=s.label,
-            metadata={"technique": "facea_net", "class_word": self.class_word},
-            fingerprint={"technique": "facea_net", "rank": s.rank, "tasks": list(s.tasks), "local_only": s.local_only,
-                         "working_size": s.working_size, "class_word": self.class_word,
-                         "in_channels": self.in_channels},
-            progress_factory=self.progress_factory, interrupt_check=self.interrupt_check,
-            step_callback=self.step_callback)
+        pixels, mask = crop[None, ..., :3], mask[None].float()
+        noise_mask = mask.reshape(1, 1, *mask.shape[-2:])
+        values = {"concat_latent_image": self.vae.encode(masked_pixels(pixels, mask)), "concat_mask": noise_mask}
+        samples = sample_latent(self.patcher, conditioning(cond), conditioning(self.negative),
+                                self.vae.encode(pixels), seed=s.seed, steps=s.preview_steps, cfg=s.preview_cfg,
+                                sampler_name=PREVIEW_SAMPLER, scheduler=PREVIEW_SCHEDULER, noise_mask=noise_mask,
+                                cond_values=values)
+        return self.vae.decode(samples)[0, ..., :3].float().clamp(0, 1).cpu()
 
     @property
     def release_memory(self) -> bool:
         return trims_cpu_memory(next(self.unet.parameters()).device)
-
-    def run(self) -> TrainingOutput:
-        params = self.params()
-        loss_fn = lambda batch, ctx: self.loss(batch, ctx)[0]  # noqa: E731
-        with torch.inference_mode(False), self.lora.attached(self.unet), autograd_safe_weights(self.unet), \
-                checkpointed_blocks(self.unet, self.settings.gradient_checkpointing, self.release_memory):
-            result = train(params, loss_fn, self.items, self.config())
-            if self.settings.final_preview and not result.cancelled and not (
-                    result.validations and result.validations[-1][0] == result.step):
-                with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                    result.validations.append((result.step, self.preview(result.step)))
-        return self.finish(result)
 
     def finish(self, result: TrainResult) -> TrainingOutput:
         feats = {t: f.detach().float().cpu().clone() for t, f in self.feats.items()}
@@ -392,6 +403,16 @@ class IdentityTrainer:
         previews = [(step, value[0], value[1]) for step, value in result.validations]
         return TrainingOutput(identity=identity, lora_state=lora_state, result=result, previews=previews)
 
+    def write_result(self, artefact: TrainingOutput, path: str) -> list[str]:
+        """The identity file at ``path`` and its LoRA, named after it, in models/loras/likeness/."""
+        return list(save_trained_identity(artefact.identity, artefact.lora_state,
+                                          os.path.splitext(os.path.basename(path))[0], path))
+
+
+def run_paths(name: str) -> tuple[str, str]:
+    """(identity file, training checkpoint) of the identity called ``name`` (named in :mod:`.files`)."""
+    return identity_file("identity", name), identity_file("checkpoint", name)
+
 
 def _mean_embedding(embeddings) -> torch.Tensor | None:
     if not embeddings:
@@ -420,69 +441,34 @@ def identity_similarity(analyzer, image: torch.Tensor, reference) -> float | Non
     return float(F.cosine_similarity(a[None], b[None]).item())
 
 
-@torch.no_grad()
-def sample_face(base_model, vae, crop: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
-                negative: torch.Tensor | None, steps: int = 12, cfg: float = 4.0, seed: int = 0,
-                in_channels: int = 9) -> torch.Tensor:
-    """A small, self-contained Euler inpainting sampler for training previews ([h,w,3] -> [h,w,3]).
-
-    Same inputs as ComfyUI's sampling with InpaintModelConditioning; the latent outside the mask is
-    held at the (noised) original, as a latent noise mask does.
-    """
-    ms = base_model.model_sampling
-    device = next(base_model.diffusion_model.parameters()).device
-    latent = base_model.process_latent_in(vae.encode(crop[None, ..., :3])).float().to(device)
-    hw = tuple(latent.shape[-2:])
-    mask_in, _ = latent_masks(mask, hw)
-    mask_in = mask_in[None].to(device)
-    c_concat = None
-    if in_channels == 9:
-        masked = base_model.process_latent_in(vae.encode(masked_pixels(crop, mask)[None, ..., :3])).float().to(device)
-        c_concat = torch.cat([mask_in, masked], dim=1)
-    sigmas = _schedule(ms, steps).to(device)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(int(seed))).to(device)
-    x = latent + noise * sigmas[0]
-    x = x * mask_in + (latent + noise * sigmas[0]) * (1 - mask_in)
-    cond = cond.to(device)
-    for i in range(len(sigmas) - 1):
-        sigma = sigmas[i:i + 1]
-        denoised = base_model.apply_model(x, sigma, c_concat=c_concat, c_crossattn=cond)
-        if negative is not None and cfg != 1.0:  # cond and uncond run separately: lengths may differ
-            uncond = base_model.apply_model(x, sigma, c_concat=c_concat, c_crossattn=negative.to(device))
-            denoised = uncond + (denoised - uncond) * cfg
-        d = (x - denoised) / sigma
-        x = x + d * (sigmas[i + 1] - sigma)
-        x = x * mask_in + (latent + noise * sigmas[i + 1]) * (1 - mask_in)
-    x = x * mask_in + latent * (1 - mask_in)
-    image = vae.decode(base_model.process_latent_out(x.cpu()))
-    return image[0, ..., :3].float().clamp(0, 1).cpu()
-
-
-def _schedule(ms, steps: int) -> torch.Tensor:
-    """ComfyUI's "normal" schedule: evenly spaced timesteps from sigma_max to sigma_min, then 0."""
-    start, end = ms.timestep(ms.sigma_max), ms.timestep(ms.sigma_min)
-    timesteps = torch.linspace(float(start), float(end), max(1, int(steps)))
-    sigmas = torch.stack([ms.sigma(t) for t in timesteps]).float().reshape(-1)
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
 def train_identity(model, clip, vae, images: torch.Tensor, analyzer, settings: TrainSettings,
                    parser=None, validation_image: torch.Tensor | None = None,
                    base_identity: Identity | None = None, base_lora: dict[str, torch.Tensor] | None = None,
-                   progress_factory=None, step_callback=None, interrupt_check=None) -> TrainingOutput:
+                   checkpoint_path: str | None = None, resume: str = "fresh", **loop_options) -> TrainingOutput:
     """Train (or, with ``base_identity``, continue) a FaceA-Net identity from reference IMAGEs.
 
     ``validation_image`` (optional, [1,H,W,3]) is held out and inpainted for the previews; without it the
-    first reference is used.
+    first reference is used. ``resume`` is the loop's policy; ``loop_options`` go to :class:`TrainConfig`
+    (``result_path``: the identity file, its LoRA beside it in models/loras/likeness/; ``progress_factory``,
+    ``step_callback``, ``interrupt_check`` ...).
     """
     refs = prepare_references(images, analyzer, settings, parser)
     validation_ref = None
     if validation_image is not None:
         validation_ref = prepare_references(validation_image[:1], analyzer, settings, parser)[0]
-    trainer = IdentityTrainer(model, clip, vae, refs, settings, base_identity=base_identity, base_lora=base_lora,
-                              validation_ref=validation_ref, analyzer=analyzer, progress_factory=progress_factory,
-                              step_callback=step_callback, interrupt_check=interrupt_check)
-    return trainer.run()
+    task = IdentityTask(model, clip, vae, refs, settings, base_identity=base_identity, base_lora=base_lora,
+                        validation_ref=validation_ref, analyzer=analyzer)
+    return train_identity_task(task, checkpoint_path, resume, **loop_options)
+
+
+def train_identity_task(task: IdentityTask, checkpoint_path: str | None = None, resume: str = "fresh",
+                        **loop_options) -> TrainingOutput:
+    """Run ``task`` through the loop: previews every ``preview_every`` steps and (``final_preview``) at the end."""
+    s = task.settings
+    config = TrainConfig.from_settings(s, checkpoint_path=checkpoint_path, resume=resume,
+                                       validate_every=s.preview_every, validate_at_end=s.final_preview,
+                                       **loop_options)
+    return train(task, config).artefact
 
 
 def attribute_transfer_settings(base: TrainSettings, attributes: Sequence[str], steps: int = 100) -> TrainSettings:
