@@ -154,8 +154,9 @@ def _train_consistentid(args, model, clip, vae, sources):
 def _load_host(args):
     """ComfyUI prepared in this process (after the process group chose this rank's GPU), models loaded."""
     from ..host.folders import register_model_folders
+    from ..host.headless import prepare_host
     from ..host.training import load_checkpoint_file, load_vae_file
-    from .runner import find_comfyui, prepare_host
+    from .runner import find_comfyui
 
     prepare_host(find_comfyui(args.comfyui), device=args.device, base_directory=args.base_directory)
     register_model_folders()
@@ -167,10 +168,10 @@ def run_training(args: argparse.Namespace, world) -> str | None:
     """Train as ``args`` say; rank 0 writes the result file and returns its path."""
     import torch
 
-    from ..trainers.datasets import iter_image_folder
+    from ..trainers.datasets import read_image_folder
 
     model, clip, vae = _load_host(args)
-    sources = list(iter_image_folder(os.path.abspath(args.data)))
+    sources = read_image_folder(os.path.abspath(args.data))
     train = _train_fusion if args.technique == "fusion" else _train_consistentid
     with torch.inference_mode():  # as ComfyUI runs nodes: the trainers escape it themselves
         result = train(args, model, clip, vae, sources)

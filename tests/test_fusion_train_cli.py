@@ -85,7 +85,8 @@ def test_cli_writes_the_nodes_adapter(comfy_ready, host_env, tmp_path, isolated_
     from likeness.techniques.face_fusion.adapter import load_fusion_adapter
     from likeness.trainers.checkpoint import load_training_state
 
-    data, checkpoint = _photo_folder(tmp_path / "photos"), cached_tiny_sd15_checkpoint()
+    # In ComfyUI's input folder: the node (as a server runs it) reads only there; the CLI takes any path.
+    data, checkpoint = _photo_folder(os.path.join(host_env.input, "cli_photos")), cached_tiny_sd15_checkpoint()
     code = cli_main.main(["train", "fusion", "--data", data, "--checkpoint", checkpoint, "--name", "cli_face",
                           "--comfyui", host_env.comfy_path, *SMALL])
     out = capsys.readouterr().out
@@ -99,7 +100,7 @@ def test_cli_writes_the_nodes_adapter(comfy_ready, host_env, tmp_path, isolated_
     with torch.inference_mode():
         TrainFaceFusion().train(model, vae, clip, "node_face", steps=2, learning_rate=0.01, batch_size=2,
                                 grad_accumulation=1, seed=0, checkpoint_every=1, resume="auto", resolution=64,
-                                reference_size=128, folder=data)
+                                reference_size=128, folder="cli_photos")
     from_node = load_fusion_adapter(os.path.join(models, "fusion", "node_face.safetensors"))
     source = {"source"}  # the loader records the file name
     assert {k: v for k, v in from_cli.metadata.items() if k not in source} == \
