@@ -16,7 +16,7 @@ from likeness.techniques.face_fusion import FusionAdapter, FusionIdentityLatents
 
 C, HEADS, GRID = 16, 2, (4, 4)
 SITE = AttentionSite(index=0, block=("input", 1), block_index=0, transformer_index=0, channels=C, heads=HEADS,
-                     dim_head=C // HEADS, context_dim=C, query_dim=C, order=0, level=0)
+                     dim_head=C // HEADS, context_dim=C, order=0, level=0)
 N_H = 6  # reference tokens per image at this site (toy)
 
 

@@ -429,7 +429,7 @@ class TrainingIdentityKV:
             return None
         to_k, to_v = self.weights[site.order]
         tokens = self.tokens
-        return tokens @ to_k.to(tokens.device, tokens.dtype).T, tokens @ to_v.to(tokens.device, tokens.dtype).T
+        return tokens @ to_k.to(tokens.dtype).T, tokens @ to_v.to(tokens.dtype).T   # weights moved by open_session
 
     def __deepcopy__(self, memo):
         return self
@@ -575,7 +575,7 @@ def make_loss(session: TrainingSession, weights: ConsistentIDWeights, data: Cons
             for i, m in masks:
                 region_masks[i, :m.shape[0]] = m
         session.identity.tokens = tokens
-        session.recorder.begin(selector)
+        session.recorder.begin(None if selector is None else selector.to(device))   # once per step, not per site
         try:
             x_t = losses.noised(model_sampling, sigma, noise, clean)
             denoised = base.apply_model(x_t.to(dtype), sigma, c_crossattn=context.to(device, dtype),

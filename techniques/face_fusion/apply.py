@@ -100,6 +100,7 @@ class FusionInjector(JointInjector):
                                     f"got {reference_downsample}")
         self.reference_downsample = int(reference_downsample)
         self.noise_seed = noise_seed
+        self.device: torch.device | None = None   # where to() last put it (None: where it was made)
         self._version = 0
         self.set_identities(identities)
 
@@ -115,15 +116,35 @@ class FusionInjector(JointInjector):
             raise InvalidInputError("per-row references take exactly one identity (one reference per batch row)")
         if noise_seed is not None:
             self.noise_seed = noise_seed
-        self.identities = list(identities)
+        self.masks = [identity.mask for identity in identities]
         self.offsets: list[tuple[int, int]] = []
         start = 0
-        for identity in self.identities:
+        for identity in identities:
             self.offsets.append((start, int(identity.latents.shape[0])))
             start += int(identity.latents.shape[0])
-        self.references = ReferenceLatents(torch.cat([i.latents.float() for i in self.identities]), self.noise_seed)
+        self.references = ReferenceLatents(torch.cat([i.latents.float() for i in identities]), self.noise_seed)
+        if self.device is not None:
+            self.references.to(self.device)
+            for mask in self.masks:
+                if mask is not None:
+                    mask.to(self.device)
         self._bias_cache: dict[tuple, list | None] = {}
         self._version += 1
+
+    def to(self, device: torch.device) -> "FusionInjector":
+        """Follow the model (see ``Injector.to``): the adapter, the references and their noise, the reference
+        text and the identities' masks."""
+        super().to(device)
+        self.device = device
+        self.adapter.to(device)
+        self.references.to(device)
+        if self.reference_context is not None:
+            self.reference_context = self.reference_context.to(device)
+        for mask in self.masks:
+            if mask is not None:
+                mask.to(device)
+        self._bias_cache = {}
+        return self
 
     # ------------------------------------------------------------------ capture
     def training(self) -> bool:
@@ -145,11 +166,11 @@ class FusionInjector(JointInjector):
                 ref_sigma = t[template:template + 1].float().expand(count)
                 key = ("step", sigma)
         elif self.capture_mode == "cached_clean":
-            ref_sigma = torch.zeros(count)
+            ref_sigma = torch.zeros(count, device=t.device)
             key = ("clean",)
         else:
             value = float(model_sampling.percent_to_sigma(self.capture_percent)) if model_sampling is not None else 1.0
-            ref_sigma = torch.full((count,), value)
+            ref_sigma = torch.full((count,), value, device=t.device)
             key = ("sigma", self.capture_percent, value)
         return CaptureRequest(self.references, ref_sigma, (self._version,) + key, cached=self.capture_mode != "per_step",
                               context=self.reference_context, template_row=template,
@@ -220,7 +241,7 @@ class FusionInjector(JointInjector):
         return pooled[0], pooled[1], math.log(window[0] * window[1])
 
     def _query_biases(self, call: AttentionCall, rows: list[int]) -> list[torch.Tensor] | None:
-        masks = [identity.mask for identity in self.identities]
+        masks = self.masks
         if all(m is None for m in masks):
             return None
         h, w = call.grid
@@ -228,7 +249,7 @@ class FusionInjector(JointInjector):
         key = (h, w, str(device), tuple(rows), call.layout.chunk_size)
         if key in self._bias_cache:
             return self._bias_cache[key]
-        inside = [rows_for(m.inside(h, w, device), rows, call.layout.chunk_size) if m is not None
+        inside = [rows_for(m.inside(h, w), rows, call.layout.chunk_size) if m is not None
                   else torch.zeros(1, h * w, dtype=torch.bool, device=device) for m in masks]
         if len(inside) == 1:  # one identity: its keys only inside its mask
             biases = [torch.zeros(inside[0].shape, device=device).masked_fill(~inside[0], float("-inf"))]
