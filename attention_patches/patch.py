@@ -39,7 +39,7 @@ from .capture import (CapturedStates, CaptureRequest, PassContext, ReferenceBatc
 from .injectors import AttentionCall, ChunkLayout, Injector, KeyGroup, row_index
 from .joint import joint_attention
 from .kernels import sdpa
-from .placement import Placement
+from .placement import place
 from .sites import AttentionSite, find_sites, sites_by_key
 from .stats import EngineStats
 
@@ -68,8 +68,8 @@ class IdentityAttentionPatch:
     Options (fixed per patch, copied to its clones): ``capture_batch`` references per reference UNet pass
     (more are captured in several passes: bounded activation memory); ``trim_reference_text_attention``:
     a reference pass with the all-zero text runs attn2 on one query token (see :mod:`.capture`).
-    ``device``: where the injectors are (None: unknown until ComfyUI loads the model); injectors added
-    later are moved there. ``stats``: an :class:`EngineStats` to count into (tests, benchmarks), or None.
+    ``device``: where the model is (None: unknown until ComfyUI loads it); injectors added later are
+    moved there. ``stats``: an :class:`EngineStats` to count into (tests, benchmarks), or None.
     """
 
     _likeness_identity_attention = 1  # duck-typed marker (the pack may be imported under any name)
@@ -84,7 +84,6 @@ class IdentityAttentionPatch:
         self.capture_batch = int(capture_batch)
         self.trim_reference_text_attention = bool(trim_reference_text_attention)
         self.device = device
-        self.placement = Placement()   # shared with the patches of clones, like the injectors
         self.stats = stats
         self.injectors: list[Injector] = []
         self.previous: dict[int, Callable] = {}   # another pack's attn2 replace found at a site
@@ -126,19 +125,18 @@ class IdentityAttentionPatch:
     def to(self, device_or_dtype: torch.device | torch.dtype) -> "IdentityAttentionPatch":
         """Follow the model: ComfyUI calls this (once per site entry) with the load device when it loads the
         model and the offload device when it detaches it. Moves this clone's cached captures and another
-        pack's replaced patch there, and the injectors (shared with sibling clones) where :class:`Placement`
-        says. The model dtype (also passed here) is ignored: injectors keep their precision and cast to the
-        query's dtype per call."""
+        pack's replaced patch there, and each injector (shared with sibling clones) where
+        :func:`.placement.place` says. The model dtype (also passed here) is ignored: injectors keep their
+        precision and cast to the query's dtype per call."""
         self.previous = {index: previous.to(device_or_dtype) if hasattr(previous, "to") else previous
                          for index, previous in self.previous.items()}
         if isinstance(device_or_dtype, torch.dtype):
             return self
-        device = torch.device(device_or_dtype)
-        self.device = self.placement.request(self, device)
+        self.device = torch.device(device_or_dtype)
         for injector in self.injectors:
-            injector.to(self.device)
+            injector.to(place(injector, self, self.device))
         for states in self.captures.values():
-            states.to(device)
+            states.to(self.device)
         self._fallback = None
         return self
 
@@ -172,8 +170,11 @@ class IdentityAttentionPatch:
                 stored = self.captures.get(injector.uid)
                 if stored is None or stored.key != request.key:
                     self.captures.pop(injector.uid, None)  # free the previous step's states first
+                    start = time.perf_counter()
                     ref = reference_batch(request, x, c_concat, c_crossattn, kwargs, base_model, model_sampling)
                     stored = self._capture(executor, request, injector, ref, transformer_options, model_sampling)
+                    if self.stats is not None:
+                        self.stats.capture_seconds += time.perf_counter() - start
                 ctx.captures[injector.uid] = stored
         options = dict(transformer_options)
         options[PASS_KEY] = ctx
@@ -193,12 +194,10 @@ class IdentityAttentionPatch:
             self._warn_once("attn1", "another patch replaces self-attention: the reference pass keeps every "
                             "self-attention key (reference_downsample ignored)")
         trim = self.trim_reference_text_attention and token_safe_patches(transformer_options, self.attn2_input)
-        start = time.perf_counter()
         recorded, passes = run_reference_passes(executor, request, ref, options, model_sampling, self.capture_batch,
                                                 trim, PASS_KEY)
         if self.stats is not None:
             self.stats.capture_passes += passes
-            self.stats.capture_seconds += time.perf_counter() - start
         states = CapturedStates(request.key, recorded, cached=request.cached)
         missing = request.sites - set(states.states)
         if missing:

@@ -1,14 +1,15 @@
-"""Where the injectors shared by a model's clones live.
+"""Where a tensor owner shared by several holders lives (injectors shared by clones, adapters by injectors).
 
-The injectors of a patch are shared with the patches of the model's clones (``__deepcopy__`` shares them),
-but ComfyUI moves each clone on its own: it calls ``to(load_device)`` on the clone it loads and
-``to(offload_device)`` on a clone it detaches, including from ``ModelPatcher.__del__`` when a clone is
-garbage-collected, which may happen while a sibling clone is sampling. So one clone's offload must not pull
-the shared tensors away from a sibling that still has them on its device.
+An injector is shared by the patches of a model's clones (``__deepcopy__`` shares it) and an adapter module
+may be shared by the injectors of several models, but ComfyUI moves each model on its own: it calls
+``to(load_device)`` on the model it loads and ``to(offload_device)`` on a model it detaches, including from
+``ModelPatcher.__del__`` when a clone is garbage-collected, which may happen while another model holding the
+same tensors is sampling. So one holder's offload must not pull shared tensors away from a holder that
+still has them on its device.
 
-:class:`Placement` is shared by a patch and all patches cloned from it. Each patch records the device
-ComfyUI last asked it for; the shared injectors go to the newest request for a device other than the CPU
-among the patches still alive, or to the newest request when every one is for the CPU (all offloaded).
+:func:`place` records, per owner, the device each live holder last asked for; the owner goes to the newest
+request for a device other than the CPU, or to the newest request when every one is for the CPU (all
+offloaded). Holders and owners are held weakly: a collected holder's request no longer counts.
 """
 from __future__ import annotations
 
@@ -18,20 +19,16 @@ from typing import Any
 
 import torch
 
+_ORDER = itertools.count()
+_REQUESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # owner -> {holder: (order, device)}
 
-class Placement:
-    """The device requests of the live patches of one model lineage (see the module doc)."""
 
-    def __init__(self) -> None:
-        self._requests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._order = itertools.count()
-
-    def request(self, holder: Any, device: torch.device) -> torch.device:
-        """Record that ComfyUI moved ``holder``'s model to ``device``; returns where the shared injectors go."""
-        self._requests[holder] = (next(self._order), device)
-        requests = list(self._requests.values())
-        on_accelerator = [r for r in requests if r[1].type != "cpu"]
-        return max(on_accelerator or requests, key=lambda r: r[0])[1]
-
-    def __deepcopy__(self, memo):  # shared by the clones of a patch
-        return self
+def place(owner: Any, holder: Any, device: torch.device) -> torch.device:
+    """Record that ``holder`` (now) wants ``owner`` on ``device``; returns the device ``owner`` goes to."""
+    requests = _REQUESTS.get(owner)
+    if requests is None:
+        requests = _REQUESTS[owner] = weakref.WeakKeyDictionary()
+    requests[holder] = (next(_ORDER), device)
+    live = list(requests.values())
+    on_accelerator = [r for r in live if r[1].type != "cpu"]
+    return max(on_accelerator or live, key=lambda r: r[0])[1]

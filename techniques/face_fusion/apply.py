@@ -41,6 +41,7 @@ from ...attention_patches import (NEGATIVE, POSITIVE, AttentionCall, CaptureRequ
                                   install)
 from ...attention_patches.capture import CAPTURE_MODES
 from ...attention_patches.kernels import pool_key_grid, pooling_window, reference_grid
+from ...attention_patches.placement import place
 from ...attention_patches.masks import eq7_bias, rows_for
 from ...errors import InvalidInputError
 from .adapter import FusionAdapter
@@ -133,10 +134,13 @@ class FusionInjector(JointInjector):
 
     def to(self, device: torch.device) -> "FusionInjector":
         """Follow the model (see ``Injector.to``): the adapter, the references and their noise, the reference
-        text and the identities' masks."""
+        text and the identities' masks. The adapter may be shared with other models' injectors: it goes where
+        ``place`` says (another model still sampling with it keeps it)."""
         super().to(device)
         self.device = device
-        self.adapter.to(device)
+        adapter_device = place(self.adapter, self, device)
+        if any(p.device != adapter_device for p in self.adapter.parameters()):   # asked once per site entry
+            self.adapter.to(adapter_device)
         self.references.to(device)
         if self.reference_context is not None:
             self.reference_context = self.reference_context.to(device)
