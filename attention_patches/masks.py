@@ -122,8 +122,7 @@ def eq7_additive_mask(inside: torch.Tensor, text_keys: int, keys_per_identity: S
     """The full Eq. 7 mask A ``[Nq, text_keys + sum(keys_per_identity)]`` for one image.
 
     ``inside``: bool ``[n_ids, Nq]``. Text keys are never blocked. This is the explicit (reference)
-    form, used by tests and by the concatenated-keys path; the fast path applies the same mask as a
-    per-identity query bias (see :func:`eq7_bias`).
+    form; the engine applies the same mask as a per-identity query bias (see :func:`eq7_bias`).
     """
     if inside.ndim != 2 or inside.shape[0] != len(keys_per_identity):
         raise InvalidInputError("inside must be [n_identities, Nq] with one row per identity")

@@ -170,11 +170,8 @@ class IdentityAttentionPatch:
                 stored = self.captures.get(injector.uid)
                 if stored is None or stored.key != request.key:
                     self.captures.pop(injector.uid, None)  # free the previous step's states first
-                    start = time.perf_counter()
                     ref = reference_batch(request, x, c_concat, c_crossattn, kwargs, base_model, model_sampling)
                     stored = self._capture(executor, request, injector, ref, transformer_options, model_sampling)
-                    if self.stats is not None:
-                        self.stats.capture_seconds += time.perf_counter() - start
                 ctx.captures[injector.uid] = stored
         options = dict(transformer_options)
         options[PASS_KEY] = ctx
@@ -185,6 +182,7 @@ class IdentityAttentionPatch:
                  transformer_options: dict, model_sampling: Any) -> CapturedStates:
         """The reference pass(es) of ``request`` (see :func:`.capture.run_reference_passes`), handed to the
         injector and stored for reuse by later calls with the same key."""
+        start = time.perf_counter() if self.stats is not None else 0.0
         if request.sites is None:
             request.sites = frozenset(s.index for s in self.sites if injector.weight_at(s) != 0.0)
         options = dict(transformer_options)
@@ -196,8 +194,6 @@ class IdentityAttentionPatch:
         trim = self.trim_reference_text_attention and token_safe_patches(transformer_options, self.attn2_input)
         recorded, passes = run_reference_passes(executor, request, ref, options, model_sampling, self.capture_batch,
                                                 trim, PASS_KEY)
-        if self.stats is not None:
-            self.stats.capture_passes += passes
         states = CapturedStates(request.key, recorded, cached=request.cached)
         missing = request.sites - set(states.states)
         if missing:
@@ -205,6 +201,9 @@ class IdentityAttentionPatch:
                             "keys (is another patch replacing the UNet forward?)", len(missing), sorted(missing))
         injector.on_captured(states, self)
         self.captures[injector.uid] = states
+        if self.stats is not None:
+            self.stats.capture_passes += passes
+            self.stats.capture_seconds += time.perf_counter() - start
         return states
 
     def _fallback_pass(self, extra_options: dict) -> PassContext:

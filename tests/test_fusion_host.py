@@ -160,6 +160,10 @@ def test_capture_in_bounded_batches_matches_one_pass(tiny_sd15):
     split, patch_split, _ = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(3))], capture_mode="cached_clean",
                                     engine={"capture_batch": 2})
     assert patch_one.capture_batch == 4 and patch_split.capture_batch == 2
+    from likeness.attention_patches import install
+
+    with pytest.raises(TypeError, match="installed"):          # options belong to the patch's installation
+        install(split, capture_batch=3)
     a, b = _sample(one, steps=1), _sample(split, steps=1)
     assert patch_one.stats.capture_passes == 1 and patch_split.stats.capture_passes == 2
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-3)   # batch-size dependent GEMM rounding only

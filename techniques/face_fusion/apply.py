@@ -209,7 +209,7 @@ class FusionInjector(JointInjector):
             groups.append(KeyGroup(k, v, rows, log_w, None, tag="fusion:per_row"))
         elif rows:
             biases = self._query_biases(call, rows)
-            for i, (start, count) in enumerate(self.offsets):
+            for i in range(len(self.offsets)):
                 k_i, v_i, log_multiplicity = self._identity_keys(states, site, i, k_all, v_all)
                 groups.append(KeyGroup(k_i, v_i, rows, log_w + log_multiplicity, biases[i] if biases else None,
                                        tag=f"fusion:{i}"))
