@@ -12,12 +12,21 @@ Installing on a model (always on a clone you own: ``m = model.clone()``)
     ``add_injector(m, injector) -> IdentityAttentionPatch``: installs the one patch object of ``m`` on
     every site (if not there yet) and appends ``injector``. ``find_patch(m)`` returns it or None.
     Injectors with the same ``name`` replace each other (re-applying a technique).
+    ``install(m, capture_batch=4, trim_reference_text_attention=True)``: the patch with non-default options.
+    The patch implements ComfyUI's model-patch protocol (``to(device)``, ``models()``): injector tensors follow
+    the model when ComfyUI loads or offloads it.
+
+Statistics (tests, benchmarks)
+    ``attach_stats(m) -> EngineStats`` (``site_calls``, ``capture_passes``, ``capture_seconds``); nothing is
+    counted without it.
 
 Injectors
     ``DecoupledInjector(name, provider, weight=, sigma_range=, site_weights=, region=)``:
     ``out = Attn(q,K_c,V_c) + w * mask * Attn(q,K_id,V_id)``. ``provider(site, kind)`` returns
     ``(k, v)`` projected for that site, ``[1 | chunk_size, N_id, C]``, for chunk kind 0 (positive) or
-    1 (negative); None = nothing for that kind (uncond "none"). Memoise per site in the provider.
+    1 (negative); None = nothing for that kind (uncond "none"). Memoise per site in the provider; a provider
+    owning tensors implements ``to(device)``. ``Injector.to(device)`` / ``models()``: extend them in a
+    subclass that owns more tensors or holds ModelPatchers.
     ``JointInjector``: subclass, return ``KeyGroup`` s from ``key_groups(call, weight)`` (Face Fusion).
 
 When and where
@@ -34,7 +43,7 @@ Reference capture (:mod:`.capture`)
 """
 from __future__ import annotations
 
-from .capture import CAPTURE_MODES, CapturedStates, CaptureRequest, ReferenceLatents
+from .capture import CAPTURE_MODES, CapturedStates, CaptureRequest, PassContext, ReferenceLatents
 from .injectors import (
                         NEGATIVE,
                         POSITIVE,
@@ -49,19 +58,20 @@ from .masks import RegionMask, eq7_additive_mask, eq7_allowed, eq7_bias, resize_
 from .patch import (
                         PASS_KEY,
                         IdentityAttentionPatch,
-                        PassContext,
                         add_injector,
+                        attach_stats,
                         find_patch,
                         identity_attention_wrapper,
                         install,
 )
 from .sigma import SigmaRange, SiteWeights
 from .sites import AttentionSite, describe_sites, diffusion_model_of, find_sites
+from .stats import EngineStats
 
 __all__ = [
     "AttentionCall", "AttentionSite", "CAPTURE_MODES", "CaptureRequest", "CapturedStates", "ChunkLayout",
-    "DecoupledInjector", "IdentityAttentionPatch", "Injector", "JointInjector", "KeyGroup", "NEGATIVE", "PASS_KEY",
-    "POSITIVE", "PassContext", "ReferenceLatents", "RegionMask", "SigmaRange", "SiteWeights", "add_injector",
-    "describe_sites", "diffusion_model_of", "eq7_additive_mask", "eq7_allowed", "eq7_bias", "find_patch",
-    "find_sites", "identity_attention_wrapper", "install", "resize_to_grid",
+    "DecoupledInjector", "EngineStats", "IdentityAttentionPatch", "Injector", "JointInjector", "KeyGroup", "NEGATIVE",
+    "PASS_KEY", "POSITIVE", "PassContext", "ReferenceLatents", "RegionMask", "SigmaRange", "SiteWeights",
+    "add_injector", "attach_stats", "describe_sites", "diffusion_model_of", "eq7_additive_mask", "eq7_allowed",
+    "eq7_bias", "find_patch", "find_sites", "identity_attention_wrapper", "install", "resize_to_grid",
 ]

@@ -20,6 +20,17 @@ shape; the keys of one window are near-equal, and when they are equal the result
 ``log(k*k)`` logit bias on all keys cancels in the softmax). At 512 px that level's attention is ~20 % of
 a reference pass (4096 x 4096 tokens at five sites); 2x2 pooling cuts it to a quarter.
 
+The reference pass itself (:func:`reference_batch`, :func:`run_reference_passes`) runs at most
+``batch_size`` references per UNet call (bounded activation memory), with ``cond_or_uncond = [0]`` and
+its own copy of the options. With the all-zero text context attn2's output is exactly ``to_out``'s bias
+at every token (K = V = 0), so the capture tap may hand ComfyUI a single query token
+(``trim_text_attention``; only when every other attn2 input/output patch is token-count agnostic, see
+:func:`token_safe_patches`), skipping ``to_q`` and ``to_out`` on every token of every site.
+
+Devices: reference latents, their noise, the reference text and the captured states follow the model
+through ``to(device)`` (ComfyUI's model-patch protocol, driven by the patch object), so a reference pass
+copies nothing between devices.
+
 Memory: only the sites' ``h_f`` are kept (SD1.5 at 64x64: 5.7 M floats per reference, 22 MiB fp32),
 one capture per injector (a new step replaces the previous one); cached modes keep the projected
 K/V instead (twice that) and drop ``h_f``.
@@ -36,6 +47,8 @@ from .kernels import pool_key_grid
 from .sites import AttentionSite
 
 CAPTURE_MODES = ("per_step", "cached_clean", "cached_sigma")
+# Attribute an attn2 input/output patch sets to say it accepts a one-token ``n`` (see trim_text_attention).
+TOKEN_SAFE_ATTR = "likeness_token_safe"
 
 
 class CaptureComplete(Exception):
@@ -45,26 +58,26 @@ class CaptureComplete(Exception):
 @dataclass
 class ReferenceLatents:
     """Reference latents in the VAE's latent space (``[n, C, h, w]``, before ``process_latent_in``)
-    with a fixed noise (seeded) used to noise them to a sigma."""
+    with a fixed noise (seeded, drawn on the CPU once) used to noise them to a sigma."""
 
     latents: torch.Tensor
     noise_seed: int = 0
-    _noise: torch.Tensor | None = field(default=None, repr=False)
+    noise: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.latents, torch.Tensor) or self.latents.ndim != 4:
             raise InvalidInputError("reference latents must be a [n, C, h, w] tensor")
         self.latents = self.latents.detach()
+        gen = torch.Generator(device="cpu").manual_seed(int(self.noise_seed))
+        self.noise = torch.randn(self.latents.shape, generator=gen, dtype=torch.float32).to(self.latents.device)
 
     @property
     def count(self) -> int:
         return int(self.latents.shape[0])
 
-    def noise(self) -> torch.Tensor:
-        if self._noise is None:
-            gen = torch.Generator(device="cpu").manual_seed(int(self.noise_seed))
-            self._noise = torch.randn(self.latents.shape, generator=gen, dtype=torch.float32)
-        return self._noise
+    def to(self, device: torch.device) -> "ReferenceLatents":
+        self.latents, self.noise = self.latents.to(device), self.noise.to(device)
+        return self
 
     def __deepcopy__(self, memo):
         return self
@@ -76,7 +89,7 @@ class CaptureRequest:
 
     ``sigma``: ``[n]`` tensor (model device) the references are noised to (0 = clean).
     ``key``: identifies the capture; an equal key reuses the stored one (same step, or cached).
-    ``context``: ``[1 | n, L, ctx_dim]`` text the reference stream sees, or None for zeros.
+    ``context``: ``[1 | n, L, ctx_dim]`` text the reference stream sees (model device), or None for zeros.
     ``sites``: site indices to record (None = all the injector uses).
     ``template_row``: batch row of the real call whose extra conds (e.g. SDXL ``y``) the references copy.
     """
@@ -89,6 +102,15 @@ class CaptureRequest:
     context: torch.Tensor | None = None
     template_row: int = 0
     key_downsample: int = 1               # >1: reference self-attention keys pooled k x k at the top level
+
+
+def move_tensors(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (itself, or inside tuples/lists) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(move_tensors(v, device) for v in value)
+    return value
 
 
 @dataclass
@@ -118,30 +140,40 @@ class CapturedStates:
         """Free ``h_f`` once everything needed was derived (cached modes)."""
         self.states = {}
 
-    def nbytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for t in self.states.values())
-        for value in self.derived.values():
-            for t in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+    def to(self, device: torch.device) -> "CapturedStates":
+        self.states = {site: t.to(device) for site, t in self.states.items()}
+        self.derived = {slot: move_tensors(value, device) for slot, value in self.derived.items()}
+        return self
 
 
 class CaptureRecorder:
     """Collects ``h_f`` during a reference pass; raises :class:`CaptureComplete` when done."""
 
-    def __init__(self, wanted: frozenset[int], stop_when_done: bool = True):
+    def __init__(self, wanted: frozenset[int], zero_context: bool = False, trim_text_attention: bool = False):
         self.wanted = wanted
-        self.stop_when_done = stop_when_done   # False when the references ride in the real batch
         self.states: dict[int, torch.Tensor] = {}
-        self.zero_context = False   # the reference stream sees an all-zero text context
-        self.trim_text_attention = False   # ... and attn2 runs on one query token (patch.TRIM_REFERENCE_...)
+        self.zero_context = zero_context   # the reference stream sees an all-zero text context
+        self.trim_text_attention = trim_text_attention   # ... and attn2 runs on one query token
 
     def record(self, site: AttentionSite, hidden: torch.Tensor) -> None:
         if site.index in self.wanted:
             self.states[site.index] = hidden.detach()
-            if self.stop_when_done and len(self.states) == len(self.wanted):
+            if len(self.states) == len(self.wanted):
                 raise CaptureComplete()
+
+
+@dataclass
+class PassContext:
+    """State of one UNet call, passed to every site in ``transformer_options[PASS_KEY]``."""
+
+    sigma: float
+    model_sampling: Any = None
+    active: tuple = ()                            # the injectors active at this sigma
+    captures: dict = field(default_factory=dict)  # injector uid -> CapturedStates
+    recorder: CaptureRecorder | None = None      # a reference pass: record, inject nothing
+
+    def __deepcopy__(self, memo):  # never copied with the options it travels in
+        return self
 
 
 class ReferenceKeyDownsampling:
@@ -152,14 +184,11 @@ class ReferenceKeyDownsampling:
     ``n`` itself) on a ``tokens``-token grid is pooled; everything else passes through.
     """
 
-    likeness_batch_safe = True   # row-wise: extra batch rows do not matter
-
     def __init__(self, window: int, tokens: int):
         if window < 1:
             raise InvalidInputError(f"key downsampling window must be >= 1, got {window}")
         self.window = int(window)
         self.tokens = int(tokens)
-        self.pooled_calls = 0
 
     def __call__(self, n: torch.Tensor, context, value, extra_options: dict):
         if self.window == 1 or context is not n or value is not n or n.shape[1] != self.tokens:
@@ -168,26 +197,111 @@ class ReferenceKeyDownsampling:
         if len(grid) != 2 or grid[0] * grid[1] != self.tokens:
             return n, context, value
         pooled = pool_key_grid(n, grid, (self.window, self.window))
-        self.pooled_calls += 1
         return n, pooled, pooled
 
     def __deepcopy__(self, memo):
         return self
 
 
+# ---------------------------------------------------------------------- running a reference pass
+@dataclass
+class ReferenceBatch:
+    """The reference rows of one capture: noised latents, sigmas, text, concat and extra conds."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor | None
+    concat: torch.Tensor | None
+    kwargs: dict
+
+
 def reference_input(request: CaptureRequest, model_sampling: Any, process_latent_in: Callable | None,
-                    device, dtype) -> torch.Tensor:
+                    dtype: torch.dtype) -> torch.Tensor:
     """The noised reference batch ``x`` the UNet is called with (``noise_scaling`` at the request's sigma)."""
-    latents = request.latents.latents.to(device=device, dtype=torch.float32)
+    latents = request.latents.latents.float()
     if process_latent_in is not None:
         latents = process_latent_in(latents)
-    noise = request.latents.noise().to(device=device)
-    sigma = request.sigma.to(device=device, dtype=torch.float32)
+    noise = request.latents.noise
+    sigma = request.sigma.float()
     if model_sampling is None:
         x = latents + noise * sigma.view(-1, 1, 1, 1)
     else:
         x = model_sampling.noise_scaling(sigma, noise, latents)
     return x.to(dtype)
+
+
+def reference_batch(request: CaptureRequest, x: torch.Tensor, c_concat, c_crossattn, kwargs: dict, base_model: Any,
+                    model_sampling: Any) -> ReferenceBatch:
+    """The reference pass's inputs, shaped like the real call ``(x, c_concat, c_crossattn, kwargs)``."""
+    ref_x = reference_input(request, model_sampling, getattr(base_model, "process_latent_in", None), x.dtype)
+    count = ref_x.shape[0]
+    sigma = request.sigma.float()
+    ref_t = sigma.expand(count) if sigma.numel() == 1 else sigma
+    context = request.context
+    if context is None and c_crossattn is not None:
+        context = torch.zeros((1,) + tuple(c_crossattn.shape[1:]), device=c_crossattn.device, dtype=c_crossattn.dtype)
+    if context is not None:
+        context = context.expand(count, *context.shape[1:])
+    batch = x.shape[0]
+    ref_concat = None
+    if isinstance(c_concat, torch.Tensor) and c_concat.shape[0] == batch:
+        ref_concat = c_concat[request.template_row:request.template_row + 1].expand(count, *c_concat.shape[1:])
+    return ReferenceBatch(ref_x, ref_t, context, ref_concat,
+                          slice_extra_conds(kwargs, batch, request.template_row, count))
+
+
+def run_reference_passes(executor: Callable, request: CaptureRequest, ref: ReferenceBatch, options: dict,
+                         model_sampling: Any, batch_size: int, trim: bool, pass_key: str) -> tuple[dict, int]:
+    """Run the reference UNet pass(es), at most ``batch_size`` references each, each stopped after the last
+    wanted site. ``options`` is the pass's own copy of the transformer options (``pass_key`` gets the pass's
+    :class:`PassContext`). Returns ``({site: h_f}, passes run)``."""
+    count = ref.x.shape[0]
+    step = max(1, batch_size)
+    zero_context = request.context is None
+    parts: list[dict[int, torch.Tensor]] = []
+    for start in range(0, count, step):  # bounded activation memory
+        stop = min(count, start + step)
+        recorder = CaptureRecorder(request.sites, zero_context, zero_context and trim)
+        options[pass_key] = PassContext(0.0, model_sampling, (), {}, recorder)
+        try:
+            with torch.no_grad():
+                executor(ref.x[start:stop], ref.t[start:stop],
+                         None if ref.concat is None else ref.concat[start:stop],
+                         None if ref.context is None else ref.context[start:stop], None, options,
+                         **slice_extra_conds(ref.kwargs, count, start, stop - start, offset=True))
+        except CaptureComplete:
+            pass
+        parts.append(recorder.states)
+    recorded = parts[0] if len(parts) == 1 else {
+        site: torch.cat([p[site] for p in parts]) for site in parts[0] if all(site in p for p in parts)}
+    return recorded, len(parts)
+
+
+def add_key_downsampling(options: dict, request: CaptureRequest, ref_x: torch.Tensor) -> bool:
+    """Append the reference pass's self-attention key pooling to its own copy of the options. Returns False
+    when it was asked for but another pack replaces attn1 (its kernel might not expect fewer keys)."""
+    if request.key_downsample <= 1:
+        return True
+    if any(options.get("patches_replace", {}).get("attn1", {}).values()):
+        return False
+    patches = dict(options.get("patches", {}))
+    tokens = int(ref_x.shape[-2] * ref_x.shape[-1])
+    patches["attn1_patch"] = list(patches.get("attn1_patch", ())) + [
+        ReferenceKeyDownsampling(request.key_downsample, tokens)]
+    options["patches"] = patches
+    return True
+
+
+def token_safe_patches(transformer_options: dict, own_tap: Callable) -> bool:
+    """Whether every attn2 input/output patch besides ``own_tap`` (the engine's capture tap) accepts a
+    one-token ``n``."""
+    patches = transformer_options.get("patches", {})
+    for name in ("attn2_patch", "attn2_output_patch"):
+        for fn in patches.get(name, ()):
+            if fn == own_tap or getattr(fn, TOKEN_SAFE_ATTR, False):
+                continue
+            return False
+    return True
 
 
 def slice_extra_conds(kwargs: dict, batch: int, row: int, count: int, offset: bool = False) -> dict:

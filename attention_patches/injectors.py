@@ -40,14 +40,13 @@ class ChunkLayout:
 
     cond_or_uncond: tuple[int, ...]
     chunk_size: int
-    uuids: tuple = ()
 
     @classmethod
     def from_options(cls, extra_options: dict, batch: int) -> "ChunkLayout":
         kinds = tuple(extra_options.get("cond_or_uncond") or ())
         if not kinds or batch % len(kinds) != 0:
-            return cls((POSITIVE,), batch, ())
-        return cls(kinds, batch // len(kinds), tuple(extra_options.get("uuids") or ()))
+            return cls((POSITIVE,), batch)
+        return cls(kinds, batch // len(kinds))
 
     @property
     def batch(self) -> int:
@@ -131,6 +130,12 @@ class Injector:
     Injectors are shared between model clones (they hold the heavy tensors: adapter modules, embeds);
     per-clone state (captures, caches) lives on the patch object. ``name`` identifies the technique:
     adding an injector with the same name to a patch replaces the old one.
+
+    Devices: the patch calls :meth:`to` when ComfyUI loads the model or offloads it (and when the injector
+    is added to a patch whose model already sits on a device), so every tensor an injector owns lives where
+    the model's activations are and the attention path copies nothing between devices. A subclass that
+    owns more tensors (adapter modules, tokens, references) extends :meth:`to`; one that holds a separately
+    loaded model returns its ModelPatcher from :meth:`models` so ComfyUI loads it with the UNet.
     """
 
     kind = "base"
@@ -155,6 +160,16 @@ class Injector:
         if w is None:
             w = self._site_weight_cache[site.index] = self.weight * self.site_weights.weight(site)
         return w
+
+    def to(self, device: torch.device) -> "Injector":
+        """Move the tensors this injector owns to ``device`` in place; returns ``self``."""
+        if self.region is not None:
+            self.region.to(device)
+        return self
+
+    def models(self) -> list:
+        """ModelPatchers this injector holds, for ComfyUI to load and offload with the model (none here)."""
+        return []
 
     def capture_request(self, t: torch.Tensor, sigma: float, layout: ChunkLayout, model_sampling: Any) -> Any:
         """Injectors with ``needs_capture`` return a :class:`~.capture.CaptureRequest` (or None) per UNet call.
@@ -188,6 +203,8 @@ class DecoupledInjector(Injector):
     ``provider(site, kind) -> (k, v) | None`` where k, v are ``[1 | chunk_size, N_id, C]`` already
     projected for ``site`` (e.g. ``to_k_ip(tokens)``); return None for a kind that gets nothing
     (e.g. ``uncond="none"``). Memoise per site inside the provider: it is called on every attention call.
+    A provider that owns tensors implements ``to(device)`` (and ``models()`` if it holds ModelPatchers);
+    the injector forwards both.
     """
 
     kind = "decoupled"
@@ -195,6 +212,15 @@ class DecoupledInjector(Injector):
     def __init__(self, name: str, provider: Callable[[AttentionSite, int], Any] | None = None, **kw):
         super().__init__(name, **kw)
         self.provider = provider
+
+    def to(self, device: torch.device) -> "DecoupledInjector":
+        super().to(device)
+        if hasattr(self.provider, "to"):
+            self.provider = self.provider.to(device)
+        return self
+
+    def models(self) -> list:
+        return list(self.provider.models()) if hasattr(self.provider, "models") else []
 
     def identity_kv(self, call: AttentionCall, kind: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.provider is None:
@@ -229,7 +255,7 @@ class DecoupledInjector(Injector):
             index = row_index(rows, layout.batch, call.q.device)
             extra = sdpa(take_rows(call.q, index), k.to(call.q.dtype), v.to(call.q.dtype), call.heads)
             if self.region is not None:
-                grid = self.region.tokens(*call.grid, device=call.q.device, dtype=call.q.dtype)
+                grid = self.region.tokens(*call.grid, dtype=call.q.dtype)
                 extra = extra * (weight * rows_for(grid, rows, layout.chunk_size).unsqueeze(-1))
             elif weight != 1.0:
                 extra = extra * weight

@@ -106,7 +106,7 @@ def joint_attention_concat(q: torch.Tensor, k_blocks: Sequence[torch.Tensor], v_
     mask = None
     if block_bias is not None and any(bias is not None for bias in block_bias):
         cols = []
-        for k, bias in zip(ks, block_bias):
+        for k, bias in zip(ks, block_bias, strict=True):
             if bias is None:
                 cols.append(q.new_zeros(1, q.shape[1], 1).expand(b, -1, k.shape[1]))
             else:

@@ -48,10 +48,11 @@ def resize_to_grid(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class RegionMask:
-    """An image-space mask, resized lazily per token grid and memoised (per grid size, device, dtype).
+    """An image-space mask, resized lazily per token grid and memoised (per grid size and dtype).
 
     Batch size 1 applies to every image; otherwise the mask batch must equal the latent batch (rows of
-    a chunk map to ``row % batch``).
+    a chunk map to ``row % batch``). The mask and its resized grids live on one device; :meth:`to` moves
+    them (the owning injector calls it when the model moves).
     """
 
     def __init__(self, mask: torch.Tensor):
@@ -62,21 +63,26 @@ class RegionMask:
     def batch(self) -> int:
         return int(self.mask.shape[0])
 
-    def tokens(self, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    def to(self, device: torch.device) -> "RegionMask":
+        self.mask = self.mask.to(device)
+        self._grids = {key: grid.to(device) for key, grid in self._grids.items()}
+        return self
+
+    def tokens(self, height: int, width: int, dtype=torch.float32) -> torch.Tensor:
         """Soft mask ``[Bm, height*width]`` in 0..1."""
-        key = (height, width, str(device), dtype)
+        key = (height, width, dtype)
         grid = self._grids.get(key)
         if grid is None:
-            grid = resize_to_grid(self.mask, height, width).to(device=device, dtype=dtype)
+            grid = resize_to_grid(self.mask, height, width).to(dtype=dtype)
             self._grids[key] = grid
         return grid
 
-    def inside(self, height: int, width: int, device=None) -> torch.Tensor:
+    def inside(self, height: int, width: int) -> torch.Tensor:
         """Boolean ``[Bm, height*width]``: tokens inside the region (soft value >= 0.5)."""
-        key = (height, width, str(device), "inside")
+        key = (height, width, "inside")
         grid = self._grids.get(key)
         if grid is None:
-            grid = self.tokens(height, width, device) >= INSIDE_THRESHOLD
+            grid = self.tokens(height, width) >= INSIDE_THRESHOLD
             self._grids[key] = grid
         return grid
 
@@ -116,8 +122,7 @@ def eq7_additive_mask(inside: torch.Tensor, text_keys: int, keys_per_identity: S
     """The full Eq. 7 mask A ``[Nq, text_keys + sum(keys_per_identity)]`` for one image.
 
     ``inside``: bool ``[n_ids, Nq]``. Text keys are never blocked. This is the explicit (reference)
-    form, used by tests and by the concatenated-keys path; the fast path applies the same mask as a
-    per-identity query bias (see :func:`eq7_bias`).
+    form; the engine applies the same mask as a per-identity query bias (see :func:`eq7_bias`).
     """
     if inside.ndim != 2 or inside.shape[0] != len(keys_per_identity):
         raise InvalidInputError("inside must be [n_identities, Nq] with one row per identity")

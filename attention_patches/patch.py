@@ -3,13 +3,20 @@
 :class:`IdentityAttentionPatch` is installed with ModelPatcher's own API on every cross-attention site
 (``set_model_attn2_replace`` per site key, ``set_model_attn2_patch`` for the reference-capture tap) plus
 one APPLY_MODEL wrapper. It holds an ordered list of injectors, so several techniques stack on one model
-(decoupled and joint injectors at the same site: the joint blocks join the text softmax, the decoupled
-outputs are added afterwards).
+(decoupled and joint injectors at the same site: the joint blocks join the text softmax, see
+:mod:`.joint`, the decoupled outputs are added afterwards).
 
 Clone safety and cost: ``ModelPatcher.clone()`` deep-copies ``model_options``. The patch's
 ``__deepcopy__`` makes ONE new patch per clone (the deepcopy memo maps all site entries to it) that
 shares the injectors (which own the heavy tensors and modules) and starts with empty per-clone caches;
 nothing heavy is copied. Adding an injector to a clone never changes its parent.
+
+Devices: the patch implements ComfyUI's model-patch protocol. ``ModelPatcher.model_patches_to(device)``
+calls :meth:`IdentityAttentionPatch.to` when the model is loaded (load device) or detached (offload
+device), and ``model_patches_models()`` collects :meth:`IdentityAttentionPatch.models` (ModelPatchers the
+injectors hold) for ``load_models_gpu``. ``to`` moves every injector's tensors, the cached reference
+captures and forwards to another pack's replaced attn2 patch, so the attention path never copies a
+tensor between devices.
 
 Per UNet call the wrapper reads sigma to the host once, picks the injectors active at that sigma,
 runs a reference capture if an injector asks for one (:mod:`.capture`), and passes a
@@ -19,27 +26,33 @@ from ``extra_options["sigmas"]`` (one host read per new sigma tensor) but cannot
 """
 from __future__ import annotations
 
-import collections
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
+import time
 from typing import Any, Callable, Iterable
 
 import torch
 
 from .capture import (
-    CaptureComplete,
     CapturedStates,
-    CaptureRecorder,
     CaptureRequest,
-    ReferenceKeyDownsampling,
-    reference_input,
-    slice_extra_conds,
+    PassContext,
+    ReferenceBatch,
+    add_key_downsampling,
+    reference_batch,
+    run_reference_passes,
+    token_safe_patches,
 )
-from .injectors import AttentionCall, ChunkLayout, Injector, KeyGroup, row_index, take_rows
-from .kernels import attention_with_lse, joint_attention_concat, merge_heads, merge_into, sdpa, split_heads
+from .injectors import AttentionCall, ChunkLayout, Injector, KeyGroup, row_index
+from .joint import joint_attention
+from .kernels import sdpa
+from .placement import place
 from .sites import AttentionSite, find_sites, sites_by_key
+from .stats import EngineStats
+
+__all__ = ["PASS_KEY", "IdentityAttentionPatch", "PassContext", "add_injector", "attach_stats", "find_patch",
+           "identity_attention_wrapper", "install"]
 
 logger = logging.getLogger("likeness")
 
@@ -47,25 +60,6 @@ PASS_KEY = "likeness_identity_pass"
 WRAPPER_KEY = "likeness_identity_attention"
 APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
 ON_CLEANUP = "on_cleanup"    # comfy.patcher_extension.CallbacksMP.ON_CLEANUP
-
-# How joint (Face Fusion) attention is computed without autograd: "merge" = one attention per key block
-# merged by log-sum-exp (exact; rows without identity skip the face keys; masks without an [Nq, Nk]
-# tensor); "concat" = one SDPA over [K_c; K_f...] on the identity rows (Eq. 3 literally; falls back to
-# "merge" for per-query masks). Measured in benchmarks/attention_overhead.py.
-JOINT_STRATEGY = "merge"
-# References per reference pass (more are captured in several passes: bounded activation memory).
-CAPTURE_BATCH = 4
-# Per-step capture: append the references to the real batch instead of a separate pass (True, "auto" =
-# on CPU only, False). Exact, but measured no faster than the separate pass on the 2-core CPU
-# (benchmarks/attention_overhead.py rows per-step / per-step-batched), so off by default. Never with a
-# request's key_downsample > 1 (that pooling is a patch of the separate reference pass).
-CAPTURE_IN_BATCH: bool | str = False
-# Reference passes with the all-zero text context: attn2's output is exactly to_out's bias at every token
-# (K = V = 0), so the capture tap hands ComfyUI a single query token and ``x + n`` broadcasts it; this
-# skips to_q and to_out on every token of every site (~5 % of a reference pass at 512 px). Only when
-# every other attn2 input/output patch in the options declares itself token-count agnostic.
-TRIM_REFERENCE_TEXT_ATTENTION = True
-TOKEN_SAFE_ATTR = "likeness_token_safe"
 
 BaseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
 
@@ -76,62 +70,43 @@ def torch_base_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return sdpa(q, k, v, heads)
 
 
-@dataclass
-class PassContext:
-    """State of one UNet call, passed to every site in ``transformer_options[PASS_KEY]``."""
-
-    sigma: float
-    model_sampling: Any = None
-    active: tuple[Injector, ...] = ()
-    captures: dict = field(default_factory=dict)
-    recorder: CaptureRecorder | None = None      # a separate reference pass: record, inject nothing
-    main_rows: int | None = None                 # in-batch capture: rows >= main_rows are the reference
-    inbatch: CaptureRecorder | None = None       # ... and their recorder
-
-    def __deepcopy__(self, memo):  # never copied with the options it travels in
-        return self
-
-
-@dataclass
-class _ReferenceBatch:
-    """The reference rows of one capture: noised latents, sigmas, text, concat and extra conds."""
-
-    x: torch.Tensor
-    t: torch.Tensor
-    context: torch.Tensor | None
-    concat: torch.Tensor | None
-    kwargs: dict
-
-
 class IdentityAttentionPatch:
-    """attn2 replacement for every site + capture tap + ordered injector list. See module doc."""
+    """attn2 replacement for every site + capture tap + ordered injector list. See module doc.
+
+    Options (fixed per patch, copied to its clones): ``capture_batch`` references per reference UNet pass
+    (more are captured in several passes: bounded activation memory); ``trim_reference_text_attention``:
+    a reference pass with the all-zero text runs attn2 on one query token (see :mod:`.capture`).
+    ``device``: where the model is (None: unknown until ComfyUI loads it); injectors added later are
+    moved there. ``stats``: an :class:`EngineStats` to count into (tests, benchmarks), or None.
+    """
 
     _likeness_identity_attention = 1  # duck-typed marker (the pack may be imported under any name)
 
     def __init__(self, sites: Iterable[AttentionSite], base_attention: BaseAttention | None = None,
-                 model_sampling: Any = None):
+                 model_sampling: Any = None, *, capture_batch: int = 4, trim_reference_text_attention: bool = True,
+                 device: torch.device | None = None, stats: EngineStats | None = None):
         self.sites: tuple[AttentionSite, ...] = tuple(sites)
         self.table = sites_by_key(self.sites)
         self.base_attention: BaseAttention = base_attention or torch_base_attention
         self.model_sampling = model_sampling
+        self.capture_batch = int(capture_batch)
+        self.trim_reference_text_attention = bool(trim_reference_text_attention)
+        self.device = device
+        self.stats = stats
         self.injectors: list[Injector] = []
-        self.joint_strategy = JOINT_STRATEGY
-        self.capture_batch = CAPTURE_BATCH
-        self.capture_in_batch: bool | str = CAPTURE_IN_BATCH
-        self.trim_reference_text_attention = TRIM_REFERENCE_TEXT_ATTENTION
         self.previous: dict[int, Callable] = {}   # another pack's attn2 replace found at a site
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
         self.captures: dict[int, CapturedStates] = {}
-        self.site_calls: collections.Counter = collections.Counter()   # joint/decoupled work done per site
-        self.capture_passes = 0                                         # reference passes run
         self._fallback: tuple[Any, PassContext] | None = None
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ injectors
     def add(self, injector: Injector) -> None:
         """Append ``injector``; one with the same name is replaced in place (re-applying a technique)."""
+        if self.device is not None:
+            injector.to(self.device)
         for i, old in enumerate(self.injectors):
             if old.name == injector.name:
                 self.injectors[i] = injector
@@ -147,16 +122,40 @@ class IdentityAttentionPatch:
     def __deepcopy__(self, memo):
         new = object.__new__(type(self))
         memo[id(self)] = new
-        new.sites, new.table = self.sites, self.table
-        new.base_attention, new.model_sampling = self.base_attention, self.model_sampling
+        new.__dict__.update({name: value for name, value in self.__dict__.items()
+                             if name not in ("injectors", "previous")})
         new.injectors = list(self.injectors)
-        new.joint_strategy = self.joint_strategy
-        new.capture_batch = self.capture_batch
-        new.capture_in_batch = self.capture_in_batch
-        new.trim_reference_text_attention = self.trim_reference_text_attention
         new.previous = copy.deepcopy(self.previous, memo)
         new._reset_runtime()
         return new
+
+    # ------------------------------------------------------------------ ComfyUI's model-patch protocol
+    def to(self, device_or_dtype: torch.device | torch.dtype) -> "IdentityAttentionPatch":
+        """Follow the model: ComfyUI calls this (once per site entry) with the load device when it loads the
+        model and the offload device when it detaches it. Moves this clone's cached captures and another
+        pack's replaced patch there, and each injector (shared with sibling clones) where
+        :func:`.placement.place` says. The model dtype (also passed here) is ignored: injectors keep their
+        precision and cast to the query's dtype per call."""
+        self.previous = {index: previous.to(device_or_dtype) if hasattr(previous, "to") else previous
+                         for index, previous in self.previous.items()}
+        if isinstance(device_or_dtype, torch.dtype):
+            return self
+        self.device = torch.device(device_or_dtype)
+        for injector in self.injectors:
+            injector.to(place(injector, self, self.device))
+        for states in self.captures.values():
+            states.to(self.device)
+        self._fallback = None
+        return self
+
+    def models(self) -> list:
+        """The ModelPatchers the injectors (and another pack's replaced patch) hold, for ComfyUI to load with
+        the model; each once."""
+        found: list = []
+        holders = list(self.injectors) + [p for p in self.previous.values() if hasattr(p, "models")]
+        for holder in holders:
+            found += [m for m in holder.models() if not any(m is f for f in found)]
+        return found
 
     # ------------------------------------------------------------------ per UNet call
     def active_at(self, sigma: float, model_sampling: Any) -> tuple[Injector, ...]:
@@ -168,7 +167,6 @@ class IdentityAttentionPatch:
         model_sampling = getattr(base_model, "model_sampling", None) or self.model_sampling
         sigma = float(t.max())  # the one host read per UNet call
         ctx = PassContext(sigma, model_sampling, self.active_at(sigma, model_sampling))
-        inbatch = None
         if any(i.needs_capture for i in ctx.active):
             layout = ChunkLayout.from_options(transformer_options, x.shape[0])
             for injector in ctx.active:
@@ -177,165 +175,44 @@ class IdentityAttentionPatch:
                 request = injector.capture_request(t, sigma, layout, model_sampling)
                 if request is None:
                     continue
-                if request.sites is None:
-                    request.sites = frozenset(s.index for s in self.sites if injector.weight_at(s) != 0.0)
                 stored = self.captures.get(injector.uid)
-                if stored is not None and stored.key == request.key:
-                    ctx.captures[injector.uid] = stored
-                    continue
-                self.captures.pop(injector.uid, None)  # free the previous step's states first
-                if inbatch is None and self._can_capture_in_batch(request, x, control, c_crossattn,
-                                                                  transformer_options):
-                    inbatch = (request, injector)
-                    continue
-                states = self._capture(executor, request, injector, x, c_concat, c_crossattn,
-                                       transformer_options, kwargs, base_model, model_sampling)
-                ctx.captures[injector.uid] = states
+                if stored is None or stored.key != request.key:
+                    self.captures.pop(injector.uid, None)  # free the previous step's states first
+                    ref = reference_batch(request, x, c_concat, c_crossattn, kwargs, base_model, model_sampling)
+                    stored = self._capture(executor, request, injector, ref, transformer_options, model_sampling)
+                ctx.captures[injector.uid] = stored
         options = dict(transformer_options)
         options[PASS_KEY] = ctx
-        if inbatch is None:
-            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
-        return self._run_with_reference_rows(executor, ctx, inbatch, x, t, c_concat, c_crossattn, options,
-                                             kwargs, base_model, model_sampling)
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
     # ------------------------------------------------------------------ reference capture
-    def _can_capture_in_batch(self, request: CaptureRequest, x, control, c_crossattn, transformer_options) -> bool:
-        """Whether the references may ride in the real batch (see ``CAPTURE_IN_BATCH``): only when nothing
-        else could be confused by the extra rows: no ControlNet, no other pack's patches or UNet wrappers,
-        references of the latent's size, no autograd, the zero text context."""
-        mode = self.capture_in_batch
-        if mode is False or (mode == "auto" and x.device.type != "cpu"):
-            return False
-        if request.cached or control is not None or request.context is not None or c_crossattn is None:
-            return False
-        if request.key_downsample > 1:
-            return False   # the pooling applies to the reference pass only
-        if request.latents.count > self.capture_batch or torch.is_grad_enabled():
-            return False
-        if tuple(request.latents.latents.shape[1:]) != tuple(x.shape[1:]):
-            return False   # a reference of another size (or channel count) cannot share the batch
-        if self.previous:
-            return False
-        to = transformer_options
-        for fns in to.get("patches", {}).values():
-            if any(isinstance(fn, tuple) or not _batch_safe(fn) for fn in fns):
-                return False
-        replaces = to.get("patches_replace", {})
-        if any(name != "attn2" for name, table in replaces.items() if table):
-            return False
-        if any(not is_identity_patch(p) for p in replaces.get("attn2", {}).values()):
-            return False
-        wrappers = to.get("wrappers", {})
-        for kind, by_key in wrappers.items():
-            if any(fns and key != WRAPPER_KEY for key, fns in by_key.items()) and kind in (APPLY_MODEL,
-                                                                                         "diffusion_model"):
-                return False
-        return True
-
-    def _run_with_reference_rows(self, executor, ctx: PassContext, inbatch, x, t, c_concat, c_crossattn, options,
-                                 kwargs, base_model, model_sampling) -> torch.Tensor:
-        request, injector = inbatch
-        ref = self._reference_inputs(request, x, c_concat, c_crossattn, kwargs, base_model, model_sampling)
-        recorder = CaptureRecorder(request.sites, stop_when_done=False)
-        recorder.zero_context = True
-        states = CapturedStates(request.key, recorder.states, cached=False)   # filled live, site by site
-        ctx.captures[injector.uid] = states
-        ctx.main_rows, ctx.inbatch = x.shape[0], recorder
-        self.capture_passes += 1
-        batch = x.shape[0]
-        extra = {}
-        for name, value in kwargs.items():
-            ref_value = ref.kwargs.get(name)
-            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
-                extra[name] = torch.cat([value, ref_value.to(value.dtype)])
-            else:
-                extra[name] = value
-        out = executor(torch.cat([x, ref.x]), torch.cat([t, ref.t.to(t.dtype)]),
-                       None if ref.concat is None else torch.cat([c_concat, ref.concat.to(c_concat.dtype)]),
-                       torch.cat([c_crossattn, ref.context.to(c_crossattn.dtype)]), None, options, **extra)
-        self._finish_capture(request, injector, states)
-        return out[:batch]
-
-    def _capture(self, executor, request: CaptureRequest, injector, x, c_concat, c_crossattn, transformer_options,
-                 kwargs, base_model, model_sampling) -> CapturedStates:
-        ref = self._reference_inputs(request, x, c_concat, c_crossattn, kwargs, base_model, model_sampling)
-        return self._capture_passes(executor, request, injector, ref, transformer_options, model_sampling)
-
-    def _reference_inputs(self, request: CaptureRequest, x, c_concat, c_crossattn, kwargs, base_model,
-                          model_sampling) -> "_ReferenceBatch":
-        process_in = getattr(base_model, "process_latent_in", None)
-        ref_x = reference_input(request, model_sampling, process_in, x.device, x.dtype)
-        count = ref_x.shape[0]
-        sigma = request.sigma.to(device=x.device, dtype=torch.float32)
-        ref_t = sigma.expand(count) if sigma.numel() == 1 else sigma
-        context = request.context
-        if context is None and c_crossattn is not None:
-            context = torch.zeros((1,) + tuple(c_crossattn.shape[1:]), device=c_crossattn.device,
-                                  dtype=c_crossattn.dtype)
-        if context is not None:
-            context = context.to(device=x.device).expand(count, *context.shape[1:])
-        batch = x.shape[0]
-        ref_concat = None
-        if isinstance(c_concat, torch.Tensor) and c_concat.shape[0] == batch:
-            ref_concat = c_concat[request.template_row:request.template_row + 1].expand(count, *c_concat.shape[1:])
-        return _ReferenceBatch(ref_x, ref_t, context, ref_concat,
-                               slice_extra_conds(kwargs, batch, request.template_row, count))
-
-    def _capture_passes(self, executor, request: CaptureRequest, injector, ref: "_ReferenceBatch",
-                        transformer_options: dict, model_sampling) -> CapturedStates:
-        """Separate reference pass(es), at most ``capture_batch`` references each, stopped after the last site."""
-        count = ref.x.shape[0]
+    def _capture(self, executor: Callable, request: CaptureRequest, injector: Injector, ref: ReferenceBatch,
+                 transformer_options: dict, model_sampling: Any) -> CapturedStates:
+        """The reference pass(es) of ``request`` (see :func:`.capture.run_reference_passes`), handed to the
+        injector and stored for reuse by later calls with the same key."""
+        start = time.perf_counter() if self.stats is not None else 0.0
+        if request.sites is None:
+            request.sites = frozenset(s.index for s in self.sites if injector.weight_at(s) != 0.0)
         options = dict(transformer_options)
         options["cond_or_uncond"] = [0]
         options["uuids"] = []
-        parts: list[dict[int, torch.Tensor]] = []
-        step = max(1, self.capture_batch)
-        trim = self.trim_reference_text_attention and _token_safe_patches(transformer_options, self)
-        self._add_key_downsampling(options, request, ref.x)
-        for start in range(0, count, step):  # bounded activation memory
-            stop = min(count, start + step)
-            recorder = CaptureRecorder(request.sites)
-            recorder.zero_context = request.context is None
-            recorder.trim_text_attention = recorder.zero_context and trim
-            options[PASS_KEY] = PassContext(0.0, model_sampling, (), {}, recorder)
-            self.capture_passes += 1
-            try:
-                with torch.no_grad():
-                    executor(ref.x[start:stop], ref.t[start:stop],
-                             None if ref.concat is None else ref.concat[start:stop],
-                             None if ref.context is None else ref.context[start:stop], None, options,
-                             **slice_extra_conds(ref.kwargs, count, start, stop - start, offset=True))
-            except CaptureComplete:
-                pass
-            parts.append(recorder.states)
-        recorded = parts[0] if len(parts) == 1 else {
-            site: torch.cat([p[site] for p in parts]) for site in parts[0] if all(site in p for p in parts)}
-        states = CapturedStates(request.key, recorded, cached=request.cached)
-        self._finish_capture(request, injector, states)
-        return states
-
-    def _add_key_downsampling(self, options: dict, request: CaptureRequest, ref_x: torch.Tensor) -> None:
-        """Append the reference pass's self-attention key pooling (see capture.py) to its own copy of the
-        options, unless another pack replaces attn1 (its kernel might not expect fewer keys)."""
-        if request.key_downsample <= 1:
-            return
-        if any(options.get("patches_replace", {}).get("attn1", {}).values()):
+        if not add_key_downsampling(options, request, ref.x):
             self._warn_once("attn1", "another patch replaces self-attention: the reference pass keeps every "
                             "self-attention key (reference_downsample ignored)")
-            return
-        patches = dict(options.get("patches", {}))
-        tokens = int(ref_x.shape[-2] * ref_x.shape[-1])
-        patches["attn1_patch"] = list(patches.get("attn1_patch", ())) + [
-            ReferenceKeyDownsampling(request.key_downsample, tokens)]
-        options["patches"] = patches
-
-    def _finish_capture(self, request: CaptureRequest, injector, states: CapturedStates) -> None:
+        trim = self.trim_reference_text_attention and token_safe_patches(transformer_options, self.attn2_input)
+        recorded, passes = run_reference_passes(executor, request, ref, options, model_sampling, self.capture_batch,
+                                                trim, PASS_KEY)
+        states = CapturedStates(request.key, recorded, cached=request.cached)
         missing = request.sites - set(states.states)
         if missing:
             self._warn_once("missing", "reference capture did not reach %d site(s) %s; they get no reference "
                             "keys (is another patch replacing the UNet forward?)", len(missing), sorted(missing))
         injector.on_captured(states, self)
         self.captures[injector.uid] = states
+        if self.stats is not None:
+            self.stats.capture_passes += passes
+            self.stats.capture_seconds += time.perf_counter() - start
+        return states
 
     def _fallback_pass(self, extra_options: dict) -> PassContext:
         """No wrapper ran: derive sigma from ``extra_options["sigmas"]`` (one host read per tensor)."""
@@ -344,7 +221,7 @@ class IdentityAttentionPatch:
             return self._fallback[1]
         sigma = float(sigmas.max()) if isinstance(sigmas, torch.Tensor) else math.inf
         ctx = PassContext(sigma, self.model_sampling, self.active_at(sigma, self.model_sampling),
-                          {uid: c for uid, c in self.captures.items() if getattr(c, "cached", False)})
+                          {uid: c for uid, c in self.captures.items() if c.cached})
         if any(i.needs_capture for i in ctx.active) and not ctx.captures:
             self._warn_once("nowrapper", "identity attention ran without its sampling wrapper: reference "
                             "capture is unavailable for this call, so Face Fusion keys are skipped")
@@ -372,17 +249,12 @@ class IdentityAttentionPatch:
     def attn2_input(self, n: torch.Tensor, context, value, extra_options: dict):
         """attn2_patch tap: records the reference stream's ``h_f`` during a capture pass; else a no-op."""
         ctx = extra_options.get(PASS_KEY)
-        if ctx is not None:
-            if ctx.recorder is not None:
-                site = self._site(extra_options)
-                if site is not None:
-                    ctx.recorder.record(site, n)   # raises CaptureComplete after the last needed site
-                    if ctx.recorder.trim_text_attention and site.index not in self.previous:
-                        return n[:, :1], context, value   # see TRIM_REFERENCE_TEXT_ATTENTION
-            elif ctx.inbatch is not None:
-                site = self._site(extra_options)
-                if site is not None:
-                    ctx.inbatch.record(site, n[ctx.main_rows:])
+        if ctx is not None and ctx.recorder is not None:
+            site = self._site(extra_options)
+            if site is not None:
+                ctx.recorder.record(site, n)   # raises CaptureComplete after the last needed site
+                if ctx.recorder.trim_text_attention and site.index not in self.previous:
+                    return n[:, :1], context, value   # zero text: attn2's output is to_out's bias everywhere
         return n, context, value
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -397,14 +269,11 @@ class IdentityAttentionPatch:
             return torch.zeros_like(q)
         if site is None or ctx.recorder is not None or not ctx.active:
             return self._base(q, k, v, extra_options, site)
-        if ctx.inbatch is not None:  # reference rows ride along: zero context -> exactly zero output
-            rows = ctx.main_rows
-            main = self._inject(q[:rows], k[:rows], v[:rows], extra_options, site, ctx)
-            return torch.cat([main, q.new_zeros((q.shape[0] - rows,) + tuple(q.shape[1:]))])
         return self._inject(q, k, v, extra_options, site, ctx)
 
     def _inject(self, q, k, v, extra_options: dict, site: AttentionSite, ctx: PassContext) -> torch.Tensor:
-        self.site_calls[site.index] += 1
+        if self.stats is not None:
+            self.stats.site_calls[site.index] += 1
         heads = extra_options["n_heads"]
         shape = extra_options.get("activations_shape")
         grid = (int(shape[-2]), int(shape[-1])) if shape is not None else _square_grid(q.shape[1])
@@ -427,94 +296,11 @@ class IdentityAttentionPatch:
         return out
 
     def _joint(self, call: AttentionCall, groups: list[KeyGroup]) -> torch.Tensor:
-        q, k, v, heads = call.q, call.k_text, call.v_text, call.heads
         previous = self.previous.get(call.site.index)
-        if torch.is_grad_enabled() and (q.requires_grad or any(g.k is not None and g.k.requires_grad for g in groups)):
-            out = _joint_concat(call, groups)
-            text_only = sdpa(q, k, v, heads) if previous is not None else None
-        elif self.joint_strategy == "concat" and previous is None and _concat_friendly(groups):
-            out = self._base(q, k, v, call.extra_options, call.site)
-            index = row_index(groups[0].rows, q.shape[0], q.device)
-            rows_n = len(groups[0].rows)
-            keys = torch.cat([take_rows(k, index)] + [g.k.to(q.dtype).expand(rows_n, -1, -1) for g in groups], 1)
-            values = torch.cat([take_rows(v, index)] + [g.v.to(q.dtype).expand(rows_n, -1, -1) for g in groups], 1)
-            bias = None
-            if any(g.log_weight for g in groups):
-                bias = torch.cat([q.new_zeros(k.shape[1])] + [q.new_full((g.k.shape[1],), g.log_weight) for g in groups])
-                bias = bias.view(1, 1, 1, -1)
-            out[index] = sdpa(take_rows(q, index), keys, values, heads, bias)
-            return out
-        else:
-            o, lse = attention_with_lse(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
-            text_only = merge_heads(o).clone() if previous is not None else None  # o is updated in place below
-            q4 = split_heads(q, heads)
-            for group in groups:
-                index = row_index(group.rows, q.shape[0], q.device)
-                if group.zero_keys:
-                    rows_n = len(group.rows)
-                    o_g = torch.zeros((rows_n,) + tuple(o.shape[1:]), dtype=o.dtype, device=o.device)
-                    l_g = torch.full((rows_n,) + tuple(lse.shape[1:]), math.log(group.zero_keys),
-                                     dtype=lse.dtype, device=lse.device)
-                else:
-                    o_g, l_g = attention_with_lse(take_rows(q4, index), split_heads(group.k.to(q.dtype), heads),
-                                                  split_heads(group.v.to(q.dtype), heads))
-                if group.log_weight:
-                    l_g = l_g + group.log_weight
-                if group.query_bias is not None:
-                    l_g = l_g + group.query_bias.to(l_g.dtype).unsqueeze(1)
-                merged_o, merged_l = merge_into(take_rows(o, index), take_rows(lse, index), o_g, l_g)
-                o[index], lse[index] = merged_o, merged_l
-            out = merge_heads(o)
+        out, text_only = joint_attention(call, groups, keep_text=previous is not None)
         if previous is not None:  # keep another pack's patch: add what it adds on top of plain text attention
-            out = out + (previous(q, k, v, call.extra_options) - text_only)
+            out = out + (previous(call.q, call.k_text, call.v_text, call.extra_options) - text_only)
         return out
-
-
-def _concat_friendly(groups: list[KeyGroup]) -> bool:
-    """The concatenated-keys strategy handles groups that share their rows and carry no per-query bias."""
-    rows = groups[0].rows
-    return all(g.rows == rows and g.query_bias is None and not g.zero_keys and g.k is not None for g in groups)
-
-
-def _joint_concat(call: AttentionCall, groups: list[KeyGroup]) -> torch.Tensor:
-    """Differentiable joint attention: every block scattered to all rows, rows outside a block masked."""
-    q = call.q
-    batch, n_q = q.shape[0], q.shape[1]
-    k_blocks, v_blocks, biases = [call.k_text], [call.v_text], [None]
-    for group in groups:
-        index = torch.tensor(group.rows, dtype=torch.long, device=q.device)
-        if group.zero_keys:
-            k_g = q.new_zeros(1, group.zero_keys, q.shape[2])
-            v_g = k_g
-        else:
-            k_g, v_g = group.k.to(q.dtype), group.v.to(q.dtype)
-        n_k = k_g.shape[1]
-        k_full = q.new_zeros(batch, n_k, q.shape[2]).index_copy(0, index, k_g.expand(len(group.rows), -1, -1))
-        v_full = q.new_zeros(batch, n_k, q.shape[2]).index_copy(0, index, v_g.expand(len(group.rows), -1, -1))
-        row_bias = torch.full((batch, n_q), float("-inf"), dtype=torch.float32, device=q.device)
-        inside = torch.full((len(group.rows), n_q), float(group.log_weight), dtype=torch.float32, device=q.device)
-        if group.query_bias is not None:
-            inside = inside + group.query_bias.to(torch.float32)
-        biases.append(row_bias.index_copy(0, index, inside))
-        k_blocks.append(k_full)
-        v_blocks.append(v_full)
-    return joint_attention_concat(q, k_blocks, v_blocks, call.heads, biases)
-
-
-def _token_safe_patches(transformer_options: dict, patch: "IdentityAttentionPatch") -> bool:
-    """Whether every attn2 input/output patch besides ``patch``'s own tap accepts a one-token ``n``."""
-    patches = transformer_options.get("patches", {})
-    for name in ("attn2_patch", "attn2_output_patch"):
-        for fn in patches.get(name, ()):
-            if getattr(fn, "__self__", None) is patch or getattr(fn, TOKEN_SAFE_ATTR, False):
-                continue
-            return False
-    return True
-
-
-def _batch_safe(fn: Any) -> bool:
-    """Our own tap, or a callable that declares it does not care about extra batch rows."""
-    return is_identity_patch(getattr(fn, "__self__", None)) or bool(getattr(fn, "likeness_batch_safe", False))
 
 
 def add_rows(out: torch.Tensor, rows: list[int], extra: torch.Tensor) -> torch.Tensor:
@@ -556,8 +342,9 @@ def find_patch(model: Any) -> IdentityAttentionPatch | None:
 
 
 def identity_attention_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
-                               transformer_options={}, **kwargs):
+                               transformer_options=None, **kwargs):
     """APPLY_MODEL wrapper registered once per model: hands the call to the clone's patch object."""
+    transformer_options = transformer_options if transformer_options is not None else {}
     patch = find_patch_in_options(transformer_options)
     if patch is None or PASS_KEY in transformer_options:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -565,26 +352,26 @@ def identity_attention_wrapper(executor, x, t, c_concat=None, c_crossattn=None, 
                           base_model=getattr(executor, "class_obj", None), **kwargs)
 
 
-def install(model_patcher: Any) -> IdentityAttentionPatch:
+def install(model_patcher: Any, **options) -> IdentityAttentionPatch:
     """The patch object of ``model_patcher``, installing it on every site first if needed.
 
     Call on a clone (``m = model.clone()``): this edits ``m``'s options copy-on-write. Another pack's
     attn2 replace already at a site is kept and still applied (see ``IdentityAttentionPatch.previous``).
+    ``options`` (``capture_batch``, ``trim_reference_text_attention``, ``stats``) configure a new patch;
+    clones made later inherit them.
     """
     patch = find_patch(model_patcher)
     if patch is not None:
+        if options:
+            raise TypeError(f"the identity-attention patch of this model exists already; options {sorted(options)} "
+                            "are set when it is installed")
         _ensure_wrapper(model_patcher)
         return patch
     from ..host.attention import host_base_attention  # comfy's optimized attention, if running in the host
 
     sites = find_sites(model_patcher)
-    model_sampling = None
-    if hasattr(model_patcher, "get_model_object"):
-        try:
-            model_sampling = model_patcher.get_model_object("model_sampling")
-        except (AttributeError, KeyError):
-            model_sampling = None
-    patch = IdentityAttentionPatch(sites, host_base_attention(), model_sampling)
+    patch = IdentityAttentionPatch(sites, host_base_attention(), _model_object(model_patcher, "model_sampling"),
+                                   device=_current_device(model_patcher), **options)
     replaces = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for site in sites:
         previous = replaces.get(site.key) or replaces.get(site.block)
@@ -595,6 +382,21 @@ def install(model_patcher: Any) -> IdentityAttentionPatch:
     model_patcher.set_model_attn2_patch(patch.attn2_input)
     _ensure_wrapper(model_patcher)
     return patch
+
+
+def _model_object(model_patcher: Any, name: str) -> Any:
+    if not hasattr(model_patcher, "get_model_object"):
+        return None
+    try:
+        return model_patcher.get_model_object(name)
+    except (AttributeError, KeyError):
+        return None
+
+
+def _current_device(model_patcher: Any) -> torch.device | None:
+    """Where ComfyUI has the model now (its next load or offload calls ``to`` again), or None."""
+    current = getattr(model_patcher, "current_loaded_device", None)
+    return torch.device(current()) if callable(current) else None
 
 
 def release_step_captures(model_patcher: Any) -> None:
@@ -618,3 +420,11 @@ def add_injector(model_patcher: Any, injector: Injector) -> IdentityAttentionPat
     patch = install(model_patcher)
     patch.add(injector)
     return patch
+
+
+def attach_stats(model_patcher: Any) -> EngineStats:
+    """Count the engine's work on ``model_patcher`` (a clone you own) from now on, installing the patch if
+    needed (tests and benchmarks; nothing is counted without it)."""
+    patch = install(model_patcher)
+    patch.stats = EngineStats()
+    return patch.stats

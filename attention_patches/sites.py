@@ -22,7 +22,6 @@ from typing import Any, Iterable
 
 from torch import nn
 
-GROUPS = ("input", "middle", "output")
 # diffusers registers down_blocks, up_blocks, then mid_block: that order numbers the processors.
 _DIFFUSERS_GROUP_RANK = {"input": 0, "output": 1, "middle": 2}
 
@@ -40,7 +39,6 @@ class AttentionSite:
         channels: inner width C of the attention (= heads * dim_head); q/k/v are [B, N, C].
         heads, dim_head: attention heads and their width.
         context_dim: width of the text context the layer's ``to_k`` / ``to_v`` take.
-        query_dim: width of the hidden state entering the layer (``to_q`` input; = C for SD/SDXL).
         order: diffusers processor position k (down, up, mid); the state-dict index is ``2k+1``.
         level: resolution level (0 = full latent resolution, 1 = half, ...), counted from the
             Downsample/Upsample layers met while walking; the token grid is about latent / 2**level.
@@ -54,7 +52,6 @@ class AttentionSite:
     heads: int
     dim_head: int
     context_dim: int
-    query_dim: int
     order: int
     level: int
 
@@ -133,7 +130,7 @@ def _walk(unet: nn.Module) -> list[tuple[dict, nn.Module]]:
                                    transformer_index=transformer_index,
                                    channels=attn2.to_q.out_features, heads=int(attn2.heads),
                                    dim_head=int(attn2.dim_head), context_dim=attn2.to_k.in_features,
-                                   query_dim=attn2.to_q.in_features, level=level), tb))
+                                   level=level), tb))
             transformer_index += 1
     return found
 

@@ -64,6 +64,7 @@ class Config:
     captures: list = field(default_factory=list)
     warmup: dict = field(default_factory=dict)
     model: object = None
+    stats: object = None              # the engine's EngineStats on the row's model (None: no engine patch)
 
 
 CONFIGS: dict[str, Config] = {}
@@ -186,25 +187,9 @@ def _fusion(bench, refs: int, mode: str, ref_latent: int = 0, **options):
     return apply_face_fusion(bench.base, bench.adapter, [FusionIdentityLatents(latents)], capture_mode=mode, **options)
 
 
-def _with_patch_settings(model, **settings):
-    """Set engine options (e.g. ``joint_strategy``) on the model's identity-attention patch (comparison rows)."""
-    from likeness.attention_patches import find_patch
-
-    patch = find_patch(model)
-    for name, value in settings.items():
-        setattr(patch, name, value)
-    return model
-
-
 @register("cached", "Face Fusion, 1 reference (image-sized), cached capture (clean), uncond none", target=1.12)
 def _cached(bench):
     return _fusion(bench, 1, "cached_clean")
-
-
-@register("cached-cat", "as 'cached', joint attention as one SDPA over concatenated keys instead of the "
-          "log-sum-exp merge of two (strategy comparison)", default=False)
-def _cached_concat(bench):
-    return _with_patch_settings(_fusion(bench, 1, "cached_clean"), joint_strategy="concat")
 
 
 @register("per-step", "Face Fusion, 1 reference, per-step capture (the paper), uncond none, default "
@@ -217,12 +202,6 @@ def _per_step(bench):
           "reference pass)")
 def _per_step_exact(bench):
     return _fusion(bench, 1, "per_step", reference_downsample=1)
-
-
-@register("per-step-batched", "as 'per-step-exact', the reference riding in the sampling batch instead of its "
-          "own UNet pass (opt-in CAPTURE_IN_BATCH; comparison)", default=False)
-def _per_step_batched(bench):
-    return _with_patch_settings(_fusion(bench, 1, "per_step", reference_downsample=1), capture_in_batch=True)
 
 
 for _n in (2, 4, 8):
@@ -298,8 +277,7 @@ class SiteTimer:
         self._start = time.perf_counter()
         return n, context, value
 
-    start.likeness_batch_safe = True   # timing only: extra reference rows in the batch are fine
-    start.likeness_token_safe = True   # ... and any token count
+    start.likeness_token_safe = True   # timing only: any token count is fine
 
     def stop(self, n, extra_options):
         if self._start is not None:
@@ -314,34 +292,10 @@ class SiteTimer:
             self._start = None
         return n
 
-    stop.likeness_batch_safe = True
     stop.likeness_token_safe = True
 
     def __deepcopy__(self, memo):
         return self
-
-
-class CaptureClock:
-    """Wall time spent in reference-capture passes (wraps the patch's capture method)."""
-
-    seconds = 0.0
-
-    @classmethod
-    def install(cls):
-        from likeness.attention_patches.patch import IdentityAttentionPatch
-
-        original = IdentityAttentionPatch._capture
-
-        def timed(self, *args, **kwargs):
-            before = self.capture_passes
-            start = time.perf_counter()
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                if self.capture_passes != before:
-                    cls.seconds += time.perf_counter() - start
-
-        IdentityAttentionPatch._capture = timed
 
 
 @dataclass
@@ -356,7 +310,8 @@ class Bench:
     adapter: object = None
     preload: bool = False
 
-    def run(self, model, timer: SiteTimer, conds: tuple | None = None) -> tuple[float, float, float, float]:
+    def run(self, model, timer: SiteTimer, conds: tuple | None = None,
+            stats=None) -> tuple[float, float, float, float]:
         import comfy.sample
         import torch
 
@@ -364,7 +319,7 @@ class Bench:
         noise = comfy.sample.prepare_noise(latent, 42)
         positive, negative = conds or (self.positive, self.negative)
         timer.main = timer.capture = 0.0
-        CaptureClock.seconds = 0.0
+        captured = stats.capture_seconds if stats is not None else 0.0
         gc.collect()
         if self.preload:
             # switching between the interleaved clones makes ComfyUI unpatch the previous clone's weights and
@@ -381,7 +336,8 @@ class Bench:
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         if not torch.isfinite(out).all():
             raise RuntimeError("non-finite output")
-        return wall, cpu, timer.main, CaptureClock.seconds
+        captured = stats.capture_seconds - captured if stats is not None else 0.0
+        return wall, cpu, timer.main, captured
 
 
 def prepare_comfy(path: str) -> None:
@@ -458,7 +414,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     import comfy.ldm.modules.attention as comfy_attention
 
-    from likeness.attention_patches import find_sites
+    from likeness.attention_patches import attach_stats, find_patch, find_sites
 
     wanted = args.configs.split(",") if args.configs else [n for n, c in CONFIGS.items() if c.default]
     unknown = sorted(set(wanted) - set(CONFIGS))
@@ -476,7 +432,6 @@ def main() -> int:
     positive = [[torch.randn(1, 77, 768, generator=g), {}]]
     negative = [[torch.randn(1, 77, 768, generator=g), {}]]
     bench = Bench(base, find_sites(base), latent, steps, args.cfg, positive, negative, preload=args.preload)
-    CaptureClock.install()
     timer = SiteTimer()
     for name in names:
         model = CONFIGS[name].build(bench)
@@ -486,6 +441,8 @@ def main() -> int:
         model.set_model_attn2_patch(timer.start)
         model.set_model_attn2_output_patch(timer.stop)
         CONFIGS[name].model = model
+        if find_patch(model) is not None:   # reference-capture time comes from the engine's opt-in stats
+            CONFIGS[name].stats = attach_stats(model)
 
     params = sum(p.numel() for p in base.model.diffusion_model.parameters())
     print("== configuration")
@@ -505,7 +462,7 @@ def main() -> int:
 
     print("== warm-up (pays one-off captures of cached modes)")
     for name in names:
-        wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer, CONFIGS[name].conds)
+        wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer, CONFIGS[name].conds, CONFIGS[name].stats)
         CONFIGS[name].warmup = {"wall": wall, "capture": capture}
         print(f"  {name:14s} {wall:7.2f} s  (capture {capture:.2f} s)")
         sys.stdout.flush()
@@ -517,7 +474,7 @@ def main() -> int:
         order = list(names)   # a new seeded shuffle each round: no row always follows the same one (a rotation
         random.Random(rounds).shuffle(order)   # did, and carry-over from the previous run biased some rows)
         for name in order:
-            wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer, CONFIGS[name].conds)
+            wall, cpu, site, capture = bench.run(CONFIGS[name].model, timer, CONFIGS[name].conds, CONFIGS[name].stats)
             c = CONFIGS[name]
             for series, value in ((c.walls, wall), (c.cpus, cpu), (c.sites, site), (c.captures, capture)):
                 series.append(value)

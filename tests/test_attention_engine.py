@@ -13,6 +13,7 @@ from likeness.attention_patches import (
     CapturedStates,
     ChunkLayout,
     DecoupledInjector,
+    EngineStats,
     IdentityAttentionPatch,
     JointInjector,
     KeyGroup,
@@ -30,7 +31,7 @@ C = 16
 
 def _site(index=0, block=("input", 1), block_index=0, group_order=0):
     return AttentionSite(index=index, block=block, block_index=block_index, transformer_index=index, channels=C,
-                         heads=HEADS, dim_head=C // HEADS, context_dim=C, query_dim=C, order=group_order, level=0)
+                         heads=HEADS, dim_head=C // HEADS, context_dim=C, order=group_order, level=0)
 
 
 SITES = (_site(0, ("input", 1)), _site(1, ("middle", 0)), _site(2, ("output", 3)))
@@ -258,13 +259,106 @@ def test_sigma_range_validation():
     assert SigmaRange().contains(math.inf)
 
 
-def test_concat_strategy_equals_merge():
+def test_merged_joint_equals_one_softmax_over_concatenated_keys():
+    """The inference path (log-sum-exp merge of one attention per key block) against the literal Eq. 3 with a
+    weight's log-bias on the face keys, on the rows that see them (positives of a [neg, pos, pos] batch)."""
     k_f, v_f = _rand(1, 10, C, seed=70), _rand(1, 10, C, seed=71)
     q, k, v = _qkv(3)
-    outs = []
-    for strategy in ("merge", "concat"):
-        for weight in (1.0, 0.4):
-            patch = _patch(FixedJoint(k_f, v_f, weight=weight))
-            patch.joint_strategy = strategy
-            outs.append(patch(q, k, v, _options(SITES[0], (1, 0, 0), _ctx(patch))))
-    assert torch.allclose(outs[0], outs[2], atol=1e-5) and torch.allclose(outs[1], outs[3], atol=1e-5)
+    for weight in (1.0, 0.4):
+        patch = _patch(FixedJoint(k_f, v_f, weight=weight))
+        with torch.no_grad():
+            out = patch(q, k, v, _options(SITES[0], (1, 0, 0), _ctx(patch)))
+        bias = torch.cat([torch.zeros(k.shape[1]), torch.full((10,), math.log(weight))]).view(1, 1, 1, -1)
+        keys, values = torch.cat([k[1:], k_f.expand(2, -1, -1)], 1), torch.cat([v[1:], v_f.expand(2, -1, -1)], 1)
+        torch.testing.assert_close(out[1:], sdpa(q[1:], keys, values, HEADS, bias), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out[:1], sdpa(q[:1], k[:1], v[:1], HEADS), rtol=1e-6, atol=1e-6)
+
+
+class MovableProvider(TokenProvider):
+    """A provider that owns its tensors and holds a (stand-in) ModelPatcher, like a technique's provider."""
+
+    def __init__(self, held=None):
+        super().__init__()
+        self.held = held
+
+    def to(self, device):
+        self.kv = {kind: (k.to(device), v.to(device)) for kind, (k, v) in self.kv.items()}
+        return self
+
+    def models(self):
+        return [self.held] if self.held is not None else []
+
+
+def test_to_moves_injectors_captures_and_the_previous_patch_and_ignores_dtypes():
+    held = object()
+    provider = MovableProvider(held)
+    mask = torch.ones(1, 8, 8)
+    injector = DecoupledInjector("faceid", provider, region=mask)
+    patch = _patch(injector, DecoupledInjector("plain", TokenProvider()))
+    patch.captures[1] = CapturedStates(("x",), {0: torch.ones(1, 4, C)}, cached=True,
+                                       derived={(0, "kv"): (torch.ones(1, 4, C), torch.ones(1, 4, C))})
+    moved = []
+
+    class OtherPack:   # another pack's attn2 replace with the same protocol
+        def __call__(self, q, k, v, extra_options):
+            return sdpa(q, k, v, HEADS)
+
+        def to(self, device_or_dtype):
+            moved.append(device_or_dtype)
+            return self
+
+        def models(self):
+            return [held]
+
+    patch.previous[0] = OtherPack()
+    assert patch.to(torch.float16) is patch and provider.kv[0][0].dtype == torch.float32   # dtype: ignored
+    meta = torch.device("meta")
+    assert patch.to(meta) is patch and patch.device == meta
+    assert all(t.is_meta for kv in provider.kv.values() for t in kv) and injector.region.mask.is_meta
+    states = patch.captures[1]
+    assert states.states[0].is_meta and all(t.is_meta for t in states.derived[(0, "kv")])
+    assert moved == [torch.float16, meta]
+    assert patch.models() == [held]                           # from the provider and the other pack, once
+    late = MovableProvider()
+    patch.add(DecoupledInjector("late", late))                # added after the move: follows the patch's device
+    assert late.kv[0][0].is_meta
+    clone = copy.deepcopy(patch)
+    assert clone.device == meta and clone.captures == {}
+
+
+def test_stats_count_only_when_attached():
+    patch = _patch(DecoupledInjector("faceid", TokenProvider()))
+    q, k, v = _qkv(2)
+    patch(q, k, v, _options(SITES[0], (0, 1), _ctx(patch)))
+    assert patch.stats is None
+    patch.stats = EngineStats()
+    patch(q, k, v, _options(SITES[0], (0, 1), _ctx(patch)))
+    patch(q, k, v, _options(SITES[2], (0, 1), _ctx(patch)))
+    assert patch.stats.site_calls == {0: 1, 2: 1}
+    assert copy.deepcopy(patch).stats is patch.stats           # clones of the model keep counting into it
+
+
+def test_an_offloaded_clone_leaves_shared_injectors_with_a_loaded_sibling():
+    """ComfyUI detaches clones on their own (also from ModelPatcher.__del__, at any time): the injectors the
+    clones share stay where a live sibling was loaded until every clone is offloaded."""
+    class Placed(TokenProvider):
+        device = None
+
+        def to(self, device):
+            self.device = device
+            return self
+
+    provider = Placed()
+    parent = _patch(DecoupledInjector("faceid", provider))
+    child = copy.deepcopy(parent)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")   # devices are only recorded here
+    child.to(gpu)                                            # the clone being sampled is loaded
+    parent.to(cpu)                                           # a sibling is detached meanwhile
+    assert provider.device == gpu and parent.device == cpu         # the shared provider stays with the child
+    child.to(cpu)                                            # every clone offloaded: the tensors follow
+    assert provider.device == cpu and child.device == cpu
+    gone = copy.deepcopy(child)
+    gone.to(gpu)
+    del gone                                                 # a collected clone's request no longer counts
+    child.to(cpu)
+    assert provider.device == cpu

@@ -124,7 +124,7 @@ def test_recorder_observes_without_changing_the_output():
     from likeness.techniques.consistentid.localization import AttentionMapRecorder, localization_sites, token_selector
 
     def site(index, level):
-        return AttentionSite(index, ("input", index), 0, index, 32, 4, 8, 32, 32, index, level)
+        return AttentionSite(index, ("input", index), 0, index, 32, 4, 8, 32, index, level)
 
     sites = [site(0, 0), site(1, 1), site(2, 2)]
     chosen = localization_sites(sites)

@@ -118,7 +118,7 @@ def test_controlnet_built_by_comfy_and_fed_the_id_tokens(tiny_sd15, tiny_clip_vi
 
     patch = find_patch_in_options(model.model_options["transformer_options"])
     assert patch is not None and len(patch.injectors) == 1          # + the 4 ID tokens, decoupled
-    assert patch.injectors[0].provider.tokens[0].shape[-2] == 4
+    assert patch.injectors[0].provider.kv[(0, 0)][0].shape[-2] == 4   # keys of the positive ID tokens, site 0
     assert (out - adapter_only).abs().max() > 1e-5                 # the ControlNet contributes
 
 

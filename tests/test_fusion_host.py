@@ -19,13 +19,19 @@ def _refs(n, seed=0, size=16):
     return torch.randn(n, 4, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _fusion(model, identities=None, **kw):
-    from likeness.attention_patches import find_patch
+def _fusion(model, identities=None, engine=None, **kw):
+    """Face Fusion on a clone of ``model``; returns ``(clone, its patch with stats attached, adapter)``.
+    ``engine``: options of the identity-attention patch (installed first on an intermediate clone)."""
+    from likeness.attention_patches import attach_stats, find_patch, install
     from likeness.techniques.face_fusion import FusionAdapter, FusionIdentityLatents, apply_face_fusion
 
     adapter = FusionAdapter.from_model(model)
     identities = identities or [FusionIdentityLatents(_refs(1))]
+    if engine:
+        model = model.clone()
+        install(model, **engine)
     patched = apply_face_fusion(model, adapter, identities, **kw)
+    attach_stats(patched)
     return patched, find_patch(patched), adapter
 
 
@@ -36,8 +42,8 @@ def test_per_step_capture_runs_once_per_step_and_reaches_every_site(tiny_sd15):
     original = patch.injectors[0].on_captured
     patch.injectors[0].on_captured = lambda states, p: (seen.append(set(states.states)), original(states, p))
     out = _sample(model, steps=3)
-    assert patch.capture_passes == 3
-    assert sum(patch.site_calls.values()) == 16 * 3       # every site got the face keys on every step
+    assert patch.stats.capture_passes == 3
+    assert sum(patch.stats.site_calls.values()) == 16 * 3  # every site got the face keys on every step
     assert seen == [set(range(16))] * 3                    # early stop after the last site lost nothing
     assert patch.captures == {}                             # per-step states are freed after sampling
     assert (out - reference).abs().max().item() > 1e-4
@@ -47,13 +53,13 @@ def test_cached_capture_runs_once_per_clone(tiny_sd15):
     model, patch, _ = _fusion(tiny_sd15, capture_mode="cached_clean")
     first = _sample(model, steps=2)
     second = _sample(model, steps=2)
-    assert patch.capture_passes == 1
+    assert patch.stats.capture_passes == 1
     assert torch.equal(first, second)
     (states,) = patch.captures.values()
     assert states.states == {} and len(states.derived) == 16   # only the projected K/V are kept
     sigma_model, sigma_patch, _ = _fusion(tiny_sd15, capture_mode="cached_sigma", capture_percent=0.5)
     _sample(sigma_model, steps=2)
-    assert sigma_patch.capture_passes == 1
+    assert sigma_patch.stats.capture_passes == 1
 
 
 @pytest.mark.parametrize("kind", ["weight0", "out_of_range"])
@@ -65,7 +71,7 @@ def test_fusion_no_op_is_identical_and_skips_capture(tiny_sd15, kind):
         model, patch, _ = _fusion(tiny_sd15, start_at=0.05, end_at=0.3)   # between the 3 steps' sigmas
     out = _sample(model, steps=3)
     assert (out - reference).abs().max().item() <= 1e-6
-    assert patch.capture_passes == 0
+    assert patch.stats.capture_passes == 0
 
 
 def test_multi_reference_changes_the_result(tiny_sd15):
@@ -90,12 +96,12 @@ def test_two_identities_with_masks_on_sdxl(tiny_sdxl):
                                           FusionIdentityLatents(_refs(2, 2), right)], capture_mode="per_step")
     out = _sample(model, steps=2, sdxl=True)
     assert torch.isfinite(out).all()
-    assert patch.capture_passes == 2
-    assert sum(patch.site_calls.values()) == len(patch.sites) * 2
+    assert patch.stats.capture_passes == 2
+    assert sum(patch.stats.site_calls.values()) == len(patch.sites) * 2
 
 
 def test_fusion_stacked_with_decoupled_both_apply(tiny_sd15):
-    from likeness.attention_patches import DecoupledInjector, add_injector, find_patch, find_sites
+    from likeness.attention_patches import DecoupledInjector, add_injector, attach_stats, find_patch, find_sites
 
     calls = []
     sites = find_sites(tiny_sd15)
@@ -110,12 +116,14 @@ def test_fusion_stacked_with_decoupled_both_apply(tiny_sd15):
     fusion_only, _, _ = _fusion(tiny_sd15, capture_mode="cached_clean")
     both = fusion_only.clone()
     add_injector(both, DecoupledInjector("faceid", provider, weight=1.0))
+    stats = attach_stats(both)                              # this clone's work only
     decoupled_only = tiny_sd15.clone()
     add_injector(decoupled_only, DecoupledInjector("faceid", provider, weight=1.0))
     patch = find_patch(both)
     assert [i.name for i in patch.injectors] == ["face_fusion", "faceid"]
     out_both, out_fusion, out_dec = _sample(both), _sample(fusion_only), _sample(decoupled_only)
-    assert patch.capture_passes == 1 and calls
+    assert stats.capture_passes == 1 and calls
+    assert find_patch(fusion_only).stats.capture_passes == 1   # its own capture only
     assert (out_both - out_fusion).abs().max().item() > 1e-5
     assert (out_both - out_dec).abs().max().item() > 1e-5
     assert len(find_patch(fusion_only).injectors) == 1
@@ -156,52 +164,28 @@ def test_training_forward_is_differentiable(tiny_sd15):
     out.pow(2).mean().backward()
     grads = [p.grad for p in adapter.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
-    assert patch.capture_passes == 1
+    assert patch.stats.capture_passes == 1
     (states,) = patch.captures.values()
     assert states.key[1:] == ("rows", (3.0, 1.0))
     patch.injectors[0].set_identities([FusionIdentityLatents(_refs(2, seed=9))])   # next training step
     base.apply_model(x, sigma, c_crossattn=context, transformer_options=forward_transformer_options(model))
-    assert patch.capture_passes == 2                       # same sigmas, new references: captured again
+    assert patch.stats.capture_passes == 2                 # same sigmas, new references: captured again
 
 
 def test_capture_in_bounded_batches_matches_one_pass(tiny_sd15):
     from likeness.techniques.face_fusion import FusionIdentityLatents
 
     one, patch_one, _ = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(3))], capture_mode="cached_clean")
-    split, patch_split, _ = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(3))], capture_mode="cached_clean")
-    patch_split.capture_batch = 2
+    split, patch_split, _ = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(3))], capture_mode="cached_clean",
+                                    engine={"capture_batch": 2})
+    assert patch_one.capture_batch == 4 and patch_split.capture_batch == 2
+    from likeness.attention_patches import install
+
+    with pytest.raises(TypeError, match="installed"):          # options belong to the patch's installation
+        install(split, capture_batch=3)
     a, b = _sample(one, steps=1), _sample(split, steps=1)
-    assert patch_one.capture_passes == 1 and patch_split.capture_passes == 2
+    assert patch_one.stats.capture_passes == 1 and patch_split.stats.capture_passes == 2
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-3)   # batch-size dependent GEMM rounding only
-
-
-def test_per_step_references_in_the_real_batch_match_a_separate_pass(tiny_sd15):
-    """Opt-in: the per-step references ride in the UNet's batch; same result as a separate pass (with the
-    exact reference stream: key downsampling is a reference-pass-only patch)."""
-    inbatch, patch_in, _ = _fusion(tiny_sd15, capture_mode="per_step", reference_downsample=1)
-    patch_in.capture_in_batch = True
-    separate, patch_sep, _ = _fusion(tiny_sd15, capture_mode="per_step", reference_downsample=1)
-    assert patch_sep.capture_in_batch is False
-    calls = []
-    original = patch_in._run_with_reference_rows
-    patch_in._run_with_reference_rows = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
-    a, b = _sample(inbatch, steps=3), _sample(separate, steps=3)
-    assert len(calls) == 3 and patch_in.capture_passes == 3 == patch_sep.capture_passes
-    assert sum(patch_in.site_calls.values()) == 16 * 3
-    assert torch.allclose(a, b, rtol=1e-4, atol=1e-3), (a - b).abs().max()
-    # another pack's patch on the model: the references go back to a separate pass
-    other = inbatch.clone()
-    other.set_model_attn1_patch(lambda n, context, value, extra_options: (n, context, value))
-    calls.clear()
-    from likeness.attention_patches import find_patch
-
-    patch_other = find_patch(other)
-    seen = []
-    orig_other = patch_other._run_with_reference_rows
-    patch_other._run_with_reference_rows = lambda *a, **k: (seen.append(1), orig_other(*a, **k))[1]
-    c = _sample(other, steps=3)
-    assert seen == [] and patch_other.capture_passes == 3
-    assert torch.allclose(c, b, rtol=1e-4, atol=1e-3)
 
 
 def _attn1_key_tokens(model):
@@ -280,8 +264,7 @@ def test_reference_pass_trims_text_attention_exactly(tiny_sd15):
     """Zero text context: the reference pass runs attn2 on one query token (to_out's bias, broadcast); the
     captured h_f and the sampled result equal the untrimmed pass."""
     trimmed, patch_t, _ = _fusion(tiny_sd15, capture_mode="per_step")
-    full, patch_f, _ = _fusion(tiny_sd15, capture_mode="per_step")
-    patch_f.trim_reference_text_attention = False
+    full, patch_f, _ = _fusion(tiny_sd15, capture_mode="per_step", engine={"trim_reference_text_attention": False})
     tokens = []
     for model in (trimmed, full):
         def count(n, extra_options, model=model):
@@ -315,7 +298,7 @@ def test_reference_pass_keeps_full_tokens_for_foreign_output_patches(tiny_sd15):
 
     model.set_model_attn2_output_patch(foreign)
     _sample(model, steps=1)
-    assert shapes and min(shapes) > 1 and patch.capture_passes == 1
+    assert shapes and min(shapes) > 1 and patch.stats.capture_passes == 1
 
 
 def test_reference_budget_pools_every_site_for_many_references(tiny_sd15):

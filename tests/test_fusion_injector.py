@@ -22,7 +22,7 @@ from likeness.techniques.face_fusion import FusionAdapter, FusionIdentityLatents
 
 C, HEADS, GRID = 16, 2, (4, 4)
 SITE = AttentionSite(index=0, block=("input", 1), block_index=0, transformer_index=0, channels=C, heads=HEADS,
-                     dim_head=C // HEADS, context_dim=C, query_dim=C, order=0, level=0)
+                     dim_head=C // HEADS, context_dim=C, order=0, level=0)
 N_H = 6  # reference tokens per image at this site (toy)
 
 
@@ -214,3 +214,17 @@ def test_invalid_options():
         FusionInjector(adapter, [])
     with pytest.raises(InvalidInputError):
         FusionInjector(adapter, [_identity(1), FusionIdentityLatents(torch.zeros(1, 4, 16, 16))])
+
+
+def test_to_moves_what_the_injector_owns_and_a_shared_adapter_stays_with_the_loaded_model():
+    adapter = _adapter()
+    mask = torch.ones(1, 8, 8)
+    loaded = FusionInjector(adapter, [_identity(1, mask)], reference_context=_rand(1, 7, C, seed=5))
+    other = FusionInjector(adapter, [_identity(1, seed=4)])
+    meta, cpu = torch.device("meta"), torch.device("cpu")       # meta stands for the accelerator here
+    assert loaded.to(meta) is loaded                           # this model is loaded
+    other.to(cpu)                                              # the other model is detached meanwhile
+    assert all(p.is_meta for p in adapter.parameters())        # ... and leaves the shared adapter in place
+    refs = loaded.references
+    assert refs.latents.is_meta and refs.noise.is_meta and loaded.reference_context.is_meta
+    assert loaded.masks[0].mask.is_meta and other.references.latents.device == cpu

@@ -120,7 +120,7 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, selector: torc
     k4 = k.float().view(k.shape[0], k.shape[1], heads, dim_head).transpose(1, 2)
     logits = torch.matmul(q4, k4.transpose(-1, -2)) * (1.0 / math.sqrt(dim_head))
     probabilities = torch.softmax(logits, dim=-1)                                # [B, H, Nq, L]
-    return torch.matmul(probabilities, selector.to(probabilities.device, probabilities.dtype).unsqueeze(1))
+    return torch.matmul(probabilities, selector.to(probabilities.dtype).unsqueeze(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------

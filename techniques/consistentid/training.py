@@ -437,7 +437,7 @@ class TrainingIdentityKV:
             return None
         to_k, to_v = self.weights[site.order]
         tokens = self.tokens
-        return tokens @ to_k.to(tokens.device, tokens.dtype).T, tokens @ to_v.to(tokens.device, tokens.dtype).T
+        return tokens @ to_k.to(tokens.dtype).T, tokens @ to_v.to(tokens.dtype).T   # weights moved by open_session
 
     def __deepcopy__(self, memo):
         return self
@@ -620,7 +620,7 @@ class ConsistentIDTask(TrainingTask):
             for i, m in text.masks:
                 region_masks[i, :m.shape[0]] = m
         state.identity.tokens = tokens
-        state.recorder.begin(selector)
+        state.recorder.begin(None if selector is None else selector.to(device))   # once per step, not per site
         try:
             x_t = losses.noised(self.model_sampling, sigma, noise, clean)
             denoised = state.clone.model.apply_model(x_t.to(self.dtype), sigma,

@@ -65,8 +65,9 @@ class FusionSiteProjection(nn.Module):
 class FusionAdapter(nn.Module):
     """All sites' projections, keyed by the diffusers processor index ``2k+1`` (as a string).
 
-    ``project(site, h) -> (K_f, V_f)``; ``weights_for(site, device, dtype)`` caches device copies for
-    inference (never while autograd records, so training always uses the live parameters).
+    ``project(site, h) -> (K_f, V_f)``; ``weights_for(site, dtype)`` caches copies in another dtype for
+    inference (never while autograd records, so training always uses the live parameters). The weights
+    follow the model's device (the Face Fusion injector moves the adapter when ComfyUI moves the model).
     """
 
     def __init__(self, channels_by_index: dict[int, int], metadata: dict[str, str] | None = None,
@@ -77,7 +78,7 @@ class FusionAdapter(nn.Module):
         self.sites = nn.ModuleDict({str(i): FusionSiteProjection(c, dtype=dtype)
                                     for i, c in sorted(channels_by_index.items())})
         self.metadata: dict[str, str] = dict(metadata or {})
-        self._device_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dtype_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -166,22 +167,26 @@ class FusionAdapter(nn.Module):
             if width != s.channels:
                 raise CheckpointLayoutError(f"site {s.key}: adapter width {width} != model width {s.channels}")
 
-    def weights_for(self, site: AttentionSite, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights_for(self, site: AttentionSite, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.sites[str(site.processor_index)]
         wk, wv = proj.to_k_f.weight, proj.to_v_f.weight
         if torch.is_grad_enabled() and wk.requires_grad:
-            return wk.to(device=device, dtype=dtype), wv.to(device=device, dtype=dtype)
-        key = (site.processor_index, str(device), dtype, _version(wk), _version(wv))
-        hit = self._device_cache.get(key)
+            return wk.to(dtype=dtype), wv.to(dtype=dtype)
+        key = (site.processor_index, dtype, _version(wk), _version(wv))
+        hit = self._dtype_cache.get(key)
         if hit is None:
-            self._device_cache = {k: v for k, v in self._device_cache.items() if k[0] != site.processor_index}
-            hit = (wk.detach().to(device=device, dtype=dtype), wv.detach().to(device=device, dtype=dtype))
-            self._device_cache[key] = hit
+            self._dtype_cache = {k: v for k, v in self._dtype_cache.items() if k[0] != site.processor_index}
+            hit = (wk.detach().to(dtype=dtype), wv.detach().to(dtype=dtype))
+            self._dtype_cache[key] = hit
         return hit
 
+    def _apply(self, fn, recurse=True):
+        self._dtype_cache = {}   # moved or cast (nn.Module.to/cpu/cuda/half): the cached copies are stale
+        return super()._apply(fn, recurse)
+
     def project(self, site: AttentionSite, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 2: ``(Linear_kf(h_f), Linear_vf(h_f))`` for ``hidden`` ``[n, N, C]``."""
-        wk, wv = self.weights_for(site, hidden.device, hidden.dtype)
+        """Eq. 2: ``(Linear_kf(h_f), Linear_vf(h_f))`` for ``hidden`` ``[n, N, C]`` (on the adapter's device)."""
+        wk, wv = self.weights_for(site, hidden.dtype)
         return torch.nn.functional.linear(hidden, wk), torch.nn.functional.linear(hidden, wv)
 
 

@@ -55,6 +55,7 @@ from ...attention_patches.capture import CAPTURE_MODES
 from ...attention_patches.injectors import stacking_name
 from ...attention_patches.kernels import pool_key_grid, pooling_window, reference_grid
 from ...attention_patches.masks import eq7_bias, rows_for
+from ...attention_patches.placement import place
 from ...errors import InvalidInputError
 from .adapter import FusionAdapter
 
@@ -113,6 +114,7 @@ class FusionInjector(JointInjector):
                                     f"got {reference_downsample}")
         self.reference_downsample = int(reference_downsample)
         self.noise_seed = noise_seed
+        self.device: torch.device | None = None   # where to() last put it (None: where it was made)
         self._version = 0
         self.set_identities(identities)
 
@@ -128,15 +130,38 @@ class FusionInjector(JointInjector):
             raise InvalidInputError("per-row references take exactly one identity (one reference per batch row)")
         if noise_seed is not None:
             self.noise_seed = noise_seed
-        self.identities = list(identities)
+        self.masks = [identity.mask for identity in identities]
         self.offsets: list[tuple[int, int]] = []
         start = 0
-        for identity in self.identities:
+        for identity in identities:
             self.offsets.append((start, int(identity.latents.shape[0])))
             start += int(identity.latents.shape[0])
-        self.references = ReferenceLatents(torch.cat([i.latents.float() for i in self.identities]), self.noise_seed)
+        self.references = ReferenceLatents(torch.cat([i.latents.float() for i in identities]), self.noise_seed)
+        if self.device is not None:
+            self.references.to(self.device)
+            for mask in self.masks:
+                if mask is not None:
+                    mask.to(self.device)
         self._bias_cache: dict[tuple, list | None] = {}
         self._version += 1
+
+    def to(self, device: torch.device) -> "FusionInjector":
+        """Follow the model (see ``Injector.to``): the adapter, the references and their noise, the reference
+        text and the identities' masks. The adapter may be shared with other models' injectors: it goes where
+        ``place`` says (another model still sampling with it keeps it)."""
+        super().to(device)
+        self.device = device
+        adapter_device = place(self.adapter, self, device)
+        if any(p.device != adapter_device for p in self.adapter.parameters()):   # asked once per site entry
+            self.adapter.to(adapter_device)
+        self.references.to(device)
+        if self.reference_context is not None:
+            self.reference_context = self.reference_context.to(device)
+        for mask in self.masks:
+            if mask is not None:
+                mask.to(device)
+        self._bias_cache = {}
+        return self
 
     # ------------------------------------------------------------------ capture
     def training(self) -> bool:
@@ -158,11 +183,11 @@ class FusionInjector(JointInjector):
                 ref_sigma = t[template:template + 1].float().expand(count)
                 key = ("step", sigma)
         elif self.capture_mode == "cached_clean":
-            ref_sigma = torch.zeros(count)
+            ref_sigma = torch.zeros(count, device=t.device)
             key = ("clean",)
         else:
             value = float(model_sampling.percent_to_sigma(self.capture_percent)) if model_sampling is not None else 1.0
-            ref_sigma = torch.full((count,), value)
+            ref_sigma = torch.full((count,), value, device=t.device)
             key = ("sigma", self.capture_percent, value)
         return CaptureRequest(self.references, ref_sigma, (self._version,) + key, cached=self.capture_mode != "per_step",
                               context=self.reference_context, template_row=template,
@@ -197,7 +222,7 @@ class FusionInjector(JointInjector):
             groups.append(KeyGroup(k, v, rows, log_w, None, tag="fusion:per_row"))
         elif rows:
             biases = self._query_biases(call, rows)
-            for i, (start, count) in enumerate(self.offsets):
+            for i in range(len(self.offsets)):
                 k_i, v_i, log_multiplicity = self._identity_keys(states, site, i, k_all, v_all)
                 groups.append(KeyGroup(k_i, v_i, rows, log_w + log_multiplicity, biases[i] if biases else None,
                                        tag=f"fusion:{i}"))
@@ -233,7 +258,7 @@ class FusionInjector(JointInjector):
         return pooled[0], pooled[1], math.log(window[0] * window[1])
 
     def _query_biases(self, call: AttentionCall, rows: list[int]) -> list[torch.Tensor] | None:
-        masks = [identity.mask for identity in self.identities]
+        masks = self.masks
         if all(m is None for m in masks):
             return None
         h, w = call.grid
@@ -241,7 +266,7 @@ class FusionInjector(JointInjector):
         key = (h, w, str(device), tuple(rows), call.layout.chunk_size)
         if key in self._bias_cache:
             return self._bias_cache[key]
-        inside = [rows_for(m.inside(h, w, device), rows, call.layout.chunk_size) if m is not None
+        inside = [rows_for(m.inside(h, w), rows, call.layout.chunk_size) if m is not None
                   else torch.zeros(1, h * w, dtype=torch.bool, device=device) for m in masks]
         if len(inside) == 1:  # one identity: its keys only inside its mask
             biases = [torch.zeros(inside[0].shape, device=device).masked_fill(~inside[0], float("-inf"))]

@@ -80,18 +80,12 @@ def apply_faceid_adapter(model_patcher, checkpoint: FaceIDCheckpoint, tokens: ID
     """
     patched = apply_lora(model_patcher, checkpoint.adapter, lora_strength)
     if weight != 0.0:
-        device = _load_device(model_patcher)
-        provider = IdentityKV(checkpoint.adapter, tokens.cond, tokens.uncond, device=device)
+        provider = IdentityKV(checkpoint.adapter, tokens.cond, tokens.uncond)   # follows the model's device
         patch = install(patched)
         injector = DecoupledInjector(stacking_name(patch.injectors, name or checkpoint.variant.value), provider,
                                      weight=weight, sigma_range=SigmaRange(start_at, end_at), region=mask)
         patch.add(injector)   # a second application stacks (its own name), as its LoRA does
     return patched
-
-
-def _load_device(model_patcher) -> torch.device:
-    device = getattr(model_patcher, "load_device", None)
-    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def arcface_from_faces(analysis, expected_dim: int = 512) -> torch.Tensor:

@@ -57,43 +57,47 @@ class IdentityKV:
 
     ``cond_tokens`` / ``uncond_tokens`` are the projector's ID tokens ``[1 | chunk_size, N, context]`` for
     positive (kind 0) and negative (kind 1) chunks; ``uncond_tokens=None`` gives negative chunks nothing.
-    Keys and values are computed once per (site, kind) on ``device`` and memoised (the provider is called on
-    every attention call). Shared between model clones, never copied.
+    Keys and values of every processor are projected once, here, where the tokens are; :meth:`to` moves them
+    with the model (the engine calls it when ComfyUI loads or offloads the model), so an attention call is a
+    lookup. Shared between model clones, never copied.
     """
 
     def __init__(self, adapter: AdapterWeights, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor | None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        self.weights = ip_weights_by_order(adapter)
-        self.device = torch.device(device) if device is not None else cond_tokens.device
-        self.dtype = dtype
-        self.tokens = {0: self._prepare(cond_tokens), 1: None if uncond_tokens is None else self._prepare(uncond_tokens)}
-        widths = {t.shape[-1] for t in self.tokens.values() if t is not None}
+                 dtype: torch.dtype = torch.float32):
+        tokens = {0: _prepare(cond_tokens, dtype), 1: None if uncond_tokens is None else _prepare(uncond_tokens, dtype)}
+        widths = {t.shape[-1] for t in tokens.values() if t is not None}
         if widths != {adapter.context_dim}:
             raise CheckpointLayoutError(f"ID tokens are {sorted(widths)}-d but to_k_ip/to_v_ip take "
                                         f"{adapter.context_dim}-d inputs.")
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _prepare(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens if tokens.dim() == 3 else tokens.unsqueeze(0)
-        return tokens.detach().to(self.device, self.dtype)
+        self.kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for order, (to_k, to_v) in ip_weights_by_order(adapter).items():
+            for kind, t in tokens.items():
+                if t is not None:
+                    to_k, to_v = to_k.to(t.device, dtype), to_v.to(t.device, dtype)
+                    self.kv[(order, kind)] = (t @ to_k.T, t @ to_v.T)
+        self.kinds = {kind for kind, t in tokens.items() if t is not None}
 
     def __call__(self, site, kind: int):
-        tokens = self.tokens[0 if kind == 0 else 1]
-        if tokens is None:
+        kind = 0 if kind == 0 else 1
+        if kind not in self.kinds:
             return None
-        key = (site.order, 0 if kind == 0 else 1)
-        cached = self._cache.get(key)
-        if cached is not None and cached[0].shape[-1] == site.channels:
-            return cached
-        if site.order not in self.weights:
+        kv = self.kv.get((site.order, kind))
+        if kv is None:
             raise CheckpointLayoutError(f"the adapter has no to_k_ip for cross-attention site {site.order} "
                                         f"(processor {2 * site.order + 1}); wrong base model.")
-        to_k, to_v = (w.to(self.device, self.dtype) for w in self.weights[site.order])
-        if to_k.shape[0] != site.channels:
-            raise CheckpointLayoutError(f"to_k_ip of processor {2 * site.order + 1} is {to_k.shape[0]} wide but "
+        if kv[0].shape[-1] != site.channels:
+            raise CheckpointLayoutError(f"to_k_ip of processor {2 * site.order + 1} is {kv[0].shape[-1]} wide but "
                                         f"site {site.key} is {site.channels} wide; wrong base model.")
-        cached = self._cache[key] = (tokens @ to_k.T, tokens @ to_v.T)
-        return cached
+        return kv
+
+    def to(self, device: torch.device) -> "IdentityKV":
+        self.kv = {key: (k.to(device), v.to(device)) for key, (k, v) in self.kv.items()}
+        return self
 
     def __deepcopy__(self, memo):
         return self
+
+
+def _prepare(tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    tokens = tokens if tokens.dim() == 3 else tokens.unsqueeze(0)
+    return tokens.detach().to(dtype=dtype)
