@@ -130,18 +130,19 @@ def test_fusion_stacked_with_decoupled_both_apply(tiny_sd15):
 
 
 def test_fusion_applied_twice_stacks_like_the_other_techniques(tiny_sd15):
-    from likeness.attention_patches import find_patch
+    from likeness.attention_patches import attach_stats, find_patch
     from likeness.techniques.face_fusion import FusionIdentityLatents, apply_face_fusion
 
     first, _, adapter = _fusion(tiny_sd15, [FusionIdentityLatents(_refs(1, 1))], capture_mode="cached_clean")
     second = [FusionIdentityLatents(_refs(1, 2))]
     twice = apply_face_fusion(first, adapter, second, capture_mode="cached_clean")
     patch = find_patch(twice)
+    stats = attach_stats(twice)
     assert [i.name for i in patch.injectors] == ["face_fusion", "face_fusion#2"]
     assert len(find_patch(first).injectors) == 1                      # the input model keeps one application
     second_only = apply_face_fusion(tiny_sd15, adapter, second, capture_mode="cached_clean")
     out_twice, out_first, out_second = _sample(twice), _sample(first), _sample(second_only)
-    assert patch.capture_passes == 2                                   # each application has its references
+    assert stats.capture_passes == 2                                   # each application has its references
     assert (out_twice - out_first).abs().max().item() > 1e-5
     assert (out_twice - out_second).abs().max().item() > 1e-5          # the first is not dropped
     off = apply_face_fusion(first, adapter, second, weight=0.0, capture_mode="cached_clean")
