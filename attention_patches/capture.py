@@ -58,18 +58,24 @@ class CaptureComplete(Exception):
 @dataclass
 class ReferenceLatents:
     """Reference latents in the VAE's latent space (``[n, C, h, w]``, before ``process_latent_in``)
-    with a fixed noise (seeded, drawn on the CPU once) used to noise them to a sigma."""
+    with a fixed noise used to noise them to a sigma: ``noise`` when given (a trainer's per-row draw), else
+    drawn on the CPU once from ``noise_seed``."""
 
     latents: torch.Tensor
     noise_seed: int = 0
-    noise: torch.Tensor = field(init=False, repr=False)
+    noise: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.latents, torch.Tensor) or self.latents.ndim != 4:
             raise InvalidInputError("reference latents must be a [n, C, h, w] tensor")
         self.latents = self.latents.detach()
-        gen = torch.Generator(device="cpu").manual_seed(int(self.noise_seed))
-        self.noise = torch.randn(self.latents.shape, generator=gen, dtype=torch.float32).to(self.latents.device)
+        if self.noise is None:
+            gen = torch.Generator(device="cpu").manual_seed(int(self.noise_seed))
+            self.noise = torch.randn(self.latents.shape, generator=gen, dtype=torch.float32)
+        elif self.noise.shape != self.latents.shape:
+            raise InvalidInputError(f"reference noise {tuple(self.noise.shape)} does not match the reference latents "
+                                    f"{tuple(self.latents.shape)}")
+        self.noise = self.noise.to(self.latents.device)
 
     @property
     def count(self) -> int:

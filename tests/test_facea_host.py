@@ -232,7 +232,7 @@ def test_resume_policy_with_changed_settings(host_models, photos, tmp_path, capl
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="likeness"):
         auto = run_training(m, c, v, photos, changed, checkpoint_path=path, resume="auto")
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "likeness"]
     assert auto.result.start_step == 0 and len(warnings) == 1 and "lr_lora: checkpoint 0.003" in warnings[0]
     fresh = run_training(m, c, v, photos, settings(steps=3), checkpoint_path=path, resume="fresh")
     assert fresh.result.start_step == 0 and fresh.result.step == 3

@@ -158,7 +158,7 @@ def test_resume_policy_with_changed_settings(fusion_setup, tmp_path, caplog):
         caplog.clear()
         with caplog.at_level("INFO", logger="likeness"):
             _, auto = T.train_on_data(model, data, changed, checkpoint_path=path, resume="auto")
-        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "likeness"]
         assert auto.start_step == 0 and len(warnings) == 1 and "reference_noise: checkpoint 'same_sigma'" in warnings[0]
         _, fresh = T.train_on_data(model, data, _settings(steps=3), checkpoint_path=path, resume="fresh")
     assert fresh.start_step == 0 and fresh.step == 3

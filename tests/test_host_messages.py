@@ -53,7 +53,7 @@ def test_a_training_photo_without_a_face_is_a_likeness_error_with_the_trainers_o
     prompt = _blank_image_nodes({"7": {"class_type": "LikenessFaceATrainIdentity", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "analyzer": ["3", 0],
         "class_word": "woman", "name": "likeness_no_face", "steps": 1, "seed": 0, "working_size": 64,
-        "checkpoint_every": 0, "resume": False}}})
+        "checkpoint_every": 0, "resume": "fresh"}}})
     with pytest.raises(PromptExecutionError) as info:
         execute_prompt(prompt)
     details = info.value.details

@@ -135,7 +135,7 @@ def _train_prompt(folder: str) -> dict:
         "2": {"class_type": "LikenessTrainFaceFusion", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "name": "paths_test", "steps": 1,
             "learning_rate": 1e-4, "batch_size": 1, "grad_accumulation": 1, "seed": 0, "checkpoint_every": 0,
-            "resume": False, "resolution": 64, "reference_size": 256, "folder": folder}},
+            "resume": "fresh", "resolution": 64, "reference_size": 256, "folder": folder}},
     }
 
 

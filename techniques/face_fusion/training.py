@@ -342,7 +342,7 @@ class FusionTask(TrainingTask):
         # so a row's reference noise does not depend on how many processes share the batch.
         noise = ctx.per_row(references.shape[0], lambda n: torch.randn(
             (n, *references.shape[1:]), generator=torch.Generator().manual_seed(seed), dtype=torch.float32))
-        injector.references = ReferenceLatents(injector.references.latents, seed, _noise=noise)
+        injector.references = ReferenceLatents(injector.references.latents, seed, noise=noise)
         return injector
 
     def finish(self, result: TrainResult) -> FusionAdapter:
