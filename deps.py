@@ -22,7 +22,6 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "dlib": ("dlib face analysis backend", "pip install dlib-bin face-recognition-models 'setuptools<81'"),
     "face_recognition_models": ("dlib model files (detector, 5/68 landmarks, ResNet embedding)",
                                 "pip install face-recognition-models 'setuptools<81'"),
-    "diffusers": ("diffusers-format conversions", "pip install diffusers"),
     "kornia": ("batched face alignment warps", "pip install kornia"),
     "cv2": ("OpenCV image operations", "pip install opencv-python-headless"),
     "skimage": ("scikit-image transforms", "pip install scikit-image"),

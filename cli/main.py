@@ -13,6 +13,7 @@ import sys
 from typing import Sequence, TextIO
 
 from ..deps import MissingDependencyError
+from . import workflow_models as wf
 from .console import say
 from .fetch import FetchError, ProgressLine, fetch_entry
 from .manifest import (
@@ -71,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_list)
 
     verify = actions.add_parser("verify", parents=[located],
-                                help="check presence, size and sha256; say where missing files go")
+                                help="check presence, size and sha256; say where missing files go",
+                                description="Without --for: the required manifest entries (what most workflows "
+                                            "load) and every optional one that is installed. With --for: exactly "
+                                            "the model files one workflow loads.")
+    verify.add_argument("--for", dest="workflow", default=None, metavar="WORKFLOW.json",
+                        help="check exactly the model files this workflow (UI or API format) loads")
     verify.add_argument("--all", action="store_true", help="also report optional files that are not installed")
     verify.add_argument("--quick", action="store_true", help="check sizes only, skip sha256 (faster)")
     verify.set_defaults(handler=cmd_verify)
@@ -233,11 +239,12 @@ def cmd_verify(args, out: TextIO | None = None) -> int:
     entries = load_manifest(args.manifest)
     location = _location(args)
     _print_location(location, out)
+    if args.workflow:
+        return verify_workflow(args, entries, location, out)
     quick_statuses = {e.id: check_entry(e, location, hash_files=False) for e in entries}
     chosen = [e for e in entries if args.all or e.required or not quick_statuses[e.id].is_missing]
     skipped = len(entries) - len(chosen)
-    out.write(f"Checking {len(chosen)} of {len(entries)} manifest entries"
-              f"{'' if args.quick else ' (sha256 of files with a published hash)'} ...\n\n")
+    out.write(_verify_scope(chosen, entries, args))
     counts = {"ok": 0, "unverified": 0, "missing": 0, "missing_required": 0, "bad": 0}
     hash_progress = _hash_progress(sys.stderr)
     for entry in chosen:
@@ -282,6 +289,17 @@ def _report_status(status: EntryStatus, args, location: ModelsLocation, out: Tex
         out.write(f"              get it: {fetch_command([entry.id], args, location)}\n")
 
 
+def _verify_scope(chosen: Sequence[ModelEntry], entries: Sequence[ModelEntry], args) -> str:
+    """What plain ``verify`` checks and why, and how to check what one workflow needs."""
+    required = [e.id for e in chosen if e.required]
+    installed = [e.id for e in chosen if not e.required]
+    why = f"the {len(required)} required ones ({', '.join(required)}: most workflows load them)"
+    why += f" and every optional one that is installed or asked for with --all ({len(installed)})"
+    hashing = "" if args.quick else " (sha256 of files with a published hash)"
+    return (f"Checking {len(chosen)} of {len(entries)} manifest entries{hashing}: {why}.\n"
+            f"To check exactly what one workflow needs: {pack_command()} models verify --for WORKFLOW.json\n\n")
+
+
 def _verify_summary(counts: dict, skipped: int) -> str:
     text = (f"Summary: {counts['ok']} verified, {counts['unverified']} present but unverified (no published hash), "
             f"{counts['missing']} missing ({counts['missing_required']} required), {counts['bad']} corrupt.")
@@ -290,6 +308,76 @@ def _verify_summary(counts: dict, skipped: int) -> str:
     if not counts["missing_required"] and not counts["bad"]:
         text += " All required files are in place."
     return text
+
+
+def verify_workflow(args, entries: Sequence[ModelEntry], location: ModelsLocation, out: TextIO) -> int:
+    """``verify --for WORKFLOW``: each model file the workflow loads, present, missing (with its fetch command),
+    not in the manifest (the user provides it) or made by one of the workflow's own trainer nodes."""
+    try:
+        prompt, form = wf.load_prompt(args.workflow)
+    except wf.WorkflowFormatError as exc:
+        say(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    needed, written = wf.workflow_files(prompt)
+    out.write(f"Workflow: {args.workflow} ({form} format): {len(needed)} model file(s) loaded by its nodes"
+              f"{'' if args.quick else ' (sha256 of files with a published hash)'}\n\n")
+    states, to_fetch = [], []
+    for item in needed:
+        state, entry = _report_needed(item, entries, written, location, args, out)
+        states.append(state)
+        if state == wf.MISSING and entry.id not in to_fetch:
+            to_fetch.append(entry.id)
+    failed = sum(state not in wf.SATISFIED for state in states)
+    out.write(f"\nSummary: {len(needed) - failed} of {len(needed)} in place or made by the workflow, "
+              f"{failed} not.\n")
+    if len(to_fetch) > 1:
+        out.write(f"Get the missing manifest files with: {fetch_command(to_fetch, args, location)}\n")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _report_needed(item: wf.NeededFile, entries: Sequence[ModelEntry], written: list[wf.WrittenFile],
+                   location: ModelsLocation, args, out: TextIO) -> tuple[str, ModelEntry | None]:
+    """One line (or three) about one needed file; returns its state and its manifest entry."""
+    used_by = f"  [{', '.join(item.nodes)}]"
+    made = wf.maker(written, item)
+    if made is not None:
+        out.write(f"  MADE        {item.relative}: written by {made.node} when the workflow runs{used_by}\n")
+        return wf.MADE, None
+    entry = wf.manifest_entry(entries, item)
+    if entry is None:
+        return _report_unlisted(item, location, out, used_by), None
+    status = check_entry(entry, location, hash_files=not args.quick, hash_progress=_hash_progress(sys.stderr))
+    if status.state in (OK, UNVERIFIED):
+        where = sorted({os.path.dirname(f.path) if entry.is_archive else f.path for f in status.files})
+        detail = "" if entry.is_archive else f"; {status.files[0].detail}"
+        out.write(f"  OK          {item.relative} ({entry.id}: {', '.join(where)}{detail}){used_by}\n")
+        return wf.PRESENT, entry
+    if status.is_problem:
+        bad = next(f for f in status.files if f.state not in (OK, UNVERIFIED, MISSING))
+        out.write(f"  CORRUPT     {item.relative} ({entry.id}): {bad.path}{used_by}\n              {bad.detail}\n"
+                  f"              replace it: {fetch_command([entry.id], args, location)}\n")
+        return wf.CORRUPT, entry
+    out.write(f"  MISSING     {item.relative} ({entry.id}, {format_size(entry.size, entry.approx_size_mb)}, "
+              f"licence: {entry.license}){used_by}\n"
+              f"              get it: {fetch_command([entry.id], args, location)}\n")
+    return wf.MISSING, entry
+
+
+def _report_unlisted(item: wf.NeededFile, location: ModelsLocation, out: TextIO, used_by: str) -> str:
+    """A file the manifest does not list: present (unverified), or the user must provide it."""
+    if item.is_placeholder:
+        out.write(f"  NO FILE     models/{item.folder}/: the node shows {item.value!r}{used_by}\n"
+                  f"              put a file into models/{item.folder}/ and choose it in the node\n")
+        return wf.NOT_CHOSEN
+    path, tried = wf.find_on_disk(location, item)
+    if path is not None:
+        out.write(f"  PRESENT     {item.relative} ({path}; not in the manifest, so not verified){used_by}\n")
+        return wf.UNLISTED_PRESENT
+    makers = wf.makers_of_folder(item.folder)
+    how = f"train it with {' or '.join(makers)}, or copy" if makers else "copy"
+    out.write(f"  NOT FOUND   {item.relative}: not in the manifest; {how} your own file to models/{item.relative}"
+              f"{used_by}\n              looked in: {', '.join(tried)}\n")
+    return wf.UNLISTED_MISSING
 
 
 def cmd_fetch(args, out: TextIO | None = None) -> int:

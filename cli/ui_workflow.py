@@ -248,8 +248,11 @@ def _api_node(node_id, node: dict, node_classes: dict, resolver: LinkResolver) -
     return {"class_type": kind, "inputs": inputs, "_meta": {"title": title}}
 
 
-def ui_to_api(workflow: dict, node_classes: dict) -> dict:
-    """Convert the editor's workflow JSON to an API prompt (``node_classes``: type name -> node class)."""
+def ui_to_api(workflow: dict, node_classes: dict, skip_unknown: bool = False) -> dict:
+    """Convert the editor's workflow JSON to an API prompt (``node_classes``: type name -> node class).
+
+    ``skip_unknown`` leaves out nodes whose type is not in ``node_classes`` instead of refusing the file
+    (for readers that only need some node types, e.g. ``models verify --for``)."""
     if (workflow.get("definitions") or {}).get("subgraphs"):
         raise WorkflowFormatError("this UI workflow uses subgraphs, which the runner does not convert; export it "
                                   "with 'Export (API)' in ComfyUI and run that file.")
@@ -257,6 +260,8 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
     prompt = {}
     for node_id, node in sorted(resolver.nodes.items(), key=lambda item: node_id_key(item[0])):
         if node.get("type") in FRONTEND_ONLY_TYPES or node.get("mode") in (MODE_MUTED, MODE_BYPASSED):
+            continue
+        if skip_unknown and node.get("type") not in node_classes:
             continue
         prompt[str(node_id)] = _api_node(node_id, node, node_classes, resolver)
     return prompt
