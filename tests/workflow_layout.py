@@ -31,18 +31,17 @@ EXAMPLES_DIR = os.path.join(ROOT, "example_workflows")
 NODE_TITLE = 30           # LiteGraph.NODE_TITLE_HEIGHT: the title bar above a node's pos
 GROUP_HEADER = 44         # group title (font 24 -> 34 px) plus a margin
 PAD = 20                  # inside a group, around its nodes
-GAP_Y = 24                # between a node and the title bar of the next one below
+GAP_Y = 34                # between a node and the title bar of the next one (room for the pack badge)
 GAP_X = 50                # between columns (room for the links)
 GROUP_GAP = 70            # between stages
 MIN_COLUMN_WIDTH = 300
-SCREEN = (1600, 1000)     # the screen the layout is made for
-CANVAS_ORIGIN = (80, 100)  # where the first stage's corner lands on that screen (sidebar, menu bar)
-MAX_STAGE_HEIGHT = SCREEN[1] - CANVAS_ORIGIN[1] - 20
-MAX_STAGE_WIDTH = SCREEN[0] - CANVAS_ORIGIN[0] - 20
+CANVAS = (1536, 922)      # the canvas on a 1600x1000 screen (minus the sidebar and the menu bars)
+CANVAS_ORIGIN = (16, 12)  # where the first stage's corner lands on the canvas (extra.ds.offset at 100 %)
+MAX_STAGE_WIDTH, MAX_STAGE_HEIGHT = CANVAS[0] - 2 * CANVAS_ORIGIN[0], CANVAS[1] - CANVAS_ORIGIN[1] - 8
 NOTE_CHAR_WIDTH, NOTE_LINE_HEIGHT = 7.2, 15  # the note's textarea font at 100 % zoom
 
 # Minimum sizes where the frontend's own would cramp what the node shows.
-MIN_SIZES = {"LoadImage": (300, 290), "PreviewImage": (300, 290), "SaveImage": (300, 290),
+MIN_SIZES = {"LoadImage": (300, 340), "PreviewImage": (300, 290), "SaveImage": (300, 290),
              "CLIPTextEncode": (400, 120)}
 
 # LGraphCanvas.node_colors[...].groupcolor
@@ -264,7 +263,7 @@ EXAMPLES: tuple[Example, ...] = (
               ((10,), (14,)), PURPLE),
         Stage("4. Use it: inpaint a scene",
               "A scene with a face; the new identity is inpainted into it. Expect output/facea/attribute_transfer_*.",
-              ((11, 13), (12,)), YELLOW),
+              ((11,), (12,), (13,)), YELLOW),
     )),
     Example("FaceA-Net - put an identity into a scene", (
         Stage("1. Scene (any model)",
@@ -282,7 +281,7 @@ EXAMPLES: tuple[Example, ...] = (
               f"Generate a scene with two people: {SD15}", ((1, 4), (2, 3), (5, 6)), YELLOW),
         Stage("2. Identities",
               "The inpainting checkpoint (sd-v1-5-inpainting.ckpt) and one identity per face, left to right "
-              "(anna and ben: train them with 'FaceA-Net - train an identity').", ((7, 9), (8, 13))),
+              "(anna, and ben: train him with 'FaceA-Net - train an identity' and the name ben).", ((7, 9), (8, 13))),
         Stage("3. Face Inpaint",
               "selection 'all': faces get identity, identity_2 from left to right. Expect the scene before and "
               "after in output/facea/.", ((10,), (11, 12)), GREEN),
@@ -339,29 +338,33 @@ def layout_problems(nodes: list[Box], groups: list[Box]) -> list[str]:
     return problems
 
 
-def note_height(text: str, width: float) -> int:
+def note_height(text: str, width: float, minimum: float = 0) -> int:
     per_line = max(1, int((width - 24) / NOTE_CHAR_WIDTH))
     lines = sum(max(1, math.ceil(len(paragraph) / per_line)) for paragraph in text.split("\n"))
-    return int(lines * NOTE_LINE_HEIGHT + 36)
+    return int(max(minimum, lines * NOTE_LINE_HEIGHT + 36))
 
 
 @dataclass
 class Placed:
     nodes: dict[int, tuple[float, float, float, float]]  # id -> x, y (below the title bar), w, h
     groups: list[dict]
-    notes: list[dict]
 
 
-def place(example: Example, sizes: dict[int, tuple[float, float]], types: dict[int, str], first_note_id: int) -> Placed:
+def note_ids(example: Example, node_ids) -> list[int]:
+    """One note per stage, numbered after the graph's nodes."""
+    first = max(node_ids) + 1
+    return [first + index for index in range(len(example.stages))]
+
+
+def place(example: Example, sizes: dict[int, tuple[float, float]], types: dict[int, str]) -> Placed:
     """Stages left to right; in each, the note across the top and the columns below it, or the note atop
-    the shortest column when a tall node would not fit on the screen under a full-width note."""
-    placed = Placed({}, [], [])
+    the shortest column when a tall node would not fit on the screen under a full-width note. ``sizes``
+    are the frontend's minimum sizes, notes (``types`` "Note") included."""
+    placed = Placed({}, [])
+    graph_ids = [i for i, kind in types.items() if kind != "Note"]
     left = 0.0
-    for index, stage in enumerate(example.stages):
-        note_id = first_note_id + index
-        placed.notes.append({"id": note_id, "text": stage.note})
-        width = _place_stage(placed, stage, note_id, left, sizes, types)
-        left += width + GROUP_GAP
+    for stage, note_id in zip(example.stages, note_ids(example, graph_ids), strict=True):
+        left += _place_stage(placed, stage, note_id, left, sizes, types) + GROUP_GAP
     return placed
 
 
@@ -376,12 +379,12 @@ def _place_stage(placed: Placed, stage: Stage, note_id: int, left: float, sizes,
     heights = [sum(NODE_TITLE + _node_size(i, w, sizes, types)[1] + GAP_Y for i in column) - GAP_Y
                for column, w in zip(stage.columns, widths, strict=True)]
     inner = sum(widths) + GAP_X * (len(widths) - 1)
-    note_h = note_height(stage.note, inner)
+    note_h = note_height(stage.note, inner, sizes[note_id][1])
     columns_top = GROUP_HEADER + NODE_TITLE + note_h + GAP_Y
     note_column = None
     if columns_top + max(heights) + PAD > MAX_STAGE_HEIGHT:  # the note goes atop the shortest column
         note_column = heights.index(min(heights))
-        note_h = note_height(stage.note, widths[note_column])
+        note_h = note_height(stage.note, widths[note_column], sizes[note_id][1])
         columns_top = GROUP_HEADER
     x, bottom = left + PAD, 0.0
     for column_index, (column, width) in enumerate(zip(stage.columns, widths, strict=True)):
@@ -450,23 +453,28 @@ BUILD_JS = """(spec) => {
     }
     for (const widget of node.widgets ?? []) if (widget.name === "control_after_generate") widget.value = "fixed";
   }
+  for (const note of spec.notes) {
+    const node = LiteGraph.createNode("Note");
+    node.id = note.id;
+    graph.add(node);
+    node.widgets[0].value = note.text;
+    made.set(note.id, node);
+  }
   for (const [fromId, fromSlot, toId, inputName] of spec.links) {
     const target = made.get(toId);
     const slot = target.findInputSlot(inputName);
     if (slot < 0) throw new Error(`#${toId} ${target.type} has no input '${inputName}'`);
     if (!made.get(fromId).connect(fromSlot, target, slot)) throw new Error(`#${fromId} cannot feed #${toId}.${inputName}`);
   }
-  return Object.fromEntries([...made].map(([id, node]) => [id, [node.type, node.size[0], node.size[1]]]));
+  // computeSize: what the frontend enlarges a node to when it loads the file (titles, widgets, text areas)
+  return Object.fromEntries([...made].map(([id, node]) => {
+    const [w, h] = node.computeSize();
+    return [id, [node.type, Math.max(node.size[0], w), Math.max(node.size[1], h)]];
+  }));
 }"""
 
 PLACE_JS = """async (placed) => {
   const graph = app.graph;
-  for (const note of placed.notes) {
-    const node = LiteGraph.createNode("Note");
-    node.id = note.id;
-    graph.add(node);
-    node.widgets[0].value = note.text;
-  }
   for (const [id, [x, y, w, h]] of Object.entries(placed.nodes)) {
     const node = graph.getNodeById(Number(id));
     node.pos = [x, y];
@@ -494,19 +502,22 @@ def read_prompt(page, path: str) -> dict:
 
 
 def build_example(page, example: Example, path: str) -> dict:
-    prompt = read_prompt(page, path)
-    built = page.evaluate(BUILD_JS, api_graph(prompt))
+    graph = api_graph(read_prompt(page, path))
+    graph_ids = [node["id"] for node in graph["nodes"]]
+    staged = [i for stage in example.stages for column in stage.columns for i in column]
+    if sorted(staged) != sorted(graph_ids):
+        raise ValueError(f"{example.name}: stages list {sorted(staged)}, the graph has {sorted(graph_ids)}")
+    graph["notes"] = [{"id": i, "text": stage.note}
+                      for i, stage in zip(note_ids(example, graph_ids), example.stages, strict=True)]
+    built = page.evaluate(BUILD_JS, graph)
     sizes = {int(i): (w, h) for i, (_, w, h) in built.items()}
     types = {int(i): t for i, (t, _, _) in built.items()}
-    staged = [i for stage in example.stages for column in stage.columns for i in column]
-    if sorted(staged) != sorted(sizes):
-        raise ValueError(f"{example.name}: stages list {sorted(staged)}, the graph has {sorted(sizes)}")
-    placed = place(example, sizes, types, first_note_id=max(sizes) + 1)
+    placed = place(example, sizes, types)
     problems = layout_problems(*placed_boxes(placed))
     if problems:
         raise ValueError(f"{example.name}: " + "; ".join(problems))
     workflow = json.loads(page.evaluate(PLACE_JS, {"nodes": {str(k): v for k, v in placed.nodes.items()},
-                                                   "groups": placed.groups, "notes": placed.notes}))
+                                                   "groups": placed.groups}))
     workflow["extra"]["ds"] = {"scale": 1, "offset": list(CANVAS_ORIGIN)}
     return workflow
 
