@@ -4,9 +4,10 @@ One server and one browser for the module: every example opens from the template
 Custom Nodes > likeness) with no missing node type, no invalid widget value except model-file dropdowns
 (those must name a manifest file or a file a trainer example writes), no overlapping nodes, each node in
 one group and a note in every group; the face-analysis example runs from the Run button on the bundled
-dlib models; the Face Fusion trainer example runs on a tiny checkpoint, is cancelled from the UI, resumes
-from its checkpoint when run again unchanged, and once finished returns its result without training;
-the adapter it wrote is listed after the frontend's refresh (R).
+dlib models; the Face Fusion trainer example runs on the tiny test model (swapped in for its checkpoint
+loader, as a person swaps a loader), is cancelled from the UI, resumes from its checkpoint when run again
+unchanged, and once finished returns its result without training; the adapter it wrote is listed after
+the frontend's refresh (R).
 
 Needs ComfyUI (COMFYUI_PATH), Debian's chromium (/usr/bin/chromium) and Python playwright; skipped
 otherwise (it never downloads a browser). Screenshots go to $LIKENESS_BROWSER_SHOTS (default: a temp
@@ -18,7 +19,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -72,7 +73,6 @@ class Frontend:
     errors: list[str]
     base: str
     shots: str
-    prompt_ids: set[str] = field(default_factory=set)
 
 
 def _photo() -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 EXAMPLES_DIR = os.path.join(ROOT, "example_workflows")
+logger = logging.getLogger("likeness.workflow_layout")
 
 # Geometry (graph units = screen pixels at 100 % zoom).
 NODE_TITLE = 30           # LiteGraph.NODE_TITLE_HEIGHT: the title bar above a node's pos
@@ -527,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout")
     parser.add_argument("names", nargs="*", help="only these examples (file names without .json)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.path.insert(0, TESTS)
     from playwright.sync_api import sync_playwright
 
@@ -547,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                     with open(path, "w", encoding="utf-8") as handle:
                         json.dump(workflow, handle, indent=2, ensure_ascii=False)
                         handle.write("\n")
-                    print(f"wrote {path}")
+                    logger.info("wrote %s", path)
             finally:
                 browser.close()
     return 0
