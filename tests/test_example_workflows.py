@@ -10,10 +10,9 @@ import os
 
 import pytest
 
-from workflow_layout import EXAMPLES, EXAMPLES_DIR, Box, layout_problems
-
 from likeness import NODE_CLASS_MAPPINGS
 from likeness.cli.ui_workflow import map_widget_values
+from workflow_layout import EXAMPLES, EXAMPLES_DIR, Box, layout_problems
 
 NAMES = sorted(e.name for e in EXAMPLES)
 TRAINERS = {"LikenessTrainFaceFusion", "LikenessTrainConsistentID", "LikenessFaceATrainIdentity",
