@@ -145,7 +145,7 @@ EXAMPLES: tuple[Example, ...] = (
         Stage("2. Train",
               "Photos of faces (10 or more), each with a same-name .txt caption, in ComfyUI/input/likeness_faces/."
               "\nSaves models/likeness/fusion/my_face.safetensors, which the other Face Fusion examples load. "
-              "Cancel keeps the last checkpoint: Run again continues from it (resume on; the seed is fixed). Run "
+              "Cancel keeps the last checkpoint: Run again continues from it (resume auto; the seed is fixed). Run "
               "again after it finished: the finished adapter is returned, nothing is retrained.",
               ((3,), (4,)), PURPLE),
         Stage("3. Try it: reference face",
