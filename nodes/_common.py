@@ -27,6 +27,13 @@ def int_input(default: int, lo: int, hi: int, tooltip: str, step: int = 1) -> tu
     return ("INT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tooltip})
 
 
+def training_seed_input(tooltip: str, hi: int = 0xFFFFFFFFFFFFFFFF) -> tuple:
+    """A trainer's seed: part of what a checkpoint must match to resume, so the frontend must not attach its
+    "control after generate: randomize" widget (it does to every INT named seed unless told otherwise), or
+    re-queueing a cancelled run would change the seed and refuse to resume."""
+    return ("INT", {"default": 0, "min": 0, "max": hi, "control_after_generate": False, "tooltip": tooltip})
+
+
 def percent_range_inputs(start_tip: str = "When the effect starts, as a fraction of the sampling schedule.",
                          end_tip: str = "When the effect ends, as a fraction of the sampling schedule.") -> dict:
     return {"start_at": float_input(0.0, 0.0, 1.0, 0.001, start_tip),

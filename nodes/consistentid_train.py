@@ -5,7 +5,16 @@ import logging
 
 from ..errors import InvalidInputError
 from ..validation import check_images
-from ._common import category, check_analyzer, checked_file_stem, float_input, int_input, resume_input, run_outputs
+from ._common import (
+    category,
+    check_analyzer,
+    checked_file_stem,
+    float_input,
+    int_input,
+    resume_input,
+    run_outputs,
+    training_seed_input,
+)
 from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
@@ -49,9 +58,8 @@ class TrainConsistentID:
                 "batch_size": int_input(1, 1, 64, "Images per micro-batch."),
                 "grad_accumulation": int_input(4, 1, 256, "Micro-batches per optimizer step (effective batch = "
                                                "batch size x this; the paper used 16)."),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
-                                 "Seeds the data order, noise, timesteps and dropouts (same seed + settings = same "
-                                 "result)."}),
+                "seed": training_seed_input("Seeds the data order, noise, timesteps and dropouts (same seed + settings = "
+                                            "same result)."),
                 "checkpoint_every": int_input(50, 0, 100000, "Write a resumable checkpoint every N steps "
                                               "(0 = only at the end)."),
                 "resume": resume_input(),

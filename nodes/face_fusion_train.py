@@ -4,7 +4,16 @@ from __future__ import annotations
 import logging
 
 from ..validation import check_images
-from ._common import category, check_analyzer, checked_file_stem, float_input, int_input, resume_input, run_outputs
+from ._common import (
+    category,
+    check_analyzer,
+    checked_file_stem,
+    float_input,
+    int_input,
+    resume_input,
+    run_outputs,
+    training_seed_input,
+)
 from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
@@ -41,8 +50,8 @@ class TrainFaceFusion:
                 "batch_size": int_input(1, 1, 64, "Images per micro-batch."),
                 "grad_accumulation": int_input(1, 1, 256, "Micro-batches per optimizer step (effective batch = "
                                                "batch size x this)."),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
-                                 "Seeds the data order, noise and timesteps (same seed + settings = same adapter)."}),
+                "seed": training_seed_input("Seeds the data order, noise and timesteps (same seed + settings = same "
+                                            "adapter)."),
                 "checkpoint_every": int_input(50, 0, 100000, "Write a resumable checkpoint every N steps "
                                               "(0 = only at the end)."),
                 "resume": resume_input(),

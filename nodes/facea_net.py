@@ -16,6 +16,7 @@ from ._common import (
     int_input,
     resolved_path,
     resume_input,
+    training_seed_input,
 )
 from ._feedback import shows_warnings
 
@@ -89,7 +90,7 @@ class TrainIdentity:
                      "(letters, digits, space, _ . -). Training again with the same name overwrites them."}),
             "steps": int_input(600, 1, 20000, "Optimizer steps. 600 keeps prompts controllable; 1000 (the paper) "
                                "fits the references tighter."),
-            "seed": int_input(0, 0, 2**31 - 1, "Seed for LoRA init, noise, timesteps and task picks."),
+            "seed": training_seed_input("Seed for LoRA init, noise, timesteps and task picks.", hi=2**31 - 1),
         }, "optional": {
             "rank": int_input(48, 1, 256, "LoRA rank (the paper: 48)."),
             "lr_lora": float_input(1.2e-4, 1e-7, 1.0, 1e-6, "Learning rate of the LoRA (the paper: 1.2e-4)."),
@@ -165,7 +166,7 @@ class AttributeTransfer:
             "name": ("STRING", {"default": "my_identity_new_nose", "tooltip": "File name of the new identity and "
                      "LoRA."}),
             "steps": int_input(100, 1, 5000, "Steps of the local task (the paper: ~100)."),
-            "seed": int_input(0, 0, 2**31 - 1, "Seed for noise, timesteps and attribute picks."),
+            "seed": training_seed_input("Seed for noise, timesteps and attribute picks.", hi=2**31 - 1),
         }, "optional": {
             "lr_lora": float_input(1.2e-4, 1e-7, 1.0, 1e-6, "Learning rate of the LoRA."),
             "lr_embeddings": float_input(2e-3, 1e-7, 1.0, 1e-5, "Learning rate of the attribute's [feat] embeddings."),

@@ -17,7 +17,8 @@ Fixtures
 Builders (for variants): :func:`build_tiny_sd15` (e.g. ``in_channels=9`` for an inpainting-shaped
 model), :func:`build_tiny_sdxl`, :func:`build_tiny_clip`, :func:`build_tiny_vae`,
 :func:`build_tiny_clip_vision`, :func:`conditioning`, :func:`sdxl_conditioning`,
-:func:`write_tiny_sd15_checkpoint` (a single-file checkpoint the stock CheckpointLoaderSimple loads).
+:func:`write_tiny_sd15_checkpoint` (a single-file checkpoint the stock CheckpointLoaderSimple loads),
+:func:`example_prompt` (an example workflow as the API prompt the runner makes of it).
 
 Every model is initialised explicitly and seeded (ComfyUI's default ops leave weights uninitialised):
 norm weights 1, biases 0, everything else N(0, 0.02).
@@ -37,6 +38,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_NODES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_nodes")
+EXAMPLES_DIR = os.path.join(ROOT, "example_workflows")
 
 COMFY_PATH: str | None = None
 BASE_DIR: str | None = None
@@ -176,6 +178,17 @@ def execute_prompt(pack_loaded):
         return runner.execute_prompt(prompt, on_event=on_event)
 
     return run
+
+
+def example_prompt(name: str) -> dict:
+    """``example_workflows/<name>.json`` (UI format, as the frontend saves it) as an API prompt, converted
+    the way ``python <pack> run`` converts it. Needs the pack's nodes registered (``pack_loaded``)."""
+    with open(os.path.join(EXAMPLES_DIR, name + ".json"), encoding="utf-8") as handle:
+        workflow = json.load(handle)
+    assert "nodes" in workflow and "links" in workflow, f"{name} is not in the frontend's (UI) format"
+    from likeness.cli.runner import to_api_prompt
+
+    return to_api_prompt(workflow)
 
 
 # --------------------------------------------------------------------------------------------------

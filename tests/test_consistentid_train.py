@@ -8,7 +8,6 @@ projects dlib's descriptor to 512-d with a fixed random matrix (an identity sign
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import replace
@@ -23,7 +22,6 @@ from faceid_support import random_faceid_checkpoint
 pytestmark = pytest.mark.host
 logger = logging.getLogger(__name__)
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
 LEARN = dict(steps=40, lr=3e-2, batch_size=2, seed=0, checkpoint_every=0, resolution=128)
 
 
@@ -392,8 +390,7 @@ def test_example_workflow_runs_in_the_executor(execute_prompt, host_test_nodes, 
         with open(os.path.join(folder, f"square{i}.txt"), "w") as handle:
             handle.write("a photo of a person")
     Image.fromarray(square_image(192, 192, 64, 96)).save(os.path.join(host_env.input, "likeness_cid_reference.png"))
-    with open(os.path.join(EXAMPLES, "consistentid_train.json")) as handle:
-        prompt = json.load(handle)
+    prompt = host_support.example_prompt("ConsistentID - fine-tune on your photos")
     for node in prompt.values():
         replacement = TINY_LOADERS.get(node["class_type"])
         if replacement:

@@ -15,9 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.host
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
-WORKFLOWS = ["faceid_face_makeup_portrait.json", "faceid_face_makeup_other_pose.json", "faceid_identity_mixing.json",
-             "faceid_plusv2_baseline.json", "consistentid_portrait.json", "consistentid_regional_mask.json"]
+WORKFLOWS = ["Face-MakeUp - portrait", "Face-MakeUp - head pose from another photo", "Face-MakeUp - mix two identities",
+             "FaceID PlusV2 - portrait (baseline)", "ConsistentID - portrait", "ConsistentID - identity in a masked region"]
 PACK = "tiny_buffalo_l"
 IMAGES = {"reference_portrait.png": (96, 96), "pose_photo.png": (128, 64), "identity_a.png": (96, 96),
           "identity_b.png": (64, 128)}
@@ -172,13 +171,14 @@ def test_example_workflow_runs(name, workflow_env, execute_prompt):
     pytest.importorskip("insightface")
     from PIL import Image
 
-    with open(os.path.join(EXAMPLES, name)) as handle:
-        prompt = tiny_prompt(json.load(handle))
+    from host_support import example_prompt
+
+    prompt = tiny_prompt(example_prompt(name))
     outputs = execute_prompt(prompt)
     saves = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
     (item,) = outputs[saves[0]]["images"]
     image = np.asarray(Image.open(os.path.join(workflow_env.output, item["subfolder"], item["filename"])))
     assert image.ndim == 3 and np.isfinite(image).all()
-    if name == "faceid_identity_mixing.json":
+    if name == "Face-MakeUp - mix two identities":
         (balance,) = [nid for nid, node in prompt.items() if node["class_type"] == "LikenessIdentityMixBalance"]
         assert "identity mixing balance" in outputs[balance]["text"][0]

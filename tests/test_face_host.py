@@ -96,19 +96,16 @@ def test_no_face_error_names_the_image_in_the_real_executor(execute_prompt, host
 
 
 def test_example_workflow_face_analysis_runs(execute_prompt, host_env):
-    """example_workflows/face_analysis.json as shipped (dlib, landmark parser: no model files needed)."""
+    """The face-analysis example as shipped (dlib, landmark parser: no model files needed)."""
     pytest.importorskip("dlib")
-    import json
-
     import skimage.data
 
-    from conftest import ROOT
+    from host_support import example_prompt
 
     photo = skimage.data.astronaut()
     _save_input(host_env, "reference_portrait.png", photo)
     _save_input(host_env, "generated.png", np.ascontiguousarray(photo[:, ::-1]))
-    with open(os.path.join(ROOT, "example_workflows", "face_analysis.json"), encoding="utf-8") as handle:
-        prompt = json.load(handle)
+    prompt = example_prompt("Face analysis - first run, no downloads")
     outputs = execute_prompt(prompt)
     for node_id in ("4", "6", "12", "33", "34", "36"):
         assert outputs[node_id]["images"], node_id

@@ -501,7 +501,8 @@ def test_an_image_without_a_face_passes_through_or_errors(comfy_ready, host_mode
 
 # ------------------------------------------------------------------------------------------ example workflows
 
-WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "example_workflows")) if f.startswith("facea_"))
+WORKFLOWS = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, "example_workflows"))
+                   if f.startswith("FaceA-Net - ") and f.endswith(".json"))
 
 
 class TinyCheckpointLoader:
@@ -581,15 +582,14 @@ def test_example_workflow_runs_on_tiny_models(name, workflow_env, execute_prompt
     import nodes
 
     monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "LikenessTestFaceACheckpoint", TinyCheckpointLoader)
-    with open(os.path.join(ROOT, "example_workflows", name), encoding="utf-8") as f:
-        workflow = json.load(f)
-    assert all("class_type" in node for node in workflow.values()), "API format"
-    outputs = execute_prompt(tiny_overrides(workflow))
+    from host_support import example_prompt
+
+    outputs = execute_prompt(tiny_overrides(example_prompt(name)))
     saved = [img for out in outputs.values() for img in out.get("images", [])]
     assert saved, outputs
-    if name == "facea_train_identity.json":
+    if name == "FaceA-Net - train an identity":
         assert os.path.isfile(os.path.join(workflow_env.models, "likeness", "identities", "anna.safetensors"))
         assert os.path.isfile(os.path.join(workflow_env.models, "loras", "likeness", "anna.safetensors"))
-    if name == "facea_attribute_transfer.json":
+    if name == "FaceA-Net - attribute transfer (nose)":
         assert os.path.isfile(os.path.join(workflow_env.models, "likeness", "identities",
                                            "anna_with_bens_nose.safetensors"))

@@ -7,7 +7,6 @@ passes almost no signal, its output is ~0 whatever the adapter does and no param
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -18,7 +17,6 @@ import torch
 pytestmark = pytest.mark.host
 logger = logging.getLogger(__name__)
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
 LEARN = dict(steps=40, lr=3e-2, batch_size=2, seed=0, checkpoint_every=0, resolution=64, reference_size=128,
              face_weight=2.0)
 
@@ -247,6 +245,7 @@ def test_train_node_workflow(execute_prompt, host_test_nodes, host_env, fusion_s
     """The shipped training workflow, with the tiny model, a folder of real face photos and 3 steps."""
     from PIL import Image
 
+    import host_support
     from likeness.techniques.face_fusion.adapter import load_fusion_adapter
 
     folder = os.path.join(host_env.input, "likeness_faces")
@@ -257,8 +256,7 @@ def test_train_node_workflow(execute_prompt, host_test_nodes, host_env, fusion_s
             handle.write(caption)
     Image.fromarray((fusion_setup["sources"][0][1].numpy() * 255).astype(np.uint8)).save(
         os.path.join(host_env.input, "likeness_train_reference.png"))
-    with open(os.path.join(EXAMPLES, "fusion_train.json")) as handle:
-        prompt = json.load(handle)
+    prompt = host_support.example_prompt("Face Fusion - train an adapter")
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":

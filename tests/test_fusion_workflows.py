@@ -9,8 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.host
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
-WORKFLOWS = ["fusion_one_identity.json", "fusion_multi_reference.json", "fusion_two_identities.json"]
+WORKFLOWS = ["Face Fusion - one identity", "Face Fusion - several photos of one person", "Face Fusion - two people"]
 
 
 def _tiny(prompt: dict, image_name: str) -> dict:
@@ -45,10 +44,11 @@ def test_example_workflow_runs(name, execute_prompt, host_test_nodes, host_env):
     import skimage.data
     from PIL import Image
 
+    from host_support import example_prompt
+
     image_name = "likeness_fusion_astronaut.png"
     Image.fromarray(skimage.data.astronaut()).save(os.path.join(host_env.input, image_name))
-    with open(os.path.join(EXAMPLES, name)) as handle:
-        prompt = _tiny(json.load(handle), image_name)
+    prompt = _tiny(example_prompt(name), image_name)
     outputs = execute_prompt(prompt)
     saves = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
     (item,) = outputs[saves[0]]["images"]

@@ -245,7 +245,7 @@ def isolated_runner_state(monkeypatch):
 def test_run_reports_a_missing_model_without_a_traceback(pack_loaded, manifest, tmp_path, capsys,
                                                          isolated_runner_state, host_env):
     workflow = tmp_path / "wf.json"
-    with open(os.path.join(ROOT, "example_workflows", "txt2img_smoke.json"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "tests", "data", "txt2img_smoke.json"), encoding="utf-8") as f:
         workflow.write_text(f.read())
     parser = __import__("argparse").ArgumentParser()
     runner.add_run_arguments(parser)
@@ -271,12 +271,12 @@ def runner_base(tmp_path_factory, comfy_ready):
 
 @pytest.mark.host
 def test_run_command_executes_the_example_workflow_on_a_tiny_checkpoint(runner_base, tmp_path, host_env):
-    """``python <pack> run example_workflows/txt2img_smoke.json`` with the stock CheckpointLoaderSimple
+    """``python <pack> run tests/data/txt2img_smoke.json`` with the stock CheckpointLoaderSimple
     loading a tiny checkpoint in real SD1.5 single-file format (found through --base-directory)."""
     from PIL import Image
 
     out = tmp_path / "out"
-    command = [sys.executable, ROOT, "run", os.path.join(ROOT, "example_workflows", "txt2img_smoke.json"),
+    command = [sys.executable, ROOT, "run", os.path.join(ROOT, "tests", "data", "txt2img_smoke.json"),
                "--comfyui", host_env.comfy_path, "--base-directory", str(runner_base), "--out", str(out),
                "--set", "CheckpointLoaderSimple.ckpt_name=tiny_sd15.safetensors",
                "--set", "3.steps=2", "--set", "5.width=64", "--set", "5.height=64"]

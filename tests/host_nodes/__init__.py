@@ -6,7 +6,7 @@ Loaded by the ``host_test_nodes`` fixture (``tests/host_support.py``) or by the 
 import os
 import sys
 
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TESTS = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # also when linked into custom_nodes/
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 

@@ -1,0 +1,560 @@
+"""Lay out the example workflows as ComfyUI's frontend saves them: stages as groups, a note per stage.
+
+``python tests/workflow_layout.py`` rewrites every file in ``example_workflows/`` from its current
+graph (API or UI format) plus the layout below: which nodes form each stage (a group, left to right),
+how they stack in columns, and the stage's note (what to connect, what to expect). The graph itself
+(node ids, types, titles, widget values, links) is kept; seeds get "control after generate: fixed".
+
+The real frontend builds the file: the script starts ComfyUI with this pack (``browser_support``),
+creates the nodes in the page so their sizes are the frontend's own, places them, adds the groups and
+notes, and saves what "Export" would (``app.graphToPrompt().workflow``) with the view at 100 % zoom on
+the first stage. The committed JSON files are the product; this script is how they were made.
+
+:func:`layout_problems` (overlapping nodes, nodes outside groups, stages too tall for the screen) is
+shared with the browser test, which measures the graph the frontend actually drew.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+EXAMPLES_DIR = os.path.join(ROOT, "example_workflows")
+logger = logging.getLogger("likeness.workflow_layout")
+
+# Geometry (graph units = screen pixels at 100 % zoom).
+NODE_TITLE = 30           # LiteGraph.NODE_TITLE_HEIGHT: the title bar above a node's pos
+GROUP_HEADER = 44         # group title (font 24 -> 34 px) plus a margin
+PAD = 20                  # inside a group, around its nodes
+GAP_Y = 34                # between a node and the title bar of the next one (room for the pack badge)
+GAP_X = 50                # between columns (room for the links)
+GROUP_GAP = 70            # between stages
+MIN_COLUMN_WIDTH = 300
+CANVAS = (1536, 922)      # the canvas on a 1600x1000 screen (minus the sidebar and the menu bars)
+CANVAS_ORIGIN = (16, 12)  # where the first stage's corner lands on the canvas (extra.ds.offset at 100 %)
+MAX_STAGE_WIDTH, MAX_STAGE_HEIGHT = CANVAS[0] - 2 * CANVAS_ORIGIN[0], CANVAS[1] - CANVAS_ORIGIN[1] - 8
+NOTE_CHAR_WIDTH, NOTE_LINE_HEIGHT = 7.2, 15  # the note's textarea font at 100 % zoom
+
+# Minimum sizes where the frontend's own would cramp what the node shows.
+MIN_SIZES = {"LoadImage": (300, 340), "PreviewImage": (300, 290), "SaveImage": (300, 290),
+             "CLIPTextEncode": (400, 120)}
+
+# LGraphCanvas.node_colors[...].groupcolor
+BLUE, GREEN, YELLOW, PURPLE, CYAN, BROWN = "#3f789e", "#8A8", "#b58b2a", "#a1309b", "#8AA", "#b06634"
+
+
+@dataclass(frozen=True)
+class Stage:
+    title: str
+    note: str
+    columns: tuple[tuple[int, ...], ...]  # node ids, each column top to bottom
+    color: str = BLUE
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str  # file name without .json: the template browser shows it as the title
+    stages: tuple[Stage, ...]
+
+
+MODELS_HINT = "'python <pack> models verify' lists what is missing; 'models fetch ID' downloads one."
+SD15 = ("Realistic_Vision_V4.0.safetensors (models fetch realistic-vision-v4) or any SD1.5 checkpoint.")
+
+
+def _sample_stage(title: str, expect: str, columns) -> Stage:
+    return Stage(title, f"Sampling as usual. Expect {expect}", columns, YELLOW)
+
+
+EXAMPLES: tuple[Example, ...] = (
+    Example("Face analysis - first run, no downloads", (
+        Stage("1. Reference photo and analyzer",
+              "Runs with no model downloads: the dlib analyzer's models ship in its pip packages (pip install "
+              "dlib-bin face-recognition-models).\nPick a portrait in Load Image (files in ComfyUI/input/, or "
+              "Upload). Every stage reads this photo.", ((1,), (2,))),
+        Stage("2. Detect and align",
+              "Analyze Faces keeps the largest face; the preview boxes every face (green = selected).\nAlign Faces "
+              "cuts the 224 px ArcFace-aligned crop the identity techniques use.", ((3, 5), (4, 6)), GREEN),
+        Stage("3. Identity embedding",
+              "One embedding per face, combined, saved to models/likeness/embeds/reference_identity.safetensors "
+              "(Load Face Embeds reuses it without the photo).", ((7, 8, 9),), GREEN),
+        Stage("4. Regions and pose",
+              "Face Regions draws the whole-face mask from the landmarks (no parser weights; the BiSeNet "
+              "face_parsing.pth gives finer regions). Face Keypoint Map draws the 5-keypoint pose map.",
+              ((30, 31, 35), (32, 33), (34, 36)), BROWN),
+        Stage("5. Check a generated image",
+              "Load the image to check (e.g. a result of the other examples). Face Identity Similarity compares "
+              "its face with the reference embedding: dlib passes at distance < 0.6. The preview shows the "
+              "verdict.", ((10,), (11,), (12,)), CYAN),
+    )),
+    Example("Face Fusion - one identity", (
+        Stage("1. Model and adapter",
+              f"{SD15}\nFace Fusion has no released weights: run 'Face Fusion - train an adapter' first. It saves "
+              "models/likeness/fusion/my_face.safetensors; press R (refresh) to see a new file here.", ((1, 2),)),
+        Stage("2. Reference face",
+              "A photo of the person. dlib finds the face (no downloads); Align Faces makes the 512 px reference "
+              "crop.", ((3,), (4, 5, 6)), GREEN),
+        Stage("3. Apply Face Fusion",
+              "The reference face's keys and values join every cross-attention. weight 1 = full effect, 0 = off. "
+              "capture 'per step' is the paper's; the cached modes are faster.", ((7,),), GREEN),
+        _sample_stage("4. Prompt and sample", "a 512x512 image of the person in output/ (likeness_fusion_*.png).",
+                      ((8, 9, 10), (11,), (12, 13))),
+    )),
+    Example("Face Fusion - several photos of one person", (
+        Stage("1. Model and adapter",
+              f"{SD15}\nThe adapter comes from 'Face Fusion - train an adapter' (my_face.safetensors); press R to "
+              "refresh the list after training.", ((1, 2),)),
+        Stage("2. Photos of the same person",
+              "Two or more photos of one person, batched (same size: resize them first if they differ).",
+              ((3, 14), (15,)), GREEN),
+        Stage("3. Faces",
+              "One face per photo (photos without a face are skipped); the batch of aligned crops is the "
+              "multi-reference (Eq. 6).", ((4, 5, 6),), GREEN),
+        Stage("4. Apply Face Fusion",
+              "reference_budget 2: more references are pooled to the cost of two. Cached capture runs the "
+              "references once.", ((7,),), GREEN),
+        _sample_stage("5. Prompt and sample", "a 512x512 image in output/ (likeness_fusion_multiref_*.png).",
+                      ((8, 9, 10), (11,), (12, 13))),
+    )),
+    Example("Face Fusion - two people", (
+        Stage("1. Model and adapter",
+              f"{SD15}\nThe adapter comes from 'Face Fusion - train an adapter' (my_face.safetensors).", ((1, 2),)),
+        Stage("2. Person A",
+              "Photo of the person for the left side of the image.", ((3,), (4, 5, 6)), GREEN),
+        Stage("3. Person B",
+              "Photo of the person for the right side (uses the analyzer of stage 2).", ((20,), (21, 22)), GREEN),
+        Stage("4. Where each face goes",
+              "Masks of the output size (768x512): left half for A, right half for B. Each face's keys only "
+              "reach queries inside its own mask (Eq. 7).", ((30, 31), (32, 33)), BROWN),
+        Stage("5. Identities and Apply Face Fusion",
+              "Chain one Fusion Identity per person (reference crops + mask) into Apply Face Fusion's "
+              "identities input.", ((40, 41), (7,)), GREEN),
+        _sample_stage("6. Prompt and sample", "a 768x512 image with A on the left and B on the right.",
+                      ((8, 9, 10), (11,), (12, 13))),
+    )),
+    Example("Face Fusion - train an adapter", (
+        Stage("1. Model and face analyzer",
+              f"Train on the model you will generate with: {SD15}\ndlib aligns each photo's face as its "
+              "reference crop (no downloads).", ((1, 2),)),
+        Stage("2. Train",
+              "Photos of faces (10 or more), each with a same-name .txt caption, in ComfyUI/input/likeness_faces/."
+              "\nSaves models/likeness/fusion/my_face.safetensors, which the other Face Fusion examples load. "
+              "Cancel keeps the last checkpoint: Run again continues from it (resume auto; the seed is fixed). Run "
+              "again after it finished: the finished adapter is returned, nothing is retrained.",
+              ((3,), (4,)), PURPLE),
+        Stage("3. Try it: reference face",
+              "A photo of someone to test the adapter with, aligned like the training crops.", ((5,), (6, 7)),
+              GREEN),
+        Stage("4. Apply Face Fusion",
+              "Uses the adapter just trained (or the one loaded from the cache when nothing changed).", ((8,),),
+              GREEN),
+        _sample_stage("5. Prompt and sample", "a 512x512 image in output/ (likeness_fusion_trained_*.png).",
+                      ((9, 10, 11), (12,), (13, 14))),
+    )),
+    Example("ConsistentID - portrait", (
+        Stage("1. Models",
+              f"{SD15}\nConsistentID-v1.bin, CLIP-ViT-H-14, insightface buffalo_l and BiSeNet face_parsing.pth. "
+              f"{MODELS_HINT}", ((1, 2, 3), (4, 14))),
+        Stage("2. Reference face", "A clear photo of the person's face.", ((5,), (6,)), GREEN),
+        Stage("3. ConsistentID Encode",
+              "Write the prompt here, not in a CLIP Text Encode: the node adds the facial words and returns the "
+              "model, positive and negative.", ((9,),), GREEN),
+        _sample_stage("4. Sample", "a 512x512 portrait in output/ (likeness_consistentid_*.png).",
+                      ((10, 11), (12, 13))),
+    )),
+    Example("ConsistentID - identity in a masked region", (
+        Stage("1. Models",
+              f"{SD15}\nConsistentID-v1.bin, CLIP-ViT-H-14, insightface buffalo_l and BiSeNet face_parsing.pth. "
+              f"{MODELS_HINT}", ((1, 2, 3), (4, 14))),
+        Stage("2. Reference face", "A clear photo of the person's face.", ((5,), (6,)), GREEN),
+        Stage("3. Where the identity goes",
+              "A mask of the output size: white where the identity acts (here the left half).", ((15, 16), (17,)),
+              BROWN),
+        Stage("4. ConsistentID Encode", "The mask input limits the identity to the white area.", ((9,),), GREEN),
+        _sample_stage("5. Sample", "a 512x512 image whose left half carries the identity.", ((10, 11), (12, 13))),
+    )),
+    Example("ConsistentID - fine-tune on your photos", (
+        Stage("1. Models",
+              f"{SD15}\nCLIP-ViT-H-14, insightface buffalo_l, BiSeNet face_parsing.pth and ConsistentID-v1.bin (the "
+              f"start). {MODELS_HINT}", ((1, 2), (3, 4, 5))),
+        Stage("2. Train",
+              "Photos of the person with same-name .txt captions in ComfyUI/input/likeness_faces/. Saves "
+              "models/likeness/consistentid/my_consistentid.safetensors (press R to list it in the loader). Cancel "
+              "keeps the last checkpoint: Run again continues from it; after it finished, Run again returns the "
+              "result without training.", ((6,), (7,)), PURPLE),
+        Stage("3. Try it: reference face", "A photo of the person.", ((8,), (9,)), GREEN),
+        Stage("4. ConsistentID Encode", "Uses the weights just trained.", ((10,),), GREEN),
+        _sample_stage("5. Sample", "a 512x768 image in output/ (likeness_consistentid_trained_*.png).",
+                      ((11, 12), (13, 14))),
+    )),
+    Example("Face-MakeUp - portrait", (
+        Stage("1. Models",
+              f"{SD15}\nface_makeup_sd15.bin (models fetch face-makeup-sd15), CLIP-ViT-H-14, insightface buffalo_l. "
+              f"{MODELS_HINT}", ((1, 2), (3, 4))),
+        Stage("2. Reference face", "A clear photo of the person's face.", ((5,), (6,)), GREEN),
+        Stage("3. Prompt and Face-MakeUp Apply",
+              "Identity tokens in every cross-attention plus a pose ControlNet on the conditioning (it follows the "
+              "reference's head pose). ID weight 0.6 is the paper's.", ((7, 8), (9,)), GREEN),
+        _sample_stage("4. Sample", "a 512x512 image in output/ (likeness_face_makeup_*.png).", ((10, 11), (12, 13))),
+    )),
+    Example("Face-MakeUp - head pose from another photo", (
+        Stage("1. Models",
+              f"{SD15}\nface_makeup_sd15.bin (models fetch face-makeup-sd15), CLIP-ViT-H-14, insightface buffalo_l. "
+              f"{MODELS_HINT}", ((1, 2), (3, 4))),
+        Stage("2. Reference face", "The person whose identity you want.", ((5,), (6,)), GREEN),
+        Stage("3. Head pose from another photo",
+              "Any photo with the head pose you want; the keypoint map is drawn at the output size. Head Pose "
+              "shows its yaw, pitch and roll.", ((14,), (15, 16, 17)), BROWN),
+        Stage("4. Prompt and Face-MakeUp Apply", "pose_map takes the other photo's keypoint map.", ((7, 8), (9,)),
+              GREEN),
+        _sample_stage("5. Sample", "the reference person in the other photo's head pose.", ((10, 11), (12, 13))),
+    )),
+    Example("Face-MakeUp - mix two identities", (
+        Stage("1. Models",
+              f"{SD15}\nface_makeup_sd15.bin (models fetch face-makeup-sd15), CLIP-ViT-H-14, insightface buffalo_l. "
+              f"{MODELS_HINT}", ((1, 2), (3, 4))),
+        Stage("2. Two identities",
+              "Photos of two people, the same size, batched. mix_weights below sets each one's share.",
+              ((5, 14), (15, 6)), GREEN),
+        Stage("3. Prompt and Face-MakeUp Apply", "mix_weights '0.5, 0.5' mixes the two people equally.",
+              ((7, 8), (9,)), GREEN),
+        _sample_stage("4. Sample", "a face that resembles both people.", ((10, 11), (12, 13))),
+        Stage("5. Check the mix",
+              "Analyzes the result; Identity Mixing Balance reports its similarity to each person and each one's "
+              "share (text output, shown in the queue's history).", ((16,), (17,)), CYAN),
+    )),
+    Example("FaceID PlusV2 - portrait (baseline)", (
+        Stage("1. Models",
+              f"{SD15}\nip-adapter-faceid-plusv2_sd15.bin (models fetch ipadapter-faceid-plusv2-sd15), "
+              f"CLIP-ViT-H-14, insightface buffalo_l. {MODELS_HINT}", ((1, 2), (3, 4))),
+        Stage("2. Reference face", "A clear photo of the person's face.", ((5,), (6,)), GREEN),
+        Stage("3. Prompt and FaceID Apply",
+              "IP-Adapter FaceID PlusV2 with the same inputs as Face-MakeUp, for comparison.", ((7, 8), (9,)),
+              GREEN),
+        _sample_stage("4. Sample", "a 512x512 image in output/ (likeness_faceid_plusv2_*.png).", ((10, 11), (12, 13))),
+    )),
+    Example("FaceA-Net - train an identity", (
+        Stage("1. Photos of the person",
+              "3 to 5 photos of one person, one clearly visible face each (any sizes).", ((2, 3), (4,)), GREEN),
+        Stage("2. Same size, one batch", "Scaled to 768x768 and batched for the trainer.", ((5, 6, 7), (8, 9)),
+              GREEN),
+        Stage("3. Models",
+              "An SD1.5 inpainting checkpoint: sd-v1-5-inpainting.ckpt (models fetch sd15-inpainting). dlib finds "
+              "the faces (no downloads).", ((1, 10),)),
+        Stage("4. Train",
+              "Saves the identity 'anna' (models/likeness/identities/anna.safetensors and its LoRA) that the other "
+              "FaceA-Net examples load; press R to list it there. Cancel keeps the last checkpoint: Run again "
+              "continues from it; after it finished, Run again returns the result without training.",
+              ((11,), (12, 13)), PURPLE),
+    )),
+    Example("FaceA-Net - attribute transfer (nose)", (
+        Stage("1. Photos of the other person",
+              "Photos of the person whose attribute (here the nose) the identity takes.", ((3, 4), (5, 6, 7)),
+              GREEN),
+        Stage("2. Identity and models",
+              "The identity to change ('FaceA-Net - train an identity' makes anna.safetensors), the inpainting "
+              "checkpoint it was trained on (sd-v1-5-inpainting.ckpt) and dlib.", ((1, 2, 9),)),
+        Stage("3. Transfer the attribute",
+              "About 100 steps on the local task only. Saves the new identity anna_with_bens_nose.",
+              ((10,), (14,)), PURPLE),
+        Stage("4. Use it: inpaint a scene",
+              "A scene with a face; the new identity is inpainted into it. Expect output/facea/attribute_transfer_*.",
+              ((11,), (12,), (13,)), YELLOW),
+    )),
+    Example("FaceA-Net - put an identity into a scene", (
+        Stage("1. Scene (any model)",
+              f"Generate the scene with any checkpoint: {SD15} The identity only redraws the face.",
+              ((1, 4), (2, 3), (5, 6)), YELLOW),
+        Stage("2. Identity",
+              "The inpainting checkpoint the identity was trained on (sd-v1-5-inpainting.ckpt) and the identity "
+              "from 'FaceA-Net - train an identity' (anna.safetensors).", ((7,), (8, 9))),
+        Stage("3. Face Inpaint",
+              "Finds the face, inpaints it with the identity at 512 px and blends it back. Expect the scene before "
+              "and after in output/facea/.", ((10,), (11, 12)), GREEN),
+    )),
+    Example("FaceA-Net - two identities in one scene", (
+        Stage("1. Scene (any model)",
+              f"Generate a scene with two people: {SD15}", ((1, 4), (2, 3), (5, 6)), YELLOW),
+        Stage("2. Identities",
+              "The inpainting checkpoint (sd-v1-5-inpainting.ckpt) and one identity per face, left to right "
+              "(anna, and ben: train him with 'FaceA-Net - train an identity' and the name ben).", ((7, 9), (8, 13))),
+        Stage("3. Face Inpaint",
+              "selection 'all': faces get identity, identity_2 from left to right. Expect the scene before and "
+              "after in output/facea/.", ((10,), (11, 12)), GREEN),
+    )),
+    Example("FaceA-Net - step by step (power users)", (
+        Stage("1. Scene and face crop",
+              "The scene photo; dlib finds the face, Face Crop cuts it with context and makes the inpaint mask.",
+              ((1,), (2, 3, 4)), BROWN),
+        Stage("2. Identity",
+              "Inpainting checkpoint (sd-v1-5-inpainting.ckpt) and identity (anna.safetensors): its LoRA on the "
+              "model, its [feat] prompt as positive.", ((5, 6), (7, 8, 9)), GREEN),
+        Stage("3. Inpaint the crop", "The stock inpainting chain on the 512 px crop.", ((10,), (11, 12)), YELLOW),
+        Stage("4. Paste back",
+              "Blends the inpainted crop back into the full scene. Expect output/facea/power_user_*.", ((13, 14),),
+              CYAN),
+    )),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry
+
+
+@dataclass
+class Box:
+    label: str
+    x: float
+    y: float
+    w: float
+    h: float
+
+    def intersects(self, other: "Box") -> bool:
+        return (self.x < other.x + other.w and other.x < self.x + self.w
+                and self.y < other.y + other.h and other.y < self.y + self.h)
+
+    def contains(self, other: "Box") -> bool:
+        return (self.x <= other.x and self.y <= other.y and other.x + other.w <= self.x + self.w
+                and other.y + other.h <= self.y + self.h)
+
+
+def layout_problems(nodes: list[Box], groups: list[Box]) -> list[str]:
+    """Overlapping nodes (title bars included), nodes in no group or several, overlapping groups, and
+    groups too big to see whole on the 1600x1000 screen at 100 % zoom."""
+    problems = []
+    for i, a in enumerate(nodes):
+        problems += [f"{a.label} overlaps {b.label}" for b in nodes[i + 1:] if a.intersects(b)]
+        owners = [g.label for g in groups if g.contains(a)]
+        if len(owners) != 1:
+            problems.append(f"{a.label} is inside {len(owners)} groups {owners}")
+    for i, a in enumerate(groups):
+        problems += [f"group {a.label} overlaps group {b.label}" for b in groups[i + 1:] if a.intersects(b)]
+        if a.h > MAX_STAGE_HEIGHT or a.w > MAX_STAGE_WIDTH:
+            problems.append(f"group {a.label} is {a.w:.0f}x{a.h:.0f}, more than one screen")
+    return problems
+
+
+def note_height(text: str, width: float, minimum: float = 0) -> int:
+    per_line = max(1, int((width - 24) / NOTE_CHAR_WIDTH))
+    lines = sum(max(1, math.ceil(len(paragraph) / per_line)) for paragraph in text.split("\n"))
+    return int(max(minimum, lines * NOTE_LINE_HEIGHT + 36))
+
+
+@dataclass
+class Placed:
+    nodes: dict[int, tuple[float, float, float, float]]  # id -> x, y (below the title bar), w, h
+    groups: list[dict]
+
+
+def note_ids(example: Example, node_ids) -> list[int]:
+    """One note per stage, numbered after the graph's nodes."""
+    first = max(node_ids) + 1
+    return [first + index for index in range(len(example.stages))]
+
+
+def place(example: Example, sizes: dict[int, tuple[float, float]], types: dict[int, str]) -> Placed:
+    """Stages left to right; in each, the note across the top and the columns below it, or the note atop
+    the shortest column when a tall node would not fit on the screen under a full-width note. ``sizes``
+    are the frontend's minimum sizes, notes (``types`` "Note") included."""
+    placed = Placed({}, [])
+    graph_ids = [i for i, kind in types.items() if kind != "Note"]
+    left = 0.0
+    for stage, note_id in zip(example.stages, note_ids(example, graph_ids), strict=True):
+        left += _place_stage(placed, stage, note_id, left, sizes, types) + GROUP_GAP
+    return placed
+
+
+def _node_size(node_id: int, width: float, sizes, types) -> tuple[float, float]:
+    return width, max(sizes[node_id][1], MIN_SIZES.get(types[node_id], (0, 0))[1])
+
+
+def _place_stage(placed: Placed, stage: Stage, note_id: int, left: float, sizes, types) -> float:
+    """Place one stage's note and nodes from ``left``; add its group; return the group's width."""
+    widths = [max([MIN_COLUMN_WIDTH] + [max(sizes[i][0], MIN_SIZES.get(types[i], (0, 0))[0]) for i in column])
+              for column in stage.columns]
+    heights = [sum(NODE_TITLE + _node_size(i, w, sizes, types)[1] + GAP_Y for i in column) - GAP_Y
+               for column, w in zip(stage.columns, widths, strict=True)]
+    inner = sum(widths) + GAP_X * (len(widths) - 1)
+    note_h = note_height(stage.note, inner, sizes[note_id][1])
+    columns_top = GROUP_HEADER + NODE_TITLE + note_h + GAP_Y
+    note_column = None
+    if columns_top + max(heights) + PAD > MAX_STAGE_HEIGHT:  # the note goes atop the shortest column
+        note_column = heights.index(min(heights))
+        note_h = note_height(stage.note, widths[note_column], sizes[note_id][1])
+        columns_top = GROUP_HEADER
+    x, bottom = left + PAD, 0.0
+    for column_index, (column, width) in enumerate(zip(stage.columns, widths, strict=True)):
+        y = columns_top
+        if note_column == column_index:
+            placed.nodes[note_id] = (x, y + NODE_TITLE, width, note_h)
+            y += NODE_TITLE + note_h + GAP_Y
+        for node_id in column:
+            w, h = _node_size(node_id, width, sizes, types)
+            placed.nodes[node_id] = (x, y + NODE_TITLE, w, h)
+            y += NODE_TITLE + h + GAP_Y
+        bottom = max(bottom, y - GAP_Y)
+        x += width + GAP_X
+    if note_column is None:
+        placed.nodes[note_id] = (left + PAD, GROUP_HEADER + NODE_TITLE, inner, note_h)
+    placed.groups.append({"title": stage.title, "color": stage.color,
+                          "bounding": [left, 0, inner + 2 * PAD, bottom + PAD]})
+    return inner + 2 * PAD
+
+
+def placed_boxes(placed: Placed) -> tuple[list[Box], list[Box]]:
+    nodes = [Box(f"#{i}", x, y - NODE_TITLE, w, h + NODE_TITLE) for i, (x, y, w, h) in placed.nodes.items()]
+    groups = [Box(g["title"], *g["bounding"]) for g in placed.groups]
+    return nodes, groups
+
+
+# --------------------------------------------------------------------------------------------------
+# The graph, built by the frontend
+
+
+def api_graph(prompt: dict) -> dict:
+    """Nodes (id, type, title, widget values) and links (from, slot, to, input) of an API prompt."""
+    nodes, links = [], []
+    for node_id, node in prompt.items():
+        widgets = {}
+        for name, value in node.get("inputs", {}).items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                links.append([int(value[0]), int(value[1]), int(node_id), name])
+            else:
+                widgets[name] = value
+        nodes.append({"id": int(node_id), "type": node["class_type"],
+                      "title": (node.get("_meta") or {}).get("title"), "widgets": widgets})
+    return {"nodes": nodes, "links": links}
+
+
+TO_API_JS = """async (workflow) => {
+  await app.loadGraphData(workflow, true, true, "layout-source");
+  return (await app.graphToPrompt()).output;
+}"""
+
+BUILD_JS = """(spec) => {
+  const graph = app.graph;
+  graph.clear();
+  const made = new Map();
+  for (const n of spec.nodes) {
+    const node = LiteGraph.createNode(n.type);
+    if (!node) throw new Error(`node type ${n.type} is not registered`);
+    node.id = n.id;
+    if (n.title && n.title !== node.title) node.title = n.title;
+    graph.add(node);
+    made.set(n.id, node);
+    for (const [name, value] of Object.entries(n.widgets)) {
+      const widget = node.widgets?.find((w) => w.name === name);
+      if (!widget) throw new Error(`#${n.id} ${n.type} has no widget '${name}'`);
+      widget.value = value;
+    }
+    for (const widget of node.widgets ?? []) if (widget.name === "control_after_generate") widget.value = "fixed";
+  }
+  for (const note of spec.notes) {
+    const node = LiteGraph.createNode("Note");
+    node.id = note.id;
+    graph.add(node);
+    node.widgets[0].value = note.text;
+    made.set(note.id, node);
+  }
+  for (const [fromId, fromSlot, toId, inputName] of spec.links) {
+    const target = made.get(toId);
+    const slot = target.findInputSlot(inputName);
+    if (slot < 0) throw new Error(`#${toId} ${target.type} has no input '${inputName}'`);
+    if (!made.get(fromId).connect(fromSlot, target, slot)) throw new Error(`#${fromId} cannot feed #${toId}.${inputName}`);
+  }
+  // computeSize: what the frontend enlarges a node to when it loads the file (titles, widgets, text areas)
+  return Object.fromEntries([...made].map(([id, node]) => {
+    const [w, h] = node.computeSize();
+    return [id, [node.type, Math.max(node.size[0], w), Math.max(node.size[1], h)]];
+  }));
+}"""
+
+PLACE_JS = """async (placed) => {
+  const graph = app.graph;
+  for (const [id, [x, y, w, h]] of Object.entries(placed.nodes)) {
+    const node = graph.getNodeById(Number(id));
+    node.pos = [x, y];
+    node.setSize([w, h]);
+    if (node.type !== "Note") node.properties["Node name for S&R"] ??= node.type;
+  }
+  for (const g of placed.groups) {
+    const group = new LiteGraph.LGraphGroup(g.title);
+    group.color = g.color;
+    group.pos = [g.bounding[0], g.bounding[1]];
+    group.size = [g.bounding[2], g.bounding[3]];
+    graph.add(group);
+  }
+  return JSON.stringify((await app.graphToPrompt()).workflow);
+}"""
+
+
+def read_prompt(page, path: str) -> dict:
+    """The example's graph as an API prompt (a UI file is converted by the frontend itself)."""
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    if "nodes" in data:
+        data = page.evaluate(TO_API_JS, data)
+    return data
+
+
+def build_example(page, example: Example, path: str) -> dict:
+    graph = api_graph(read_prompt(page, path))
+    graph_ids = [node["id"] for node in graph["nodes"]]
+    staged = [i for stage in example.stages for column in stage.columns for i in column]
+    if sorted(staged) != sorted(graph_ids):
+        raise ValueError(f"{example.name}: stages list {sorted(staged)}, the graph has {sorted(graph_ids)}")
+    graph["notes"] = [{"id": i, "text": stage.note}
+                      for i, stage in zip(note_ids(example, graph_ids), example.stages, strict=True)]
+    built = page.evaluate(BUILD_JS, graph)
+    sizes = {int(i): (w, h) for i, (_, w, h) in built.items()}
+    types = {int(i): t for i, (t, _, _) in built.items()}
+    placed = place(example, sizes, types)
+    problems = layout_problems(*placed_boxes(placed))
+    if problems:
+        raise ValueError(f"{example.name}: " + "; ".join(problems))
+    workflow = json.loads(page.evaluate(PLACE_JS, {"nodes": {str(k): v for k, v in placed.nodes.items()},
+                                                   "groups": placed.groups}))
+    workflow["extra"]["ds"] = {"scale": 1, "offset": list(CANVAS_ORIGIN)}
+    return workflow
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout")
+    parser.add_argument("names", nargs="*", help="only these examples (file names without .json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.path.insert(0, TESTS)
+    from playwright.sync_api import sync_playwright
+
+    import browser_support
+
+    missing = browser_support.missing_requirements(args.comfyui)
+    if missing:
+        parser.error("missing: " + ", ".join(missing))
+    chosen = [e for e in EXAMPLES if not args.names or e.name in args.names]
+    with tempfile.TemporaryDirectory(prefix="likeness-layout-") as base:
+        browser_support.prepare_base(base, ROOT)
+        with browser_support.ComfyServer(base, args.comfyui) as server, sync_playwright() as playwright:
+            browser, page, errors = browser_support.open_page(playwright, server.url)
+            try:
+                for example in chosen:
+                    path = os.path.join(EXAMPLES_DIR, example.name + ".json")
+                    workflow = build_example(page, example, path)
+                    with open(path, "w", encoding="utf-8") as handle:
+                        json.dump(workflow, handle, indent=2, ensure_ascii=False)
+                        handle.write("\n")
+                    logger.info("wrote %s", path)
+            finally:
+                browser.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
