@@ -161,7 +161,7 @@ def _check_lora(proc: ProcessorWeights, parts: dict[tuple[str, str], torch.Tenso
                 problems.append(f"missing key '{key}'")
                 continue
             want = expected[kind]
-            if tensor.dim() != 2 or any(w is not None and s != w for s, w in zip(tensor.shape, want)):
+            if tensor.dim() != 2 or any(w is not None and s != w for s, w in zip(tensor.shape, want, strict=True)):
                 problems.append(f"mis-shaped key '{key}': {list(tensor.shape)}, expected "
                                 f"{[w if w is not None else '?' for w in want]}")
                 continue
