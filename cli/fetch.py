@@ -309,7 +309,6 @@ def install_zip(zip_path: str, members: tuple[str, ...], dest_dir: str) -> list[
 @dataclass
 class FetchResult:
     entry: ModelEntry
-    action: str  # "installed", "skipped"
     message: str
     paths: list[str] = field(default_factory=list)
 
@@ -336,13 +335,13 @@ def fetch_entry(entry: ModelEntry, location: ModelsLocation, force: bool = False
     status = check_entry(entry, location, hash_files=True)
     if not force:
         if status.state == OK:
-            return FetchResult(entry, "skipped", f"already present and verified: {status.files[0].path}")
+            return FetchResult(entry, f"already present and verified: {status.files[0].path}")
         if status.state == UNVERIFIED:
-            return FetchResult(entry, "skipped", f"already present at {_where(status)} (no published hash to "
+            return FetchResult(entry, f"already present at {_where(status)} (no published hash to "
                                                  f"verify it; use --force to download it again)")
         if status.state == NESTED:
             nested = next(f for f in status.files if f.state == NESTED)
-            return FetchResult(entry, "skipped", f"{nested.detail} (or use --force to download it again)")
+            return FetchResult(entry, f"{nested.detail} (or use --force to download it again)")
     if status.state in (HASH_MISMATCH, SIZE_MISMATCH, TRUNCATED):
         bad = next(f for f in status.files if f.state in (HASH_MISMATCH, SIZE_MISMATCH, TRUNCATED))
         stream.write(f"{entry.id}: the file at {bad.path} is bad ({bad.state}); downloading a fresh copy\n")
@@ -377,10 +376,10 @@ def fetch_entry(entry: ModelEntry, location: ModelsLocation, force: bool = False
             remove_partial(part)
             raise
         remove_partial(part)
-        return FetchResult(entry, "installed", f"installed {len(paths)} files into {target_dir}", paths)
+        return FetchResult(entry, f"installed {len(paths)} files into {target_dir}", paths)
     os.replace(part, target)
     remove_partial(part)
-    return FetchResult(entry, "installed", f"installed {target}", [target])
+    return FetchResult(entry, f"installed {target}", [target])
 
 
 def _verify_download(entry: ModelEntry, part: str, size: int, stream: TextIO) -> None:

@@ -141,7 +141,7 @@ def align_faces(image, analysis: FaceAnalysis, size: int = 224, crop_scale: floa
     with_kps = [i for i, k in enumerate(keypoints) if k is not None]
     if with_kps:
         solved = similarity_transforms(np.stack([keypoints[i] for i in with_kps]), target)
-        for slot, matrix in zip(with_kps, solved):
+        for slot, matrix in zip(with_kps, solved, strict=True):
             if not np.isfinite(matrix).all():       # degenerate keypoints: frame the box instead
                 face = analysis.faces[image_indices[slot]][numbers[slot]]
                 matrix = box_transform(face.bbox, size, crop_scale)

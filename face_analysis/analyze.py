@@ -118,7 +118,7 @@ def _analyze_one(analyzer, image: np.ndarray, index: int, selection: str, face_i
         picked = analyzer.landmarks(work_image, picked)
     if embed and selection != "most_similar":
         picked = analyzer.embed(work_image, picked)
-    for number, face in zip(chosen, picked):
+    for number, face in zip(chosen, picked, strict=True):
         found[number] = face
     return _to_original(found, offset), chosen, None
 
@@ -211,7 +211,7 @@ def draw_face(canvas: np.ndarray, face: Face, colour, label: str = "", thick: bo
     x1, y1, x2, y2 = (int(round(float(v))) for v in face.bbox)
     cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, width, cv2.LINE_AA)
     radius = max(1, int(round(3 * scale)))
-    for point, kp_colour in zip(face.kps, KPS_COLOURS):
+    for point, kp_colour in zip(face.kps, KPS_COLOURS, strict=True):
         cv2.circle(canvas, (int(round(float(point[0]))), int(round(float(point[1])))), radius, kp_colour, -1, cv2.LINE_AA)
     if label:
         draw_label(canvas, label, (x1, y1), colour)

@@ -135,7 +135,7 @@ def annotate(images: list[np.ndarray], analysis: FaceAnalysis, report: Similarit
 
     grey = (150, 150, 150)
     out = []
-    for score, array, faces in zip(report.scores, images, analysis.faces):
+    for score, array, faces in zip(report.scores, images, analysis.faces, strict=True):
         canvas = array.copy()
         for number, face in enumerate(faces):
             if number != score.face_number:

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-KPS5_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
-
 
 @dataclass
 class Face:
@@ -19,7 +17,7 @@ class Face:
 
     bbox: np.ndarray                     # [4] float32: x1, y1, x2, y2
     score: float                         # detector confidence
-    kps: np.ndarray                      # [5, 2] float32, order KPS5_NAMES
+    kps: np.ndarray                      # [5, 2] float32, in the order above
     image_index: int = 0                 # index of the image in the analysed batch
     landmarks: np.ndarray | None = None  # [N, 2] float32 dense landmarks (68 dlib / 106 insightface / ...)
     landmark_kind: str | None = None     # "68", "106", "478", ...

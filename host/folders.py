@@ -26,7 +26,6 @@ FOLDERS: dict[str, tuple[str, set[str]]] = {
     "insightface": ("insightface", INSIGHTFACE_EXTENSIONS),
     "likeness": ("likeness", LIKENESS_EXTENSIONS),
 }
-LIKENESS_KINDS = ("fusion", "consistentid", "faceid", "face_makeup", "parsing", "identities", "embeds")
 LORA_SUBFOLDER = "likeness"
 
 

@@ -329,7 +329,7 @@ def install_progress_hook(server: StubServer) -> None:
     import comfy.utils
     from comfy_execution.utils import get_executing_context
 
-    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+    def hook(value, total, _preview_image, prompt_id=None, node_id=None):   # ProgressBar passes it positionally
         context = get_executing_context()
         if node_id is None:
             node_id = context.node_id if context is not None else server.last_node_id

@@ -106,7 +106,7 @@ def test_cli_writes_the_nodes_adapter(comfy_ready, host_env, tmp_path, isolated_
     assert {k: v for k, v in from_cli.metadata.items() if k not in source} == \
         {k: v for k, v in from_node.metadata.items() if k not in source}
     assert from_cli.metadata["trained_steps"] == "2"
-    for (name, a), (_, b) in zip(from_cli.named_parameters(), from_node.named_parameters()):
+    for (name, a), (_, b) in zip(from_cli.named_parameters(), from_node.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 
 

@@ -157,8 +157,9 @@ def test_two_ranks_train_one_process_adapter_and_resume_after_rank_0_is_killed(e
     assert state.step == 3 and np.allclose(state.losses, single_result.losses, atol=1e-5, rtol=0)
     trained = load_fusion_adapter(str(folder / "adapter.safetensors"))
     assert trained.metadata["trained_steps"] == "3"
-    for (name, a), (_, b) in zip(single.named_parameters(), trained.named_parameters()):
+    for (name, a), (_, b) in zip(single.named_parameters(), trained.named_parameters(), strict=True):
         assert torch.allclose(a.detach(), b, atol=1e-5, rtol=0), (name, float((a.detach() - b).abs().max()))
     with torch.no_grad():
         untrained = FusionAdapter.from_model(model)
-        assert max(float((a - b).abs().max()) for a, b in zip(single.parameters(), untrained.parameters())) > 1e-4
+        pairs = zip(single.parameters(), untrained.parameters(), strict=True)
+        assert max(float((a - b).abs().max()) for a, b in pairs) > 1e-4

@@ -132,7 +132,7 @@ class InferenceTensorGuard(TorchFunctionMode):
     """While active, an op that fails on an inference tensor autograd would have to save raises a
     :class:`TrainingError` that says what to do (the loop runs the first micro-step under it)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, _types, args=(), kwargs=None):   # torch passes all four positionally
         kwargs = kwargs or {}
         try:
             return func(*args, **kwargs)

@@ -153,7 +153,7 @@ def _build_optimizer(params: Mapping[str, torch.Tensor], groups: list[LrGroup],
                                     f"(prefixes {[g.prefix for g in groups]})")
     param_groups = [{"params": tensors, "lr": g.lr, "initial_lr": g.lr, "weight_decay": g.weight_decay,
                      "name": g.name or g.prefix or "all"}
-                    for g, tensors in zip(groups, assigned) if tensors]
+                    for g, tensors in zip(groups, assigned, strict=True) if tensors]
     return torch.optim.AdamW(param_groups, betas=config.betas, eps=config.eps)
 
 

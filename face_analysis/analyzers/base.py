@@ -9,6 +9,7 @@ An analyzer works on one uint8 RGB image ``[H,W,3]`` at a time:
   in ``landmark_sets``, ``pose`` when a 3D model gives it); faces unchanged without a landmark model;
 - ``embed(image, faces) -> list[Face]``: the same faces with ``embedding`` filled in (raw, not
   normalised);
+- ``describe() -> str``: one line describing the backend and its models;
 - attributes ``backend`` (``"insightface"`` / ``"dlib"``), ``model_id`` (names the embedding model, e.g.
   ``"insightface:buffalo_l/w600k_r50"``), ``embedding_dim``, ``capabilities`` (a set of
   :class:`Capability` values), ``default_det_size`` (the long side the detector sees) and
@@ -17,7 +18,6 @@ An analyzer works on one uint8 RGB image ``[H,W,3]`` at a time:
 from __future__ import annotations
 
 from enum import Enum
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -31,28 +31,6 @@ class Capability(str, Enum):
     LANDMARKS_68 = "landmarks_68"
     LANDMARKS_106 = "landmarks_106"
     POSE = "pose"
-
-
-@runtime_checkable
-class FaceAnalyzer(Protocol):
-    backend: str
-    model_id: str
-    embedding_dim: int | None
-    capabilities: frozenset
-    default_det_size: int
-    default_det_thresh: float
-
-    def detect(self, image: np.ndarray, det_size: int | None = None, det_thresh: float | None = None) -> list[Face]:
-        ...
-
-    def embed(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
-        ...
-
-    def landmarks(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
-        ...
-
-    def describe(self) -> str:
-        ...
 
 
 def scale_to_side(image: np.ndarray, side: int, allow_upscale: float = 1.0) -> tuple[np.ndarray, float]:

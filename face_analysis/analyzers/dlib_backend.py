@@ -131,7 +131,7 @@ class DlibAnalyzer:
         boxes: list[tuple[dlib.rectangle, float]] = []
         if self.detector == "HOG":
             rects, scores, _ = _model("hog").run(small, self.upsample, thresh)
-            boxes = list(zip(rects, scores))
+            boxes = list(zip(rects, scores, strict=True))
         else:
             boxes = [(d.rect, d.confidence) for d in _model("mmod")(small, self.upsample) if d.confidence >= thresh]
         faces = []
@@ -170,7 +170,7 @@ class DlibAnalyzer:
         for face in faces:
             shapes.append(sp5(image, _rect(face.bbox)))
         vectors = _model("recognition").compute_face_descriptor(image, shapes, self.jitters)
-        return [replace(f, embedding=np.asarray(v, dtype=np.float32)) for f, v in zip(faces, vectors)]
+        return [replace(f, embedding=np.asarray(v, dtype=np.float32)) for f, v in zip(faces, vectors, strict=True)]
 
 
 def _rect(bbox: np.ndarray):

@@ -450,11 +450,6 @@ class InsightFaceAnalyzer:
     def providers(self) -> list[str]:
         return list(self._models.providers)
 
-    @property
-    def static_det_size(self) -> int | None:
-        static = getattr(self._models.detector, "static_input_size", None)
-        return int(max(static)) if static else None
-
     def describe(self) -> str:
         caps = ", ".join(sorted(c.value for c in self.capabilities))
         return (f"insightface pack '{self.pack}' ({', '.join(f'{t}: {f}' for t, f in sorted(self.files.items()))}); "

@@ -273,7 +273,7 @@ def _parse_with_model(parser: FaceParser, rgb: torch.Tensor, labels: torch.Tenso
             if logits.ndim != 4 or logits.shape[1] != len(LABELS):
                 raise InvalidInputError(f"the face parser returned logits of shape {list(logits.shape)}, "
                                         f"expected [N, {len(LABELS)}, H, W].")
-            for crop, crop_logits in zip(group, logits):
+            for crop, crop_logits in zip(group, logits, strict=True):
                 face_labels, face_confidence = _paste_back(crop_logits, crop)
                 vx0, vy0, vx1, vy1 = crop.visible
                 face_labels = assign_sides(face_labels, crop.face, (vx0, vy0))

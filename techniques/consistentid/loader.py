@@ -15,11 +15,6 @@ import torch
 from ...errors import ModelFileError
 from ..faceid.checkpoint import FaceIDCheckpoint, Variant, load_faceid_state_dict, read_checkpoint_file
 
-# Defaults of the official SD1.5 inference (infer.py / pipeline), for the encode node.
-DEFAULT_MERGE_STEP_FRACTION = 30 / 50
-DEFAULT_CFG = 5.0
-DEFAULT_STEPS = 50
-
 
 def _require_consistentid(checkpoint: FaceIDCheckpoint) -> FaceIDCheckpoint:
     if checkpoint.variant != Variant.CONSISTENTID:

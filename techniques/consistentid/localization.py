@@ -100,7 +100,7 @@ def token_selector(positions: Sequence[Sequence[int]], lengths: Sequence[int], t
     slots = max([len(p) for p in positions] + [0]) if slots is None else slots
     selector = torch.zeros(len(positions), total, max(slots, 1))
     valid = torch.zeros(len(positions), max(slots, 1), dtype=torch.bool)
-    for row, (row_positions, length) in enumerate(zip(positions, lengths)):
+    for row, (row_positions, length) in enumerate(zip(positions, lengths, strict=True)):
         if total % length:
             raise ValueError(f"a context of {length} tokens cannot be repeated to {total}")
         for slot, position in enumerate(row_positions):

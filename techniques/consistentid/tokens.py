@@ -200,7 +200,7 @@ def locate_facial_tokens(marked_chunks: Sequence[Sequence[tuple]], plain_chunks:
     marked_stream = [tok for _, _, tok in content_tokens(marked_chunks, special)]
     clean, marked = _remove_markers(marked_stream, list(marker_ids))
     plain = content_tokens(plain_chunks, special)
-    if len(plain) != len(clean) or not all(_same_token(a, b[2]) for a, b in zip(clean, plain)):
+    if len(plain) != len(clean) or not all(_same_token(a, b[2]) for a, b in zip(clean, plain, strict=True)):
         raise InvalidInputError(
             "the prompt tokenises differently with and without its <|facial|> markers (a marker glued inside a "
             "word?); put each marker right after a whole word, separated by a space or punctuation.")

@@ -609,7 +609,8 @@ class ConsistentIDTask(TrainingTask):
         noise = ctx.randn(clean.shape, device=device)
         dropped = (ctx.rand((count,)) < s.condition_dropout).tolist()
         masked = (ctx.rand((count,)) < s.background_mask_prob).tolist()
-        states = torch.stack([self.zero_states if d else x for d, x in zip(dropped, batch["image_states"])])
+        states = torch.stack([self.zero_states if d else x
+                              for d, x in zip(dropped, batch["image_states"], strict=True)])
         tokens = projector_tokens(self.weights.projector, batch["arcface"].to(device), states.to(device),
                                   shortcut=False)
         text = self._text(batch, dropped)
@@ -668,7 +669,8 @@ class ConsistentIDTask(TrainingTask):
         if not any(masked):
             return None
         ones = torch.ones_like(batch["foreground"][0])
-        return torch.stack([f if m else ones for m, f in zip(masked, batch["foreground"])]).to(self.state.device)
+        weights = [f if m else ones for m, f in zip(masked, batch["foreground"], strict=True)]
+        return torch.stack(weights).to(self.state.device)
 
     def finish(self, result: TrainResult) -> ConsistentIDWeights:
         s, weights = self.settings, self.weights

@@ -233,7 +233,7 @@ def encode_examples(model_patcher, vae, clip, examples: PreparedExamples,
     if settings.face_weight != 1.0 and any(examples.aligned):
         weights = losses.region_weight(examples.face_masks, latents.shape, inside=settings.face_weight)
     digest = hashlib.sha1()
-    for name, caption in zip(examples.names, examples.captions):
+    for name, caption in zip(examples.names, examples.captions, strict=True):
         digest.update(f"{name}\0{caption}\0".encode())
     digest.update(str((tuple(latents.shape), tuple(references.shape))).encode())
     return FusionTrainingData(latents, references, contexts, empty, weights, digest.hexdigest()[:16],

@@ -24,7 +24,6 @@ from ...safetensors_io import atomic_save
 TASKS = ("face", "left_eye", "right_eye", "nose", "mouth")
 ATTRIBUTES = TASKS[1:]
 TASK_WORDS = {"face": "face", "left_eye": "left eye", "right_eye": "right eye", "nose": "nose", "mouth": "mouth"}
-CLASS_WORDS = ("man", "woman", "person")
 DEFAULT_FEAT_TOKENS = {"man": 3, "woman": 4, "person": 4}  # the paper: 3 for men, 4 for women
 
 FILE_KIND = "facea_net_identity"

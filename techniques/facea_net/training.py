@@ -179,7 +179,7 @@ def encode_references(refs: Sequence[Reference], vae, base_model, tasks: Sequenc
             latents = vae.encode(torch.stack(pixels))
             latents = base_model.process_latent_in(latents).float().cpu()
         latent_hw = tuple(latents.shape[-2:])
-        model_in, loss = zip(*(latent_masks(ref.masks[t], latent_hw) for t in tasks))
+        model_in, loss = zip(*(latent_masks(ref.masks[t], latent_hw) for t in tasks), strict=True)
         items.append({"latent": latents[0], "masked": latents[1:], "mask_in": torch.stack(model_in),
                       "loss_mask": torch.stack(loss)})
     return items

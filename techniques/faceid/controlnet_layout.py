@@ -69,81 +69,112 @@ def controlnet_shape_from_state_dict(sd: dict[str, torch.Tensor]) -> ControlNetS
                            mid_depth, layers, time_embed_dim, cross_dim, linear, tuple(embedding))
 
 
-def expected_controlnet_shapes(cfg: ControlNetShape) -> dict[str, tuple[int, ...]]:
-    """Every key of a diffusers ControlNetModel with this architecture, with its shape."""
-    out: dict[str, tuple[int, ...]] = {}
+Shapes = dict[str, tuple[int, ...]]
 
-    def conv(prefix, cout, cin, k):
-        out[f"{prefix}.weight"] = (cout, cin, k, k)
+
+def _conv(out: Shapes, prefix: str, cout: int, cin: int, k: int) -> None:
+    out[f"{prefix}.weight"] = (cout, cin, k, k)
+    out[f"{prefix}.bias"] = (cout,)
+
+
+def _linear(out: Shapes, prefix: str, cout: int, cin: int, bias: bool = True) -> None:
+    out[f"{prefix}.weight"] = (cout, cin)
+    if bias:
         out[f"{prefix}.bias"] = (cout,)
 
-    def linear(prefix, cout, cin, bias=True):
-        out[f"{prefix}.weight"] = (cout, cin)
-        if bias:
-            out[f"{prefix}.bias"] = (cout,)
 
-    def norm(prefix, c):
-        out[f"{prefix}.weight"] = (c,)
-        out[f"{prefix}.bias"] = (c,)
+def _norm(out: Shapes, prefix: str, c: int) -> None:
+    out[f"{prefix}.weight"] = (c,)
+    out[f"{prefix}.bias"] = (c,)
 
-    def resnet(prefix, cin, cout):
-        norm(f"{prefix}.norm1", cin)
-        conv(f"{prefix}.conv1", cout, cin, 3)
-        linear(f"{prefix}.time_emb_proj", cout, cfg.time_embed_dim)
-        norm(f"{prefix}.norm2", cout)
-        conv(f"{prefix}.conv2", cout, cout, 3)
-        if cin != cout:
-            conv(f"{prefix}.conv_shortcut", cout, cin, 1)
 
-    def transformer(prefix, c, depth):
-        norm(f"{prefix}.norm", c)
-        proj = linear if cfg.linear_projection else (lambda p, co, ci: conv(p, co, ci, 1))
-        proj(f"{prefix}.proj_in", c, c)
-        for t in range(depth):
-            block = f"{prefix}.transformer_blocks.{t}"
-            for attn, kv_in in (("attn1", c), ("attn2", cfg.cross_attention_dim)):
-                norm(f"{block}.norm{1 if attn == 'attn1' else 2}", c)
-                linear(f"{block}.{attn}.to_q", c, c, bias=False)
-                linear(f"{block}.{attn}.to_k", c, kv_in, bias=False)
-                linear(f"{block}.{attn}.to_v", c, kv_in, bias=False)
-                linear(f"{block}.{attn}.to_out.0", c, c)
-            norm(f"{block}.norm3", c)
-            linear(f"{block}.ff.net.0.proj", 8 * c, c)      # GEGLU: value and gate halves
-            linear(f"{block}.ff.net.2", c, 4 * c)
-        proj(f"{prefix}.proj_out", c, c)
+def _resnet(out: Shapes, prefix: str, cin: int, cout: int, time_embed_dim: int) -> None:
+    _norm(out, f"{prefix}.norm1", cin)
+    _conv(out, f"{prefix}.conv1", cout, cin, 3)
+    _linear(out, f"{prefix}.time_emb_proj", cout, time_embed_dim)
+    _norm(out, f"{prefix}.norm2", cout)
+    _conv(out, f"{prefix}.conv2", cout, cout, 3)
+    if cin != cout:
+        _conv(out, f"{prefix}.conv_shortcut", cout, cin, 1)
 
+
+def _projection(out: Shapes, prefix: str, c: int, linear_projection: bool) -> None:
+    """A transformer's proj_in / proj_out: a Linear in newer diffusers configs, a 1x1 conv in SD1.5's."""
+    if linear_projection:
+        _linear(out, prefix, c, c)
+    else:
+        _conv(out, prefix, c, c, 1)
+
+
+def _transformer_block(out: Shapes, block: str, c: int, cross_attention_dim: int) -> None:
+    for number, attn, kv_in in ((1, "attn1", c), (2, "attn2", cross_attention_dim)):
+        _norm(out, f"{block}.norm{number}", c)
+        _linear(out, f"{block}.{attn}.to_q", c, c, bias=False)
+        _linear(out, f"{block}.{attn}.to_k", c, kv_in, bias=False)
+        _linear(out, f"{block}.{attn}.to_v", c, kv_in, bias=False)
+        _linear(out, f"{block}.{attn}.to_out.0", c, c)
+    _norm(out, f"{block}.norm3", c)
+    _linear(out, f"{block}.ff.net.0.proj", 8 * c, c)      # GEGLU: value and gate halves
+    _linear(out, f"{block}.ff.net.2", c, 4 * c)
+
+
+def _transformer(out: Shapes, prefix: str, c: int, depth: int, cfg: ControlNetShape) -> None:
+    _norm(out, f"{prefix}.norm", c)
+    _projection(out, f"{prefix}.proj_in", c, cfg.linear_projection)
+    for t in range(depth):
+        _transformer_block(out, f"{prefix}.transformer_blocks.{t}", c, cfg.cross_attention_dim)
+    _projection(out, f"{prefix}.proj_out", c, cfg.linear_projection)
+
+
+def _input_layers(out: Shapes, cfg: ControlNetShape) -> None:
+    """conv_in, the time embedding and the conditioning-image embedding."""
     base = cfg.block_out_channels[0]
-    conv("conv_in", base, cfg.in_channels, 3)
-    linear("time_embedding.linear_1", cfg.time_embed_dim, base)
-    linear("time_embedding.linear_2", cfg.time_embed_dim, cfg.time_embed_dim)
+    _conv(out, "conv_in", base, cfg.in_channels, 3)
+    _linear(out, "time_embedding.linear_1", cfg.time_embed_dim, base)
+    _linear(out, "time_embedding.linear_2", cfg.time_embed_dim, cfg.time_embed_dim)
     emb = cfg.embedding_channels
-    conv("controlnet_cond_embedding.conv_in", emb[0], cfg.conditioning_channels, 3)
+    _conv(out, "controlnet_cond_embedding.conv_in", emb[0], cfg.conditioning_channels, 3)
     for i in range(len(emb) - 1):
-        conv(f"controlnet_cond_embedding.blocks.{2 * i}", emb[i], emb[i], 3)
-        conv(f"controlnet_cond_embedding.blocks.{2 * i + 1}", emb[i + 1], emb[i], 3)
-    conv("controlnet_cond_embedding.conv_out", base, emb[-1], 3)
+        _conv(out, f"controlnet_cond_embedding.blocks.{2 * i}", emb[i], emb[i], 3)
+        _conv(out, f"controlnet_cond_embedding.blocks.{2 * i + 1}", emb[i + 1], emb[i], 3)
+    _conv(out, "controlnet_cond_embedding.conv_out", base, emb[-1], 3)
 
+
+def _down_blocks(out: Shapes, cfg: ControlNetShape) -> list[int]:
+    """The encoder's down blocks; returns the channels of every residual output (one zero conv each)."""
+    base = cfg.block_out_channels[0]
     zero_convs = [base]
     previous = base
     last = len(cfg.block_out_channels) - 1
     for b, c in enumerate(cfg.block_out_channels):
         for layer in range(cfg.layers_per_block):
-            resnet(f"down_blocks.{b}.resnets.{layer}", previous if layer == 0 else c, c)
+            _resnet(out, f"down_blocks.{b}.resnets.{layer}", previous if layer == 0 else c, c, cfg.time_embed_dim)
             if cfg.blocks_with_attention[b]:
-                transformer(f"down_blocks.{b}.attentions.{layer}", c, cfg.transformer_depth[b])
+                _transformer(out, f"down_blocks.{b}.attentions.{layer}", c, cfg.transformer_depth[b], cfg)
             zero_convs.append(c)
         if b != last:
-            conv(f"down_blocks.{b}.downsamplers.0.conv", c, c, 3)
+            _conv(out, f"down_blocks.{b}.downsamplers.0.conv", c, c, 3)
             zero_convs.append(c)
         previous = c
-    for i, c in enumerate(zero_convs):
-        conv(f"controlnet_down_blocks.{i}", c, c, 1)
+    return zero_convs
+
+
+def _mid_block(out: Shapes, cfg: ControlNetShape) -> None:
     top = cfg.block_out_channels[-1]
-    resnet("mid_block.resnets.0", top, top)
+    _resnet(out, "mid_block.resnets.0", top, top, cfg.time_embed_dim)
     if cfg.mid_transformer_depth:
-        transformer("mid_block.attentions.0", top, cfg.mid_transformer_depth)
-    resnet("mid_block.resnets.1", top, top)
-    conv("controlnet_mid_block", top, top, 1)
+        _transformer(out, "mid_block.attentions.0", top, cfg.mid_transformer_depth, cfg)
+    _resnet(out, "mid_block.resnets.1", top, top, cfg.time_embed_dim)
+    _conv(out, "controlnet_mid_block", top, top, 1)
+
+
+def expected_controlnet_shapes(cfg: ControlNetShape) -> Shapes:
+    """Every key of a diffusers ControlNetModel with this architecture, with its shape."""
+    out: Shapes = {}
+    _input_layers(out, cfg)
+    for i, c in enumerate(_down_blocks(out, cfg)):
+        _conv(out, f"controlnet_down_blocks.{i}", c, c, 1)
+    _mid_block(out, cfg)
     return out
 
 

@@ -58,7 +58,7 @@ def mix_identities(identities: Sequence[tuple[torch.Tensor, torch.Tensor | None]
 
 def _weighted_sum(tensors: list[torch.Tensor], fractions: list[float]) -> torch.Tensor:
     # Skip zero weights so a 1/0 blend is bit-identical to the single identity (no 0*inf, no rounding).
-    terms = [t * f if f != 1.0 else t.clone() for t, f in zip(tensors, fractions) if f != 0.0]
+    terms = [t * f if f != 1.0 else t.clone() for t, f in zip(tensors, fractions, strict=True) if f != 0.0]
     out = terms[0]
     for term in terms[1:]:
         out = out + term

@@ -41,8 +41,8 @@ class MixingReadout:
         if self.weights:
             head += "; mix weights " + ", ".join(f"{w:g}" for w in self.weights)
         lines = [head]
-        for r, (row, share) in enumerate(zip(self.cosines, self.shares())):
-            parts = [f"{n}: cosine {c:.4f} share {s:.2f}" for n, c, s in zip(names, row, share)]
+        for r, (row, share) in enumerate(zip(self.cosines, self.shares(), strict=True)):
+            parts = [f"{n}: cosine {c:.4f} share {s:.2f}" for n, c, s in zip(names, row, share, strict=True)]
             lines.append(f"result {r}: " + "; ".join(parts))
         return "\n".join(lines)
 
@@ -60,6 +60,6 @@ def mixing_readout(sources: FaceAnalysis, results: FaceAnalysis, weights: list[f
     readout = MixingReadout(results.model_id, with_face, [[] for _ in results.faces], weights)
     for index in with_face:
         report = compare(_single_image(sources, index), results)
-        for row, score in zip(readout.cosines, report.scores):
+        for row, score in zip(readout.cosines, report.scores, strict=True):
             row.append(score.cosine)
     return readout

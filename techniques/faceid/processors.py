@@ -83,6 +83,29 @@ def raise_problems(problems: list[str], what: str) -> None:
 def parse_adapter(sd: dict[str, torch.Tensor], group: str = "ip_adapter") -> AdapterWeights:
     """Validate and structure a processor group (every key consumed; raises CheckpointLayoutError)."""
     problems: list[str] = []
+    by_index, raw_lora = _sort_keys(sd, group, problems)
+    if not by_index:
+        raise_problems(problems or [f"'{group}' is empty"], f"attention-processor group '{group}'")
+    has_lora = bool(raw_lora)
+    count = max(by_index) + 1
+    count += count % 2                      # processors come in attn1/attn2 pairs
+    rank, context_dim = _common_widths(by_index, raw_lora, problems)
+    processors = []
+    for index in range(count):
+        proc = by_index.get(index, ProcessorWeights(index))
+        processors.append(proc)
+        if has_lora:
+            _check_lora(proc, raw_lora.get(index, {}), rank, context_dim, group, problems)
+        _check_ip(proc, context_dim, group, problems)
+    if not has_lora and not any(p.is_cross_attention for p in by_index.values()):
+        problems.append(f"'{group}' has neither LoRA nor IP weights")
+    raise_problems(problems, f"attention-processor group '{group}'")
+    return AdapterWeights(processors, rank, context_dim)
+
+
+def _sort_keys(sd: dict[str, torch.Tensor], group: str, problems: list[str]
+               ) -> tuple[dict[int, ProcessorWeights], dict[int, dict[tuple[str, str], torch.Tensor]]]:
+    """Processors by index (IP weights set) and their raw LoRA tensors by (target, kind); other keys are problems."""
     by_index: dict[int, ProcessorWeights] = {}
     raw_lora: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
     for key, tensor in sd.items():
@@ -97,12 +120,12 @@ def parse_adapter(sd: dict[str, torch.Tensor], group: str = "ip_adapter") -> Ada
             setattr(proc, m[2], tensor)
             continue
         problems.append(f"unexpected key '{group}.{key}'")
-    if not by_index:
-        raise_problems(problems or [f"'{group}' is empty"], f"attention-processor group '{group}'")
+    return by_index, raw_lora
 
-    has_lora = bool(raw_lora)
-    count = max(by_index) + 1
-    count += count % 2                      # processors come in attn1/attn2 pairs
+
+def _common_widths(by_index: dict[int, ProcessorWeights], raw_lora: dict[int, dict[tuple[str, str], torch.Tensor]],
+                   problems: list[str]) -> tuple[int, int]:
+    """(LoRA rank, IP context width) shared by every processor; the smallest when they differ (a problem)."""
     ranks = {t.shape[0] for parts in raw_lora.values() for (_, kind), t in parts.items() if kind == "down"}
     rank = min(ranks) if ranks else 0
     if len(ranks) > 1:
@@ -111,30 +134,26 @@ def parse_adapter(sd: dict[str, torch.Tensor], group: str = "ip_adapter") -> Ada
     context_dim = min(contexts) if contexts else 0
     if len(contexts) > 1:
         problems.append(f"to_k_ip/to_v_ip context widths differ: {sorted(contexts)}")
+    return rank, context_dim
 
-    processors = []
-    for index in range(count):
-        proc = by_index.get(index, ProcessorWeights(index))
-        processors.append(proc)
-        cross = proc.is_cross_attention
-        if has_lora:
-            _check_lora(proc, raw_lora.get(index, {}), rank, context_dim, group, problems)
-        hidden = _hidden_size(proc)
-        for name in ("to_k_ip", "to_v_ip"):
-            tensor = getattr(proc, name)
-            key = f"{group}.{index}.{name}.weight"
-            if cross and tensor is None:
-                problems.append(f"missing key '{key}'")
-            elif not cross and tensor is not None:
-                problems.append(f"unexpected key '{key}' (even indices are self-attention, which has no IP branch)")
-            elif tensor is not None and (tensor.dim() != 2 or (hidden and tensor.shape[0] != hidden)
-                                         or tensor.shape[1] != context_dim):
-                problems.append(f"mis-shaped key '{key}': {list(tensor.shape)}, expected [{hidden or 'C'}, "
-                                f"{context_dim}]")
-    if not has_lora and not any(p.is_cross_attention for p in by_index.values()):
-        problems.append(f"'{group}' has neither LoRA nor IP weights")
-    raise_problems(problems, f"attention-processor group '{group}'")
-    return AdapterWeights(processors, rank, context_dim)
+
+def _check_ip(proc: ProcessorWeights, context_dim: int, group: str, problems: list[str]) -> None:
+    """Cross-attention processors have to_k_ip/to_v_ip [hidden, context]; self-attention ones have none.
+
+    Runs after _check_lora: the hidden width comes from the processor's validated to_q LoRA when it has one."""
+    cross = proc.is_cross_attention
+    hidden = _hidden_size(proc)
+    for name in ("to_k_ip", "to_v_ip"):
+        tensor = getattr(proc, name)
+        key = f"{group}.{proc.index}.{name}.weight"
+        if cross and tensor is None:
+            problems.append(f"missing key '{key}'")
+        elif not cross and tensor is not None:
+            problems.append(f"unexpected key '{key}' (even indices are self-attention, which has no IP branch)")
+        elif tensor is not None and (tensor.dim() != 2 or (hidden and tensor.shape[0] != hidden)
+                                     or tensor.shape[1] != context_dim):
+            problems.append(f"mis-shaped key '{key}': {list(tensor.shape)}, expected [{hidden or 'C'}, "
+                            f"{context_dim}]")
 
 
 def _hidden_size(proc: ProcessorWeights) -> int:
@@ -161,7 +180,7 @@ def _check_lora(proc: ProcessorWeights, parts: dict[tuple[str, str], torch.Tenso
                 problems.append(f"missing key '{key}'")
                 continue
             want = expected[kind]
-            if tensor.dim() != 2 or any(w is not None and s != w for s, w in zip(tensor.shape, want)):
+            if tensor.dim() != 2 or any(w is not None and s != w for s, w in zip(tensor.shape, want, strict=True)):
                 problems.append(f"mis-shaped key '{key}': {list(tensor.shape)}, expected "
                                 f"{[w if w is not None else '?' for w in want]}")
                 continue
