@@ -13,7 +13,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from ..deps import require
@@ -104,16 +104,21 @@ def split_folder(folder: str) -> tuple[str, str]:
     return COMFY_LEGACY_KEYS.get(key, key), sub
 
 
+def read_json(path: str, error: type[Exception], what: str) -> Any:
+    """The JSON document in ``path``; ``error`` naming ``what`` and the path when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist.") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"{what} '{path}' is not readable JSON: {exc}.") from None
+
+
 def load_manifest(path: str | None = None) -> list[ModelEntry]:
     """Entries of the manifest at ``path`` (default: the pack's ``models_manifest.json``)."""
     path = path or DEFAULT_MANIFEST
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ManifestError(f"Model manifest '{path}' does not exist.") from None
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"Model manifest '{path}' is not readable JSON: {exc}") from None
+    data = read_json(path, ManifestError, "Model manifest")
     problems = validate_manifest(data)
     if problems:
         raise ManifestError(f"Model manifest '{path}' is invalid:\n  - " + "\n  - ".join(problems))

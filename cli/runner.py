@@ -223,13 +223,7 @@ def find_comfyui(explicit: str | None = None) -> str:
 
 
 def read_workflow(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"workflow file '{path}' does not exist.") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"workflow file '{path}' is not readable JSON: {exc}.") from None
+    data = mf.read_json(path, UsageError, "workflow file")
     if not isinstance(data, dict):
         raise UsageError(f"workflow file '{path}' does not hold a JSON object.")
     return data

@@ -166,6 +166,22 @@ def host_test_nodes(comfy_ready):
 
 
 @pytest.fixture
+def isolated_runner_state(monkeypatch):
+    """run_from_args changes ComfyUI's output/temp folders and the root log level: restore them."""
+    import logging
+
+    import folder_paths
+
+    for name in ("output_directory", "temp_directory"):
+        monkeypatch.setattr(folder_paths, name, getattr(folder_paths, name))
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+@pytest.fixture
 def execute_prompt(pack_loaded):
     """``run(prompt: dict, on_event=None) -> outputs``: ComfyUI's validate + PromptExecutor, in-process.
 

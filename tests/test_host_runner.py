@@ -225,22 +225,6 @@ def test_ui_workflow_runs_through_the_executor(execute_prompt, host_test_nodes, 
     assert os.path.isfile(os.path.join(host_env.output, item["subfolder"], item["filename"]))
 
 
-@pytest.fixture
-def isolated_runner_state(monkeypatch):
-    """run_from_args changes ComfyUI's output/temp folders and the root log level: restore them."""
-    import logging
-
-    import folder_paths
-
-    for name in ("output_directory", "temp_directory"):
-        monkeypatch.setattr(folder_paths, name, getattr(folder_paths, name))
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-
-
 @pytest.mark.host
 def test_run_reports_a_missing_model_without_a_traceback(pack_loaded, manifest, tmp_path, capsys,
                                                          isolated_runner_state, host_env):

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import urllib.request
 
 import pytest
 
+from browser_support import free_port
 from conftest import COMFYUI_PATH, ROOT
 
 pytestmark = pytest.mark.host
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.host
 PACK_FOLDER = "comfyui-likeness"
 BROKEN_FOLDER = "likeness_test_broken_pack"
 START_TIMEOUT = 180  # seconds: generous, the server starts much slower on a shared machine
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 10.0):
@@ -47,7 +41,7 @@ def server(tmp_path_factory):
     # Negative control: a pack that fails to import must show up in the log the way the test looks for it.
     (base / "custom_nodes" / BROKEN_FOLDER).mkdir()
     (base / "custom_nodes" / BROKEN_FOLDER / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
-    port = _free_port()
+    port = free_port()
     log_path = base / "server.log"
     command = [sys.executable, os.path.join(COMFYUI_PATH, "main.py"), "--cpu", "--use-pytorch-cross-attention",
                "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),

@@ -203,22 +203,6 @@ def test_model_paths_typed_absolute(extra_models, layout, reads, monkeypatch):
 
 # ---- the command line ----------------------------------------------------------------------------
 
-@pytest.fixture
-def isolated_runner_state(monkeypatch):
-    """run_from_args changes ComfyUI's output/temp folders and the root log level: restore them."""
-    import logging
-
-    import folder_paths
-
-    for name in ("output_directory", "temp_directory"):
-        monkeypatch.setattr(folder_paths, name, getattr(folder_paths, name))
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-
-
 def test_the_run_command_accepts_any_path(layout, pack_loaded, host_env, tmp_path, monkeypatch,
                                           isolated_runner_state):
     """``python <pack> run`` executes as the local user: the workflow's paths resolve as they always did."""
