@@ -27,8 +27,9 @@ from likeness.face_analysis.parsing.bisenet import BiSeNet
 from likeness.face_analysis.parsing.landmark_fallback import labels_from_kps
 from likeness.face_analysis.types import Face, FaceAnalysis
 
-LAYOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                      "shared", "checkpoint_layouts", "bisenet_face_parsing_19.json")
+# The official key layout ships with the tests (a copy of the project's shared checkpoint_layouts file).
+LAYOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "checkpoint_layouts",
+                      "bisenet_face_parsing_19.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 L = regions.LABEL
 
