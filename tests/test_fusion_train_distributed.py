@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+
+from browser_support import free_port
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -77,7 +78,7 @@ RANK_SCRIPT = textwrap.dedent("""
         if {kill} and world.rank == 0 and step == t.KILL_AFTER:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    data = torch.load({data!r}, weights_only=False)
+    data = t.load_data({data!r})
     with torch.inference_mode():
         adapter, result = T.train_on_data(t.tiny_fusion_model(), data, t.fusion_settings(), checkpoint_path={state!r},
                                           resume={resume!r}, step_callback=die, result_path={out!r})
@@ -86,18 +87,37 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def save_data(data, path: str) -> None:
+    """The encoded training data as safetensors (tensors + the fingerprint), for the rank processes."""
+    from safetensors.torch import save_file
+
+    tensors = {"latents": data.latents, "references": data.references, "contexts": data.contexts,
+               "empty_context": data.empty_context}
+    if data.weights is not None:
+        tensors["weights"] = data.weights
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path,
+              metadata={"fingerprint": data.fingerprint, "aligned": str(data.aligned)})
+
+
+def load_data(path: str):
+    from safetensors import safe_open
+
+    from likeness.techniques.face_fusion.training import FusionTrainingData
+
+    with safe_open(path, framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        meta = handle.metadata()
+    return FusionTrainingData(tensors["latents"], tensors["references"], tensors["contexts"],
+                              tensors["empty_context"], tensors.get("weights"), meta["fingerprint"],
+                              int(meta["aligned"]))
 
 
 def launch(tmp_path, host_env, kill: bool, resume: str) -> list[tuple[int, str]]:
     """Two ranks with torchrun's environment; returns (exit code, output) per rank."""
-    script = RANK_SCRIPT.format(tests=TESTS, root=ROOT, comfy=host_env.comfy_path, data=str(tmp_path / "data.pt"),
+    script = RANK_SCRIPT.format(tests=TESTS, root=ROOT, comfy=host_env.comfy_path, data=str(tmp_path / "data.safetensors"),
                                 state=str(tmp_path / "state.safetensors"), out=str(tmp_path / "adapter.safetensors"),
                                 kill=kill, resume=resume)
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"))
@@ -125,7 +145,7 @@ def encoded(comfy_ready, tmp_path_factory):
         examples = T.prepare_examples(photos(), settings, analyzer=None)
         data = T.encode_examples(model, host_support.build_tiny_vae(), host_support.build_tiny_clip(), examples,
                                  settings)
-    torch.save(data, folder / "data.pt")
+    save_data(data, str(folder / "data.safetensors"))
     return folder, model, data
 
 
