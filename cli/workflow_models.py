@@ -11,12 +11,11 @@ known node type is declared in :data:`NODE_FILES`; tests check it against the re
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from .manifest import ModelEntry, ModelsLocation, split_folder
+from .manifest import ModelEntry, ModelsLocation, read_json, split_folder
 from .ui_workflow import WorkflowFormatError, is_api_format, is_ui_format, node_id_key, ui_to_api
 
 FILE, PACK = "file", "pack"
@@ -138,11 +137,7 @@ def _spec_class(node_type: str, spec: NodeFiles) -> type:
 def load_prompt(path: str) -> tuple[dict, str]:
     """The workflow at ``path`` as an API prompt restricted to the node types in :data:`NODE_FILES`, and its
     format ("UI" or "API"); WorkflowFormatError when it is not a workflow."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            workflow = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise WorkflowFormatError(f"cannot read workflow '{path}': {exc}") from None
+    workflow = read_json(path, WorkflowFormatError, "workflow file")
     if isinstance(workflow, dict) and is_ui_format(workflow):
         classes = {name: _spec_class(name, spec) for name, spec in NODE_FILES.items()}
         return ui_to_api(workflow, classes, skip_unknown=True), "UI"

@@ -126,7 +126,7 @@ def test_placeholder_choice_and_broken_file(capsys, tmp_path, manifest, models):
     assert code == 1 and "NO FILE     models/likeness/consistentid/" in out
     (tmp_path / "bad.json").write_text("{not json")
     code = main(["models", "verify", "--for", str(tmp_path / "bad.json"), "--models-dir", str(models)])
-    assert code == 2 and "cannot read workflow" in capsys.readouterr().err
+    assert code == 2 and "is not readable JSON" in capsys.readouterr().err
 
 
 def test_plain_verify_says_what_it_checks_and_points_to_for(capsys, tmp_path, manifest, models):
