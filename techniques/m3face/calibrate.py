@@ -73,6 +73,16 @@ def dominant_colours(image, radius: float = 24.0, min_pixels: int | None = None)
     return DominantColours(clusters, assignment.reshape(rgb.shape[:2]))
 
 
+def mode_colour(pixels: np.ndarray) -> tuple[int, int, int] | None:
+    """The most frequent exact colour of uint8 ``[N,3]`` pixels (None when there are none)."""
+    if len(pixels) == 0:
+        return None
+    packed = (pixels[:, 0].astype(np.int64) << 16) | (pixels[:, 1].astype(np.int64) << 8) | pixels[:, 2]
+    unique, counts = np.unique(packed, return_counts=True)
+    best = int(unique[np.argmax(counts)])
+    return (best >> 16) & 255, (best >> 8) & 255, best & 255
+
+
 def snap_colour(colour: tuple[int, int, int], known: list[tuple[int, int, int]], snap: int) -> tuple[int, int, int]:
     """The known colour nearest to ``colour`` when it is within ``snap`` levels on every channel, else ``colour``."""
     if snap <= 0 or not known:
@@ -115,11 +125,7 @@ class Calibration:
     unassigned_share: float              # mask pixels in no cluster
     notes: list[str] = field(default_factory=list)
 
-    def report(self) -> str:
-        return "\n".join(report_lines(self))
-
-
-def _vote(rgb: np.ndarray, assignment: np.ndarray, region: np.ndarray, erode_pixels: int,
+def vote_colour(rgb: np.ndarray, assignment: np.ndarray, region: np.ndarray, erode_pixels: int,
           majority: float = 0.5) -> tuple[int, tuple[int, int, int] | None, float, int] | None:
     """(cluster or -1, own colour when -1, agreement, voters) of one class region; None when it is too small.
 
@@ -156,7 +162,7 @@ def calibrate_palette(mask_image, labels: np.ndarray, base: Palette, known: list
     snapped_colours = [snap_colour(c.colour, known, snap) for c in found.clusters]
     votes, missing = [], []
     for index, name in enumerate(m3face_classes()):
-        result = _vote(rgb, found.assignment, labels == index, erode_pixels)
+        result = vote_colour(rgb, found.assignment, labels == index, erode_pixels)
         if result is None:
             missing.append(name)
             continue
@@ -177,18 +183,23 @@ def calibrate_palette(mask_image, labels: np.ndarray, base: Palette, known: list
                        snapped, float((found.assignment < 0).mean()))
 
 
-def report_lines(calibration: Calibration, weak: float = 0.6) -> list[str]:
-    """Human-readable lines: learnt colours, weak votes, unmatched colours, shared colours, missing classes."""
+def warning_lines(calibration: Calibration, weak: float = 0.6) -> list[str]:
+    """What the user should look at: weak votes, colours no class took, colours several classes took."""
+    colour_of = {v.cluster: v.colour for v in calibration.votes}
+    lines = [f"{v.name} got {list(v.colour)} from only {v.agreement:.0%} of its pixels; check that the photo matches "
+             "the mask (same image, same crop)." for v in calibration.votes if v.agreement < weak]
+    lines += [f"unmatched mask colour {list(c.colour)} ({c.share:.1%} of the mask): no parsed class lies on it (a "
+              "class the parser does not see, e.g. hair with the landmark parser, or a mask that does not fit the "
+              "photo)." for c in calibration.unmatched]
+    lines += [f"colour {list(colour_of[k])} was taken by {', '.join(names)} (the mask merges them, or the parse "
+              "disagrees with it)." for k, names in calibration.shared.items()]
+    return lines
+
+
+def report_lines(calibration: Calibration) -> list[str]:
+    """Human-readable report: learnt colours, snapped colours, missing classes, then the warnings."""
     lines = [f"{v.name}: {list(v.colour)} ({v.agreement:.0%} of {v.pixels} px agree)" for v in calibration.votes]
-    lines += [f"WEAK: {v.name} got {list(v.colour)} from only {v.agreement:.0%} of its pixels; check the photo "
-              "matches the mask (same image, same crop)." for v in calibration.votes if v.agreement < weak]
-    lines += [f"UNMATCHED colour {list(c.colour)} ({c.share:.1%} of the mask): no parsed class lies on it (a class "
-              "the parser does not see, e.g. hair with the landmark parser, or a mask that does not fit the photo)."
-              for c in calibration.unmatched]
-    lines += [f"SHARED colour {list(calibration.votes[[v.cluster for v in calibration.votes].index(k)].colour)} taken "
-              f"by {', '.join(names)} (the mask merges them, or the parse disagrees with it)."
-              for k, names in calibration.shared.items()]
     lines += [f"snapped {list(a)} -> {list(b)} (a known palette colour)" for a, b in calibration.snapped.items()]
     if calibration.missing:
         lines.append(f"not in the photo's parse, kept from the base palette: {', '.join(calibration.missing)}")
-    return lines
+    return lines + [f"WARNING: {line}" for line in warning_lines(calibration)]
