@@ -122,16 +122,16 @@ class Calibration:
     unmatched: list[ColourCluster]       # mask colours no class took
     shared: dict[int, list[str]]         # cluster index -> classes that all took it (more than one)
     snapped: dict[tuple[int, int, int], tuple[int, int, int]]
-    unassigned_share: float              # mask pixels in no cluster
-    notes: list[str] = field(default_factory=list)
+    estimated: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # class -> its blended median colour
+
 
 def vote_colour(rgb: np.ndarray, assignment: np.ndarray, region: np.ndarray, erode_pixels: int,
-          majority: float = 0.5) -> tuple[int, tuple[int, int, int] | None, float, int] | None:
+                majority: float = 0.5) -> tuple[int, tuple[int, int, int] | None, float, int] | None:
     """(cluster or -1, own colour when -1, agreement, voters) of one class region; None when it is too small.
 
     The cluster most voters fall in wins when it holds at least ``majority`` of them; otherwise (a small
-    part whose colour JPEG scattered too much to form a cluster of its own)
-    the per-channel median of the voters is the class's colour (robust to the few pixels of other colours).
+    part whose colour JPEG scattered too much to form a cluster of its own) the per-channel median of
+    the voters is the class's colour (robust to the few pixels of other colours).
     """
     voters = erode(region, erode_pixels)
     if voters.sum() < MIN_CLASS_PIXELS:
@@ -152,35 +152,46 @@ def vote_colour(rgb: np.ndarray, assignment: np.ndarray, region: np.ndarray, ero
 
 def calibrate_palette(mask_image, labels: np.ndarray, base: Palette, known: list[tuple[int, int, int]] | None = None,
                       erode_pixels: int = 2, radius: float = 24.0, snap: int = 3) -> Calibration:
-    """Learn each class's colour (see the module doc). ``labels``: M3Face-order ids, same ``[H,W]`` as the mask."""
+    """Learn each class's colour (see the module doc). ``labels``: M3Face-order ids, same ``[H,W]`` as the mask.
+
+    A class without a cluster of its own (a small part whose JPEG pixels scatter over many exact colours)
+    takes the median of its pixels, snapped like the clusters; it is listed as *estimated*. A part thinner
+    than about 8 pixels cannot be recovered from a 4:2:0 JPEG (colour is stored at half resolution and
+    bleeds into the neighbours): its agreement is low and the warnings say so.
+    """
     rgb = as_uint8_rgb(mask_image, "mask image")
     labels = np.asarray(labels)
     if labels.shape != rgb.shape[:2]:
         raise InvalidInputError(f"the label map is {list(labels.shape)} but the mask image is {list(rgb.shape[:2])}.")
     found = dominant_colours(rgb, radius)
     known = list(known or []) + list(base.colours.values())
-    snapped_colours = [snap_colour(c.colour, known, snap) for c in found.clusters]
-    votes, missing = [], []
-    for index, name in enumerate(m3face_classes()):
-        result = vote_colour(rgb, found.assignment, labels == index, erode_pixels)
-        if result is None:
-            missing.append(name)
+    cluster_colours = [snap_colour(c.colour, known, snap) for c in found.clusters]
+    results = {name: vote_colour(rgb, found.assignment, labels == index, erode_pixels)
+               for index, name in enumerate(m3face_classes())}
+    votes = [ClassVote(n, cluster_colours[r[0]], r[2], r[3], r[0]) for n, r in results.items() if r and r[0] >= 0]
+    taken = {v.colour for v in votes}
+    estimated = {}
+    for name, result in results.items():
+        if result is None or result[0] >= 0:
             continue
-        cluster, own, agreement, voters = result
-        colour = snapped_colours[cluster] if cluster >= 0 else snap_colour(own, known + snapped_colours, snap)
-        votes.append(ClassVote(name, colour, agreement, voters, cluster))
-    taken: dict[int, list[str]] = {}
+        colour = snap_colour(result[1], known + cluster_colours, snap)
+        estimated[name] = result[1]
+        votes.append(ClassVote(name, colour, result[2], result[3], -1))
+        taken.add(colour)
+    order = {n: i for i, n in enumerate(m3face_classes())}
+    votes.sort(key=lambda v: order[v.name])
+    sharing: dict[int, list[str]] = {}
     for vote in votes:
         if vote.cluster >= 0:
-            taken.setdefault(vote.cluster, []).append(vote.name)
-    unmatched = [ColourCluster(snapped_colours[i], c.pixels, c.share)
-                 for i, c in enumerate(found.clusters) if i not in taken and snapped_colours[i] not in
-                 {v.colour for v in votes}]
+            sharing.setdefault(vote.cluster, []).append(vote.name)
+    unmatched = [ColourCluster(cluster_colours[i], c.pixels, c.share)
+                 for i, c in enumerate(found.clusters) if cluster_colours[i] not in taken]
     palette = base.with_colours({v.name: v.colour for v in votes}, "calibrated",
                                 f"learnt from a mask by 'M3Face Palette from Mask' (base: {base.name})")
-    snapped = {c.colour: s for c, s in zip(found.clusters, snapped_colours, strict=True) if c.colour != s}
-    return Calibration(palette, votes, missing, unmatched, {k: v for k, v in taken.items() if len(v) > 1},
-                       snapped, float((found.assignment < 0).mean()))
+    snapped = {c.colour: s for c, s in zip(found.clusters, cluster_colours, strict=True) if c.colour != s}
+    missing = [n for n, r in results.items() if r is None]
+    return Calibration(palette, votes, missing, unmatched, {k: v for k, v in sharing.items() if len(v) > 1},
+                       snapped, estimated)
 
 
 def warning_lines(calibration: Calibration, weak: float = 0.6) -> list[str]:
@@ -200,6 +211,8 @@ def report_lines(calibration: Calibration) -> list[str]:
     """Human-readable report: learnt colours, snapped colours, missing classes, then the warnings."""
     lines = [f"{v.name}: {list(v.colour)} ({v.agreement:.0%} of {v.pixels} px agree)" for v in calibration.votes]
     lines += [f"snapped {list(a)} -> {list(b)} (a known palette colour)" for a, b in calibration.snapped.items()]
+    lines += [f"{name}: no flat colour region of its own; median of its pixels {list(median)}"
+              for name, median in calibration.estimated.items()]
     if calibration.missing:
         lines.append(f"not in the photo's parse, kept from the base palette: {', '.join(calibration.missing)}")
     return lines + [f"WARNING: {line}" for line in warning_lines(calibration)]

@@ -34,7 +34,7 @@ from ...deps import require
 from ...errors import InvalidInputError
 from ...face_analysis.pose import to_68_points
 from ...face_analysis.types import FaceAnalysis
-from .calibrate import dominant_colours, mode_colour, snap_colour, vote_colour
+from .calibrate import MIN_CLASS_PIXELS, dominant_colours, mode_colour, snap_colour, vote_colour
 from .classes import DATA_DIR
 from .palette import _colour, as_uint8_rgb
 from .segmentation import DEFAULT_SIZE, ConditionMaps, framed_crops
@@ -206,23 +206,36 @@ def landmark_maps(images, analysis: FaceAnalysis, style: LandmarkStyle, size: in
 
 # ------------------------------------------------------------------------------------- calibration
 
-def _group_bands(point_sets, height: int, width: int, style: LandmarkStyle,
-                 band: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per group, the pixels within ``band`` of its drawing that no other group's band covers; and their union."""
-    masks = []
+def _group_distances(point_sets, height: int, width: int, style: LandmarkStyle) -> np.ndarray:
+    """float32 ``[groups, H, W]``: every pixel's distance to each group's drawn centre line (and points)."""
+    cv2 = require("cv2", "The M3Face landmark style calibration")
+    distances = []
     for group in style.groups:
-        solo = LandmarkStyle("band", (replace(group, colour=(255, 255, 255), draw="lines+points", thickness=band,
-                                              point_radius=max(1, band // 2)),))
-        masks.append(draw_landmarks(point_sets, height, width, solo)[..., 0] > 0)
-    count = np.sum(masks, axis=0)
-    return [m & (count == 1) for m in masks], count > 0
+        solo = LandmarkStyle("centre", (replace(group, colour=(255, 255, 255), draw="lines+points", thickness=1,
+                                                point_radius=1),))
+        centre = _centre_line(point_sets, height, width, solo)
+        distances.append(cv2.distanceTransform(np.where(centre, 0, 255).astype(np.uint8), cv2.DIST_L2, 5))
+    return np.stack(distances)
 
 
-def _path_length(point_sets, style: LandmarkStyle) -> float:
+def _centre_line(point_sets, height: int, width: int, solo: LandmarkStyle) -> np.ndarray:
+    """1-pixel drawing of one group (thickness and radius fixed at 1 whatever the canvas size)."""
+    cv2 = require("cv2", "The M3Face landmark style calibration")
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    (group,) = solo.groups
+    for points in point_sets:
+        path = np.rint(to_68_points(points)[list(group.points)] * 16).astype(np.int32)
+        cv2.polylines(canvas, [path], group.closed, 255, 1, cv2.LINE_8, 4)
+        for x, y in path:
+            cv2.circle(canvas, (int(x), int(y)), 16, 255, -1, cv2.LINE_8, 4)
+    return canvas > 0
+
+
+def _path_length(point_sets, groups) -> float:
     total = 0.0
     for points in point_sets:
         ibug = to_68_points(points)
-        for group in style.groups:
+        for group in groups:
             path = ibug[list(group.points)]
             if group.closed:
                 path = np.vstack([path, path[:1]])
@@ -237,39 +250,56 @@ class StyleCalibration:
     warnings: list[str]
 
 
+def _ink_votes(rgb, distances, ink, base: LandmarkStyle, band: float, snap: int):
+    """Per group: (learnt colour or None, agreement, voters) from the ink nearest to it (centre pixels first)."""
+    nearest, closest = np.argmin(distances, axis=0), np.min(distances, axis=0)
+    found = dominant_colours(rgb, radius=24.0)
+    known = [c.colour for c in found.clusters] + [g.colour for g in base.groups]
+    results = []
+    for index in range(len(base.groups)):
+        mine = (nearest == index) & ink & (closest <= band)
+        core = mine & (closest <= 1.0)      # line centres: the least blended pixels (JPEG, antialiasing)
+        vote = vote_colour(rgb, found.assignment, core if core.sum() >= MIN_CLASS_PIXELS else mine, 0)
+        if vote is None:
+            results.append((None, 0.0, 0, mine))
+            continue
+        cluster, own, agreement, pixels = vote
+        results.append((snap_colour(found.clusters[cluster].colour if cluster >= 0 else own, known, snap),
+                        agreement, pixels, mine))
+    return results
+
+
 def calibrate_style(sample, point_sets, base: LandmarkStyle, ink_distance: float = 48.0,
                     snap: int = 3) -> StyleCalibration:
     """Learn the canvas colour, each group's colour and the line width from a sample drawing.
 
     ``point_sets``: the landmarks (68 or 106 points per face) of the photo the sample was drawn from, in
-    the sample's pixels. Groups whose band holds no ink keep the base colour (reported).
+    the sample's pixels. Every pixel belongs to the group whose centre line is nearest (so groups that
+    run close together, like the lips, split the ink between them). Groups without ink keep the base
+    colour (reported). The line width is the ink area over the line length of the groups with ink.
     """
+    from scipy import ndimage
+
     rgb = as_uint8_rgb(sample, "sample landmark image")
     if rgb.ndim != 3:
         raise InvalidInputError(f"the sample landmark image must be one image, got shape {list(rgb.shape)}.")
     height, width = rgb.shape[:2]
-    band = max(3, int(round(0.014 * min(height, width))))
-    bands, drawn = _group_bands(point_sets, height, width, base, band)
-    from scipy import ndimage
-
-    far = ~ndimage.binary_dilation(drawn, iterations=2 * band)
+    band = max(3.0, 0.014 * min(height, width))
+    distances = _group_distances(point_sets, height, width, base)
+    far = ~ndimage.binary_dilation(distances.min(axis=0) <= band, iterations=int(2 * band))
     canvas = mode_colour(rgb[far]) or base.canvas   # the canvas is flat: its exact colour is the most frequent
     ink = np.linalg.norm(rgb.astype(np.float64) - np.array(canvas, np.float64), axis=-1) > ink_distance
-    found = dominant_colours(rgb, radius=ink_distance / 2)
-    known = [c.colour for c in found.clusters] + [g.colour for g in base.groups]
-    groups, report, warnings = [], [f"canvas: {list(canvas)}"], []
-    for group, mask in zip(base.groups, bands, strict=True):
-        vote = vote_colour(rgb, found.assignment, mask & ink, 0)
-        if vote is None:
+    groups, report, warnings, inked, drawn = [], [f"canvas: {list(canvas)}"], [], 0, []
+    for group, (colour, agreement, pixels, mine) in zip(base.groups, _ink_votes(rgb, distances, ink, base, band,
+                                                                                 snap), strict=True):
+        if colour is None:
             warnings.append(f"no ink near the '{group.name}' landmarks; kept its colour {list(group.colour)}.")
             groups.append(group)
             continue
-        cluster, own, agreement, pixels = vote
-        colour = snap_colour(found.clusters[cluster].colour if cluster >= 0 else own, known, snap)
         report.append(f"{group.name}: {list(colour)} ({agreement:.0%} of {pixels} px agree)")
         groups.append(replace(group, colour=colour))
-    length = _path_length(point_sets, base)
-    inked = int(sum((m & ink).sum() for m in bands))
+        inked, drawn = inked + int(mine.sum()), drawn + [group]
+    length = _path_length(point_sets, drawn)
     thickness = base.thickness
     if length > 0:
         thickness = max(1, min(64, int(round(inked / length * REFERENCE_SIZE / min(height, width)))))
