@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import InvalidInputError, NoFaceError
+from ..validation import check_images
 from ._common import category, float_input, int_input
 from ._feedback import shows_warnings
 
@@ -37,6 +38,14 @@ def _single_image(image, name: str):
     for note in notes:
         logger.warning("Likeness M3Face: %s: %s", name, note)
     return rgb[0]
+
+
+def _check_faces(faces, name: str = "faces"):
+    from ..face_analysis.types import FaceAnalysis
+
+    if not isinstance(faces, FaceAnalysis):
+        raise InvalidInputError(f"'{name}' must be FACES from the Analyze Faces node, got {type(faces).__name__}.")
+    return faces
 
 
 def _log_notes(node: str, notes: list[str]) -> None:
@@ -80,6 +89,8 @@ class M3FaceSegmentationMap:
         from ..techniques.m3face.palette import palette_to_json, parse_palette_json, shipped_palette
         from ..techniques.m3face.segmentation import segmentation_maps
 
+        check_images(image=image)
+        _check_faces(faces)
         chosen = shipped_palette(palette)
         notes = []
         if palette_json and palette_json.strip():
@@ -134,6 +145,8 @@ class M3FacePaletteFromMask:
         from ..techniques.m3face.palette import shipped_palette as palette_named
         from ..techniques.m3face.segmentation import labels_at_size, parse_to_m3face
 
+        check_images(mask_image=mask_image, photo=photo)
+        _check_faces(faces)
         mask = _single_image(mask_image, "mask_image")
         picture = _single_image(photo, "photo")
         if not faces.all_faces():
@@ -179,6 +192,8 @@ class M3FaceLandmarkMap:
     def draw(self, image, faces, style, size, framing, crop_scale, face_index, style_json=""):
         from ..techniques.m3face.landmarks import landmark_maps, parse_style_json, shipped_style, style_to_json
 
+        check_images(image=image)
+        _check_faces(faces)
         chosen = parse_style_json(style_json) if style_json and style_json.strip() else shipped_style(style)
         result = landmark_maps(image, faces, chosen, size, framing, crop_scale, face_index)
         _log_notes("M3Face Landmark Map", result.notes)
@@ -216,6 +231,8 @@ class M3FaceLandmarkStyleFromSample:
         from ..face_analysis.pose import rescale_points
         from ..techniques.m3face.landmarks import calibrate_style, draw_landmarks, shipped_style, style_to_json
 
+        check_images(sample_landmark_image=sample_landmark_image)
+        _check_faces(faces)
         sample = _single_image(sample_landmark_image, "sample_landmark_image")
         height, width = sample.shape[:2]
         if len(faces) != 1 or not faces.all_faces():
