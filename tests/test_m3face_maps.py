@@ -226,6 +226,21 @@ def test_calibration_reports_unmatched_shared_and_missing():
     assert "kept from the base palette: nose" in report and report.count("WARNING") == len(warnings.splitlines())
 
 
+def test_a_part_too_thin_for_jpeg_is_estimated_and_flagged():
+    """A 3-pixel stripe's colour cannot survive 4:2:0 JPEG (colour at half resolution): it is marked, not hidden."""
+    labels = face_like_labels()
+    names = classes.m3face_classes()
+    labels[labels == names.index("mouth")] = names.index("u_lip")
+    labels[343:346, 226:286] = names.index("mouth")
+    chosen = random_palette()
+    result = calibrate.calibrate_palette(jpeg(palette.render_label_map(labels, chosen)), labels,
+                                         palette.shipped_palette(), snap=0)
+    assert "mouth" in result.estimated
+    assert any(line.startswith("mouth got") for line in calibrate.warning_lines(result))
+    lossless = calibrate.calibrate_palette(palette.render_label_map(labels, chosen), labels, palette.shipped_palette())
+    assert lossless.palette.colours == chosen.colours and not calibrate.warning_lines(lossless)
+
+
 def test_dominant_colours_cluster_jpeg_noise():
     labels = face_like_labels(256)
     chosen = palette.shipped_palette()

@@ -44,10 +44,6 @@ def _label_data() -> tuple[dict[str, LabelOrder], dict[str, str]]:
     return orders, dict(data["aliases"])
 
 
-def label_orders() -> dict[str, LabelOrder]:
-    return dict(_label_data()[0])
-
-
 def label_order(name: str) -> LabelOrder:
     orders = _label_data()[0]
     if name not in orders:
