@@ -412,3 +412,28 @@ def test_style_calibration_from_a_jpeg_sample():
     got = [lossy.style.canvas] + [g.colour for g in lossy.style.groups]
     assert np.abs(np.subtract(got, [(20, 20, 40)] + colours)).max() <= 3
     assert lossy.style.thickness == 3 and not lossy.warnings
+
+
+# ------------------------------------------------------------------------------------------- nodes
+
+def test_palette_node_shows_unmatched_colours_on_the_node():
+    from test_face_parsing import _astronaut_inputs
+
+    from likeness.nodes.m3face_maps import M3FacePaletteFromMask, M3FaceSegmentationMap
+
+    image, _, analysis = _astronaut_inputs()
+    parser = landmark_parser()
+    segmentation_map, crop, used = M3FaceSegmentationMap().draw(image, analysis, parser, "dml_csr_voc", 512, "image",
+                                                                2.2, -1)
+    assert palette.parse_palette_json(used)[0].colours == palette.shipped_palette("dml_csr_voc").colours
+    mask = segmentation_map.clone()
+    mask[0, :60, :] = torch.tensor([0.2, 0.9, 0.4])   # a band of a colour no parsed class has (hair, say)
+    output = M3FacePaletteFromMask().calibrate(mask, image, analysis, parser, "celebamask_hq", 2, 24.0, 3, 2.2)
+    palette_json, report, check = output["result"]
+    assert any("unmatched mask colour [51, 230, 102]" in text for text in output["ui"]["text"])
+    learnt, _ = palette.parse_palette_json(palette_json)
+    assert learnt.colours["skin"] == palette.shipped_palette("dml_csr_voc").colours["skin"]
+    assert "skin: [128, 0, 0]" in report and check.shape == (1, 512, 512, 3)
+    with pytest.raises(InvalidInputError, match="'mask_image' holds 2 images"):
+        M3FacePaletteFromMask().calibrate(mask.expand(2, -1, -1, -1), image, analysis, parser, "celebamask_hq", 2,
+                                          24.0, 3, 2.2)
