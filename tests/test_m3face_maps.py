@@ -417,9 +417,8 @@ def test_style_calibration_from_a_jpeg_sample():
 # ------------------------------------------------------------------------------------------- nodes
 
 def test_palette_node_shows_unmatched_colours_on_the_node():
-    from test_face_parsing import _astronaut_inputs
-
     from likeness.nodes.m3face_maps import M3FacePaletteFromMask, M3FaceSegmentationMap
+    from test_face_parsing import _astronaut_inputs
 
     image, _, analysis = _astronaut_inputs()
     parser = landmark_parser()
