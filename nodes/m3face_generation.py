@@ -1,0 +1,122 @@
+"""M3Face generation nodes: the AltDiffusion base the multilingual FaceControlNets need, and its prompt encoder.
+
+The FaceControlNets themselves (english / mlin, segmentation / landmark) load with ComfyUI's stock ControlNetLoader
+(diffusers format, models/controlnet/) and attach with the stock Apply ControlNet. English branches pair with any
+SD1.5 checkpoint and its CLIP; mlin branches pair with the AltDiffusion folder loaded here and prompts encoded by
+``M3Face Multilingual Text Encode``. Both outputs feed the stock KSampler.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..errors import InvalidInputError, ModelFileError
+from ..model_hints import ModelFolder
+from ._common import category, file_choices, int_input, resolved_path
+
+logger = logging.getLogger("likeness")
+
+CATEGORY = category("M3Face")
+FOLDER, SUBFOLDER = "likeness", "m3face"
+UNET_CONFIG = "unet/config.json"
+NO_FOLDER = "(no AltDiffusion folder in models/likeness/m3face)"
+BASES = ModelFolder("AltDiffusion diffusers folders", FOLDER, (SUBFOLDER,))
+
+
+def _list_bases() -> list[str]:
+    """Folders below models/likeness/m3face/ holding a diffusers UNet and an XLM-R text encoder."""
+    from ..host.folders import list_files
+
+    files = list_files(FOLDER, SUBFOLDER, {".json"})
+    unets = [name[: -len(UNET_CONFIG)].rstrip("/") for name in files if name.endswith("/" + UNET_CONFIG)]
+    return [name for name in unets if f"{name}/text_encoder/config.json" in files]
+
+
+def _bases() -> list[str]:
+    return file_choices(_list_bases, NO_FOLDER)
+
+
+class AltDiffusionLoader:
+    NODE_ID = "LikenessM3FaceAltDiffusionLoader"
+    DISPLAY_NAME = "M3Face AltDiffusion Loader"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads a diffusers AltDiffusion folder (AltDiffusion-m18, the base of M3Face's multilingual "
+                   "FaceControlNets) from models/likeness/m3face/<folder>/: the UNet and VAE as ComfyUI models "
+                   "(architecture from each config.json, keys converted by ComfyUI), and the XLM-R text encoder "
+                   "with its projection for M3Face Multilingual Text Encode.")
+    RETURN_TYPES = ("MODEL", "M3FACE_TEXT_ENCODER", "VAE")
+    RETURN_NAMES = ("model", "text_encoder", "vae")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": (_bases(), {"tooltip": "A diffusers folder with unet/, vae/, text_encoder/, tokenizer/ "
+                       "(and scheduler/) below models/likeness/m3face/."}),
+            "prediction": (["auto", "epsilon", "v_prediction"], {"default": "auto", "tooltip": "What the UNet "
+                           "predicts. auto reads scheduler/scheduler_config.json (AltDiffusion-m18 names none: "
+                           "epsilon)."}),
+            "max_length": int_input(0, 0, 512, "Prompt length in tokens; 0 = the tokenizer's model_max_length "
+                                    "(77 for AltDiffusion)."),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder):
+        return BASES.choice_problem(folder, _bases(), NO_FOLDER)
+
+    def load(self, folder, prediction, max_length):
+        from ..host.diffusers_models import build_unet, build_vae, managed_module, text_encoder_placement
+        from ..host.folders import resolve
+        from ..techniques.m3face import altdiffusion as alt
+
+        if folder == NO_FOLDER:
+            raise ModelFileError(BASES.missing_message())
+        path = resolved_path(resolve, FOLDER, folder, SUBFOLDER)
+        unet_config = alt.unet_config_from_diffusers(alt.read_config(path, "unet"))
+        model = build_unet(alt.read_weights(path, "unet"), unet_config, alt.prediction_type(path, prediction),
+                           f"{path}/unet")
+        vae = build_vae(alt.read_weights(path, "vae"), alt.vae_params_from_diffusers(alt.read_config(path, "vae")))
+        load_device, offload_device, dtype = text_encoder_placement()
+        bundle = alt.load_text_encoder(path, max_length, dtype)
+        if bundle.encoder.context_dim != unet_config["context_dim"]:
+            logger.warning("M3Face AltDiffusion Loader: the text encoder projects to %d, the UNet attends to %d",
+                           bundle.encoder.context_dim, unet_config["context_dim"])
+        bundle.patcher = managed_module(bundle.encoder, load_device, offload_device)
+        return (model, bundle, vae)
+
+
+class MultilingualTextEncode:
+    NODE_ID = "LikenessM3FaceMultilingualTextEncode"
+    DISPLAY_NAME = "M3Face Multilingual Text Encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Encodes a prompt in any of XLM-R's languages (M3Face trained English, French, German, Italian "
+                   "and Spanish captions) with AltDiffusion's text encoder into CONDITIONING for the KSampler and "
+                   "Apply ControlNet with an mlin FaceControlNet. No prompt weighting syntax.")
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": ("M3FACE_TEXT_ENCODER", {"tooltip": "From M3Face AltDiffusion Loader."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The prompt, e.g. 'Cette "
+                     "femme séduisante a les yeux étroits et les joues roses.'"}),
+            "attention_mask": (["auto", "on", "off"], {"default": "auto", "tooltip": "auto follows the encoder "
+                               "config's use_attention_mask, as AltDiffusion's pipeline does; M3Face's training "
+                               "script encoded without the mask (off)."}),
+        }}
+
+    def encode(self, text_encoder, text, attention_mask):
+        from ..host.diffusers_models import load_managed
+        from ..host.sampling import conditioning
+        from ..techniques.m3face.altdiffusion import MultilingualEncoderBundle
+        from ..techniques.m3face.multilingual import encode_prompts
+
+        if not isinstance(text_encoder, MultilingualEncoderBundle):
+            raise InvalidInputError("'text_encoder' must come from the M3Face AltDiffusion Loader node.")
+        device = load_managed(text_encoder.patcher) if text_encoder.patcher is not None else None
+        context = encode_prompts(text_encoder.encoder, text_encoder.tokenizer, [text], attention_mask, device)
+        return (conditioning(context),)
+
+
+NODE_CLASSES = [AltDiffusionLoader, MultilingualTextEncode]
