@@ -111,3 +111,25 @@ def test_missing_folder_parts_are_model_file_errors(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(ModelFileError, match="no weights found"):
         alt.read_weights(str(tmp_path), "unet")
+
+
+def test_manifest_entries_install_a_folder_the_loader_finds(tmp_path, monkeypatch):
+    """Every file the manifest installs for AltDiffusion-m18 (created empty here) makes the folder the M3Face
+    AltDiffusion Loader lists, with the weight files its reader picks."""
+    from likeness.cli.manifest import load_manifest
+    from likeness.host import folders
+    from likeness.nodes import m3face_generation
+
+    entries = [e for e in load_manifest() if e.folder.startswith("likeness/m3face/AltDiffusion-m18/")]
+    for entry in entries:
+        path = tmp_path / entry.folder / entry.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    monkeypatch.setattr(folders, "folder_candidates", lambda folder: [str(tmp_path / folder)])
+    assert m3face_generation._list_bases() == ["AltDiffusion-m18"]
+    base = tmp_path / "likeness" / "m3face" / "AltDiffusion-m18"
+    for component in ("unet", "vae", "text_encoder"):
+        picked = next(p for p in alt._candidate_files(str(base), component) if (tmp_path / p).is_file())
+        assert any(str(tmp_path / e.folder / e.filename) == picked for e in entries), component
+    assert {e.filename for e in entries if e.folder.endswith("/tokenizer")} >= {"tokenizer_config.json"}
+    assert any(e.folder.endswith("/scheduler") for e in entries)
