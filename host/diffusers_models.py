@@ -97,3 +97,13 @@ def load_managed(patcher: Any) -> torch.device:
 
     mm.load_model_gpu(patcher)
     return torch.device(patcher.load_device)
+
+
+def model_head_layout(model_patcher: Any) -> dict[str, int] | None:
+    """``{"num_heads", "num_head_channels"}`` of a ComfyUI MODEL's UNet config, or None when it has none."""
+    model_config = getattr(getattr(model_patcher, "model", None), "model_config", None)
+    unet_config = getattr(model_config, "unet_config", None)
+    if not unet_config:
+        return None
+    return {"num_heads": int(unet_config.get("num_heads", -1)),
+            "num_head_channels": int(unet_config.get("num_head_channels", -1))}

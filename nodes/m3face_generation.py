@@ -3,7 +3,9 @@
 The FaceControlNets themselves (english / mlin, segmentation / landmark) load with ComfyUI's stock ControlNetLoader
 (diffusers format, models/controlnet/) and attach with the stock Apply ControlNet. English branches pair with any
 SD1.5 checkpoint and its CLIP; mlin branches pair with the AltDiffusion folder loaded here and prompts encoded by
-``M3Face Multilingual Text Encode``. Both outputs feed the stock KSampler.
+``M3Face Multilingual Text Encode``. Both outputs feed the stock KSampler. ``M3Face FaceControlNet Loader`` is the
+fallback for ControlNet files whose layout ComfyUI's fixed tables do not list (scaled-down models; a multilingual
+branch whose base differs from ComfyUI's SD2.1 entry): same file, same ComfyUI ControlNet object.
 """
 from __future__ import annotations
 
@@ -119,4 +121,58 @@ class MultilingualTextEncode:
         return (conditioning(context),)
 
 
-NODE_CLASSES = [AltDiffusionLoader, MultilingualTextEncode]
+NO_CONTROLNET = "(no file in models/controlnet)"
+CONTROLNETS = ModelFolder("FaceControlNet files", "controlnet", ("",))
+
+
+def _controlnets() -> list[str]:
+    from ..host.folders import list_files
+
+    return file_choices(lambda: list_files("controlnet"), NO_CONTROLNET)
+
+
+class FaceControlNetLoader:
+    NODE_ID = "LikenessM3FaceControlNetLoader"
+    DISPLAY_NAME = "M3Face FaceControlNet Loader"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads a diffusers-format ControlNet of any SD layout (M3Face's FaceControlNet files) from "
+                   "models/controlnet/, reading the architecture from the file itself. The stock Load ControlNet "
+                   "Model node loads the SD1.5-shaped English branches as well; use this one when it refuses a file "
+                   "(a multilingual branch, scaled-down models). Apply it with the stock Apply ControlNet.")
+    RETURN_TYPES = ("CONTROL_NET",)
+    RETURN_NAMES = ("control_net",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..techniques.m3face.controlnet import HEAD_LAYOUTS
+
+        return {"required": {
+            "control_net_name": (_controlnets(), {"tooltip": "A diffusers ControlNet file in models/controlnet/ "
+                                 "(e.g. m3face_landmark_mlin.safetensors)."}),
+            "heads": (list(HEAD_LAYOUTS), {"default": "auto", "tooltip": "Attention head layout (the file's shapes "
+                      "cannot tell it). auto: the connected model's, else ComfyUI's table, else 8 heads for "
+                      "SD1.x-style and 64-channel heads for SD2.x-style (linear projection) ControlNets."}),
+        }, "optional": {
+            "model": ("MODEL", {"tooltip": "The base model the ControlNet will steer (its copy source): auto takes "
+                      "the head layout from it."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, control_net_name):
+        return CONTROLNETS.choice_problem(control_net_name, _controlnets(), NO_CONTROLNET)
+
+    def load(self, control_net_name, heads, model=None):
+        from ..host.diffusers_models import model_head_layout
+        from ..host.folders import resolve
+        from ..techniques.m3face.altdiffusion import read_weight_file
+        from ..techniques.m3face.controlnet import build_face_controlnet
+
+        if control_net_name == NO_CONTROLNET:
+            raise ModelFileError(CONTROLNETS.missing_message())
+        path = resolved_path(resolve, "controlnet", control_net_name)
+        model_heads = model_head_layout(model) if model is not None else None
+        return (build_face_controlnet(read_weight_file(path), heads, model_heads, control_net_name),)
+
+
+NODE_CLASSES = [AltDiffusionLoader, MultilingualTextEncode, FaceControlNetLoader]

@@ -148,3 +148,21 @@ def write_face_controlnet(models_dir: str, name: str = "m3face_tiny_controlnet.s
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(controlnet_state_dict(config or stock_detected_controlnet_config(), seed), path)
     return path
+
+
+def tiny_sd15_controlnet_config(context_dim: int = 64) -> dict:
+    """diffusers ControlNetModel config matching ``host_support``'s tiny SD1.5 (32 base channels, 8 heads, context
+    64): the stock loader does not detect it, ``M3Face FaceControlNet Loader`` does."""
+    return {"in_channels": 4, "conditioning_channels": 3, "block_out_channels": [32, 64, 128, 128],
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "layers_per_block": 2,
+            "cross_attention_dim": context_dim, "attention_head_dim": 8, "use_linear_projection": False,
+            "norm_num_groups": 32}
+
+
+def tiny_alt_controlnet_config() -> dict:
+    """diffusers ControlNetModel config of the tiny AltDiffusion UNet's encoder (what ``from_unet`` would copy)."""
+    unet = tiny_unet_diffusers_config()
+    return {"in_channels": 4, "conditioning_channels": 3, "block_out_channels": unet["block_out_channels"],
+            "down_block_types": unet["down_block_types"], "layers_per_block": unet["layers_per_block"],
+            "cross_attention_dim": unet["cross_attention_dim"], "attention_head_dim": unet["attention_head_dim"],
+            "use_linear_projection": True, "norm_num_groups": 32}

@@ -133,3 +133,67 @@ def test_face_controlnet_loads_with_the_stock_loader_and_changes_the_sample(comf
     import comfy.model_management
 
     comfy.model_management.unload_all_models()
+
+
+def test_pack_loader_equals_the_diffusers_controlnet(pack_loaded, host_env):
+    import nodes
+    from diffusers import ControlNetModel
+
+    from m3face_generation_support import controlnet_state_dict, tiny_sd15_controlnet_config
+
+    state = controlnet_state_dict(tiny_sd15_controlnet_config(), seed=5, dtype=torch.float32)
+    name = "m3face_tiny_sd15_controlnet.safetensors"
+    write_face_controlnet(host_env.models, name, seed=5, config=tiny_sd15_controlnet_config())
+    with pytest.raises(Exception):  # noqa: B017 - the stock loader cannot size a scaled-down diffusers ControlNet
+        nodes.NODE_CLASS_MAPPINGS["ControlNetLoader"]().load_controlnet(name)
+    (controlnet,) = nodes.NODE_CLASS_MAPPINGS["LikenessM3FaceControlNetLoader"]().load(name, "auto")
+    reference = ControlNetModel(**tiny_sd15_controlnet_config()).eval()
+    reference.load_state_dict({k: v.half().float() for k, v in state.items()})  # the file is fp16
+    generator = torch.Generator().manual_seed(1)
+    x, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 64, generator=generator)
+    hint, t = torch.rand(1, 3, 64, 64, generator=generator), torch.tensor([500.0])
+    with torch.no_grad():
+        ours = controlnet.control_model(x=x, hint=hint, timesteps=t, context=context)
+        down, mid = reference(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+    assert len(ours["output"]) == len(down) == 12
+    for got, expected in zip(ours["output"] + ours["middle"], list(down) + [mid], strict=True):
+        torch.testing.assert_close(got.float(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pack_loaded_controlnet_changes_the_tiny_sd15_sample(pack_loaded, host_env):
+    import nodes
+
+    from m3face_generation_support import tiny_sd15_controlnet_config
+
+    name = "m3face_tiny_sd15_controlnet_b.safetensors"
+    write_face_controlnet(host_env.models, name, seed=6, config=tiny_sd15_controlnet_config())
+    model = host_support.build_tiny_sd15()
+    (controlnet,) = nodes.NODE_CLASS_MAPPINGS["LikenessM3FaceControlNetLoader"]().load(name, "auto", model)
+    positive, negative = host_support.conditioning(seed=1), host_support.conditioning(seed=2)
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(4))
+    apply = nodes.NODE_CLASS_MAPPINGS["ControlNetApplyAdvanced"]()
+    pos, neg = apply.apply_controlnet(positive, negative, controlnet, hint, 1.0, 0.0, 1.0)
+    plain = host_support.sample_tiny(model, positive=positive, negative=negative)
+    controlled = host_support.sample_tiny(model, positive=pos, negative=neg)
+    assert (controlled - plain).abs().max() > 1e-4
+
+
+def test_multilingual_face_controlnet_graph_runs_end_to_end(execute_prompt, host_test_nodes, alt_folder, host_env):
+    from m3face_generation_support import tiny_alt_controlnet_config
+
+    name = "m3face_tiny_alt_controlnet.safetensors"
+    write_face_controlnet(host_env.models, name, seed=7, config=tiny_alt_controlnet_config())
+    prompt = _alt_prompt("cette femme a les yeux étroits", "cette femme a les yeux étroits")
+    prompt.update({
+        "20": {"class_type": "LikenessM3FaceControlNetLoader",
+               "inputs": {"control_net_name": name, "heads": "auto", "model": ["1", 0]}},
+        "21": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0xFF8040}},
+        "22": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["3", 0], "negative": ["4", 0], "control_net": ["20", 0], "image": ["21", 0],
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+    })
+    prompt["9"]["inputs"].update(positive=["22", 0], negative=["22", 1])
+    outputs = execute_prompt(prompt)
+    (plain,), (controlled,) = outputs["8"]["stats"], outputs["11"]["stats"]
+    assert controlled["finite"] and controlled["std"] > 1e-3
+    assert abs(plain["mean"] - controlled["mean"]) + abs(plain["std"] - controlled["std"]) > 1e-5

@@ -48,7 +48,8 @@ def _candidate_files(folder: str, component: str) -> list[str]:
     return [os.path.join(folder, component, name) for name in names]
 
 
-def _read_weight_file(path: str) -> dict[str, torch.Tensor]:
+def read_weight_file(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a PyTorch pickle read with ``weights_only`` (no code runs)."""
     if path.endswith(".safetensors"):
         return load_tensors(path, "weights file", "download it again")[0]
     try:
@@ -64,12 +65,12 @@ def read_weights(folder: str, component: str) -> dict[str, torch.Tensor]:
         if not os.path.isfile(path):
             continue
         if not path.endswith(".index.json"):
-            return _read_weight_file(path)
+            return read_weight_file(path)
         with open(path, encoding="utf-8") as handle:
             shards = sorted(set(json.load(handle)["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(_read_weight_file(os.path.join(os.path.dirname(path), shard)))
+            state.update(read_weight_file(os.path.join(os.path.dirname(path), shard)))
         return state
     raise ModelFileError(f"no weights found in '{os.path.join(folder, component)}' (looked for "
                          f"{', '.join(os.path.basename(p) for p in _candidate_files(folder, component))})")
