@@ -97,6 +97,10 @@ def test_unet_config_from_diffusers_sd15_and_sd2_layouts():
     sd2 = dict(sd15, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
     config = alt.unet_config_from_diffusers(sd2)
     assert (config["num_heads"], config["num_head_channels"], config["context_dim"]) == (-1, 64, 1024)
+    assert "attn_precision" not in config
+    assert alt.unet_config_from_diffusers(dict(sd2, upcast_attention=True))["attn_precision"] == torch.float32
+    with pytest.raises(CheckpointLayoutError, match="down and"):
+        alt.unet_config_from_diffusers(dict(sd15, down_block_types=["DownBlock2D"]))
     tiny = alt.unet_config_from_diffusers(tiny_unet_diffusers_config())
     assert tiny["channel_mult"] == [1, 2, 4, 4] and tiny["num_head_channels"] == 32
     with pytest.raises(CheckpointLayoutError, match="addition_embed_type"):

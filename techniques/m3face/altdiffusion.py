@@ -123,11 +123,16 @@ def unet_config_from_diffusers(config: Mapping) -> dict:
     _check_supported(config)
     channels = [int(c) for c in config["block_out_channels"]]
     levels, layers = len(channels), int(config.get("layers_per_block", 2))
+    if not len(config["down_block_types"]) == len(config["up_block_types"]) == levels:
+        raise CheckpointLayoutError(f"{levels} block_out_channels but {len(config['down_block_types'])} down and "
+                                    f"{len(config['up_block_types'])} up blocks")
     depth = _per_level(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
     down = [d if "CrossAttn" in kind else 0 for d, kind in zip(depth, config["down_block_types"], strict=True)]
     up_kinds = list(reversed(config["up_block_types"]))  # up_block_types[0] is the deepest level
     up = [d if "CrossAttn" in kind else 0 for d, kind in zip(depth, up_kinds, strict=True)]
-    return {
+    # SD2.x-style UNets set upcast_attention: attention in float32, as ComfyUI runs its SD2 models
+    precision = {"attn_precision": torch.float32} if config.get("upcast_attention") else {}
+    return {**precision,
         "use_checkpoint": False, "image_size": 32, "out_channels": int(config.get("out_channels", 4)),
         "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
         "in_channels": int(config.get("in_channels", 4)), "model_channels": channels[0],
