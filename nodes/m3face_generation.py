@@ -51,10 +51,12 @@ class AltDiffusionLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..techniques.m3face.altdiffusion import PREDICTION_TYPES
+
         return {"required": {
             "folder": (_bases(), {"tooltip": "A diffusers folder with unet/, vae/, text_encoder/, tokenizer/ "
                        "(and scheduler/) below models/likeness/m3face/."}),
-            "prediction": (["auto", "epsilon", "v_prediction"], {"default": "auto", "tooltip": "What the UNet "
+            "prediction": (["auto", *PREDICTION_TYPES], {"default": "auto", "tooltip": "What the UNet "
                            "predicts. auto reads scheduler/scheduler_config.json (AltDiffusion-m18 names none: "
                            "epsilon)."}),
             "max_length": int_input(0, 0, 512, "Prompt length in tokens; 0 = the tokenizer's model_max_length "

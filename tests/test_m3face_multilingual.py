@@ -115,6 +115,13 @@ def test_missing_folder_parts_are_model_file_errors(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(ModelFileError, match="no weights found"):
         alt.read_weights(str(tmp_path), "unet")
+    (tmp_path / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ModelFileError, match="not a readable PyTorch weights file"):
+        alt.read_weights(str(tmp_path), "unet")
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "sample"}')
+    with pytest.raises(CheckpointLayoutError, match="sample"):
+        alt.prediction_type(str(tmp_path))
 
 
 def test_manifest_entries_install_a_folder_the_loader_finds(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,7 @@ def read_weight_file(path: str) -> dict[str, torch.Tensor]:
         return load_tensors(path, "weights file", "download it again")[0]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise ModelFileError(f"'{path}' is not a readable PyTorch weights file ({exc})") from exc
     return dict(state.get("state_dict", state))
 
@@ -78,13 +79,15 @@ def read_weights(folder: str, component: str) -> dict[str, torch.Tensor]:
 
 def prediction_type(folder: str, override: str = "auto") -> str:
     """``override`` unless ``auto``; else the scheduler config's ``prediction_type`` (epsilon when absent)."""
-    if override != "auto":
-        return override
-    path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    if not os.path.isfile(path):
-        return "epsilon"
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle).get("prediction_type", "epsilon")
+    if override == "auto":
+        path = os.path.join(folder, "scheduler", "scheduler_config.json")
+        override = "epsilon"
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                override = json.load(handle).get("prediction_type", "epsilon")
+    if override not in PREDICTION_TYPES:
+        raise CheckpointLayoutError(f"prediction type {override!r} of {folder} is not one of {PREDICTION_TYPES}")
+    return override
 
 
 def _per_level(value, levels: int, what: str) -> list[int]:
