@@ -144,3 +144,11 @@ def test_manifest_entries_install_a_folder_the_loader_finds(tmp_path, monkeypatc
         assert any(str(tmp_path / e.folder / e.filename) == picked for e in entries), component
     assert {e.filename for e in entries if e.folder.endswith("/tokenizer")} >= {"tokenizer_config.json"}
     assert any(e.folder.endswith("/scheduler") for e in entries)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pytorch_pickles_of_both_formats_are_read(tmp_path, zip_format):
+    """diffusers folders of 2023 ship ``.bin`` pickles (memory-mapped when in the zip format)."""
+    path = tmp_path / "diffusion_pytorch_model.bin"
+    torch.save({"conv_in.weight": torch.arange(6.0).reshape(2, 3)}, path, _use_new_zipfile_serialization=zip_format)
+    torch.testing.assert_close(alt.read_weight_file(str(path))["conv_in.weight"], torch.arange(6.0).reshape(2, 3))

@@ -49,12 +49,20 @@ def _candidate_files(folder: str, component: str) -> list[str]:
     return [os.path.join(folder, component, name) for name in names]
 
 
+def _torch_load(path: str):
+    """``torch.load`` with ``weights_only``, memory-mapped (a 3.5 GB UNet pickle is not copied into RAM first)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # pickles older than the zip format cannot be memory-mapped: read them whole
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_weight_file(path: str) -> dict[str, torch.Tensor]:
     """A safetensors file, or a PyTorch pickle read with ``weights_only`` (no code runs)."""
     if path.endswith(".safetensors"):
         return load_tensors(path, "weights file", "download it again")[0]
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise ModelFileError(f"'{path}' is not a readable PyTorch weights file ({exc})") from exc
     return dict(state.get("state_dict", state))
