@@ -7,7 +7,12 @@ import pytest
 import torch
 
 import host_support
-from m3face_generation_support import ALT_FOLDER, tiny_unet_diffusers_config, write_face_controlnet
+from m3face_generation_support import (
+    ALT_FOLDER,
+    build_sd15_width_model,
+    tiny_unet_diffusers_config,
+    write_face_controlnet,
+)
 
 pytestmark = pytest.mark.host
 pytest.importorskip("diffusers")
@@ -116,7 +121,7 @@ def test_face_controlnet_loads_with_the_stock_loader_and_changes_the_sample(comf
     name = "m3face_test_controlnet.safetensors"
     write_face_controlnet(host_env.models, name)
     (controlnet,) = nodes.NODE_CLASS_MAPPINGS["ControlNetLoader"]().load_controlnet(name)
-    model = host_support.build_tiny_sd15(model_channels=320, context_dim=768, cached=False)
+    model = build_sd15_width_model()
     positive, negative = host_support.conditioning(768, seed=1), host_support.conditioning(768, seed=2)
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
     apply = nodes.NODE_CLASS_MAPPINGS["ControlNetApplyAdvanced"]()
