@@ -83,6 +83,9 @@ NODE_FILES: dict[str, NodeFiles] = {
                                            {"pack": FileWidget("insightface/models", PACK)}),
     "LikenessFaceALoadIdentity": _loader("Load Identity (FaceA-Net)", "likeness/identities", "identity"),
     "LikenessLoadFaceEmbeds": _loader("Load Face Embeds", "likeness/embeds", "file"),
+    "LikenessM3FaceControlNetLoader": _loader("M3Face FaceControlNet Loader", "controlnet", "control_net_name"),
+    "LikenessM3FaceAltDiffusionLoader": NodeFiles("M3Face AltDiffusion Loader", ("folder",),  # a diffusers folder
+                                                  {"folder": FileWidget("likeness/m3face", PACK)}),
     # this pack's nodes that write model files
     "LikenessTrainFaceFusion": _trainer("Train Face Fusion", ("name",), "likeness/fusion/" + STEM + SAFETENSORS),
     "LikenessTrainConsistentID": _trainer("Train ConsistentID", ("name",),
