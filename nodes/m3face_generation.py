@@ -9,13 +9,9 @@ branch whose base differs from ComfyUI's SD2.1 entry): same file, same ComfyUI C
 """
 from __future__ import annotations
 
-import logging
-
 from ..errors import InvalidInputError, ModelFileError
 from ..model_hints import ModelFolder
 from ._common import category, file_choices, int_input, resolved_path
-
-logger = logging.getLogger("likeness")
 
 CATEGORY = category("M3Face")
 FOLDER, SUBFOLDER = "likeness", "m3face"
@@ -68,24 +64,12 @@ class AltDiffusionLoader:
         return BASES.choice_problem(folder, _bases(), NO_FOLDER)
 
     def load(self, folder, prediction, max_length):
-        from ..host.diffusers_models import build_unet, build_vae, managed_module, text_encoder_placement
         from ..host.folders import resolve
-        from ..techniques.m3face import altdiffusion as alt
+        from ..techniques.m3face.altdiffusion import load_altdiffusion
 
         if folder == NO_FOLDER:
             raise ModelFileError(BASES.missing_message())
-        path = resolved_path(resolve, FOLDER, folder, SUBFOLDER)
-        unet_config = alt.unet_config_from_diffusers(alt.read_config(path, "unet"))
-        model = build_unet(alt.read_weights(path, "unet"), unet_config, alt.prediction_type(path, prediction),
-                           f"{path}/unet")
-        vae = build_vae(alt.read_weights(path, "vae"), alt.vae_params_from_diffusers(alt.read_config(path, "vae")))
-        load_device, offload_device, dtype = text_encoder_placement()
-        bundle = alt.load_text_encoder(path, max_length, dtype)
-        if bundle.encoder.context_dim != unet_config["context_dim"]:
-            logger.warning("M3Face AltDiffusion Loader: the text encoder projects to %d, the UNet attends to %d",
-                           bundle.encoder.context_dim, unet_config["context_dim"])
-        bundle.patcher = managed_module(bundle.encoder, load_device, offload_device)
-        return (model, bundle, vae)
+        return load_altdiffusion(resolved_path(resolve, FOLDER, folder, SUBFOLDER), prediction, max_length)
 
 
 class MultilingualTextEncode:

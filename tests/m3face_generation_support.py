@@ -95,7 +95,7 @@ def tiny_vae_diffusers_config() -> dict:
 
 
 def write_tiny_altdiffusion_folder(models_dir: str, name: str = ALT_FOLDER, seed: int = 0,
-                                   has_pre_transformation: bool = True) -> str:
+                                   has_pre_transformation: bool = True, project_dim: int = ALT_CONTEXT_DIM) -> str:
     """Write a tiny AltDiffusion diffusers folder to ``models_dir/likeness/m3face/<name>``; returns its path."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -104,8 +104,7 @@ def write_tiny_altdiffusion_folder(models_dir: str, name: str = ALT_FOLDER, seed
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae = seeded(AutoencoderKL(**tiny_vae_diffusers_config()), seed + 1, std=0.05)
     vae.save_pretrained(os.path.join(folder, "vae"))
-    encoder = build_official_text_encoder(tiny_text_encoder_config(has_pre_transformation=has_pre_transformation),
-                                          seed + 2)
+    encoder = build_official_text_encoder(tiny_text_encoder_config(project_dim, has_pre_transformation), seed + 2)
     encoder.save_pretrained(os.path.join(folder, "text_encoder"))
     build_tiny_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)

@@ -71,6 +71,16 @@ def test_altdiffusion_unet_equals_the_diffusers_unet(comfy_ready, alt_folder):
     assert tiny_unet_diffusers_config()["use_linear_projection"]  # the SD2-style layout is what was compared
 
 
+def test_a_text_encoder_of_another_width_is_refused(comfy_ready, host_env):
+    from likeness.errors import CheckpointLayoutError
+    from likeness.techniques.m3face.altdiffusion import load_altdiffusion
+    from m3face_generation_support import write_tiny_altdiffusion_folder
+
+    folder = write_tiny_altdiffusion_folder(host_env.models, "AltDiffusion-mismatch", project_dim=48)
+    with pytest.raises(CheckpointLayoutError, match="projects to 48 channels but the UNet attends to 64"):
+        load_altdiffusion(folder)
+
+
 def _alt_prompt(text_a: str, text_b: str) -> dict:
     prompt = {
         "1": {"class_type": "LikenessM3FaceAltDiffusionLoader",

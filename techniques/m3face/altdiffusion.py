@@ -187,3 +187,22 @@ def load_text_encoder(folder: str, max_length: int = 0,
     tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
     return MultilingualEncoderBundle(encoder, PromptTokenizer(tokenizer, prompt_length(tokenizer, max_length)),
                                      folder)
+
+
+def load_altdiffusion(folder: str, prediction: str = "auto", max_length: int = 0) -> tuple[Any, Any, Any]:
+    """(MODEL, text encoder bundle, VAE) of an AltDiffusion diffusers folder, as ComfyUI objects (host-gated).
+
+    The text encoder must project to the width the UNet attends to (CheckpointLayoutError otherwise)."""
+    from ...host.diffusers_models import build_unet, build_vae, managed_module, text_encoder_placement
+
+    unet_config = unet_config_from_diffusers(read_config(folder, "unet"))
+    load_device, offload_device, dtype = text_encoder_placement()
+    bundle = load_text_encoder(folder, max_length, dtype)
+    if bundle.encoder.context_dim != unet_config["context_dim"]:
+        raise CheckpointLayoutError(f"{folder}: the text encoder projects to {bundle.encoder.context_dim} "
+                                    f"channels but the UNet attends to {unet_config['context_dim']}")
+    model = build_unet(read_weights(folder, "unet"), unet_config, prediction_type(folder, prediction),
+                       os.path.join(folder, "unet"))
+    vae = build_vae(read_weights(folder, "vae"), vae_params_from_diffusers(read_config(folder, "vae")))
+    bundle.patcher = managed_module(bundle.encoder, load_device, offload_device)
+    return model, bundle, vae
