@@ -23,6 +23,7 @@ STEM = "{}"
 SAFETENSORS = ".safetensors"
 LANDMARKS_CHOICE = "landmarks (no weights)"  # the face parser's weight-free choice (face_analysis/parsing)
 VAE_BUILTINS = ("pixel_space", "taesd", "taesdxl", "taesd3", "taef1")  # VAELoader choices that are no single file
+NO_EVALUATION_MODEL = "(none)"  # the metrics node's choice for a metric model left out (nodes/metrics.py)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,11 @@ NODE_FILES: dict[str, NodeFiles] = {
                                            {"pack": FileWidget("insightface/models", PACK)}),
     "LikenessFaceALoadIdentity": _loader("Load Identity (FaceA-Net)", "likeness/identities", "identity"),
     "LikenessLoadFaceEmbeds": _loader("Load Face Embeds", "likeness/embeds", "file"),
+    "LikenessM3FaceControlNetLoader": _loader("M3Face FaceControlNet Loader", "controlnet", "control_net_name"),
+    "LikenessM3FaceAltDiffusionLoader": NodeFiles("M3Face AltDiffusion Loader", ("folder",),  # a diffusers folder
+                                                  {"folder": FileWidget("likeness/m3face", PACK)}),
+    "LikenessMetrics": NodeFiles("Likeness Metrics", ("metrics", "clip_model", "dino_model"), {
+        w: FileWidget("likeness/evaluation", PACK, not_files=(NO_EVALUATION_MODEL,)) for w in ("clip_model", "dino_model")}),
     # this pack's nodes that write model files
     "LikenessTrainFaceFusion": _trainer("Train Face Fusion", ("name",), "likeness/fusion/" + STEM + SAFETENSORS),
     "LikenessTrainConsistentID": _trainer("Train ConsistentID", ("name",),
