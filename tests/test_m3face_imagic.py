@@ -58,6 +58,15 @@ def test_trainable_copies_are_swapped_in_and_the_originals_come_back():
     assert torch.equal(diffs["diffusion_model.1.diff_b"], torch.zeros(2))
 
 
+def test_verify_for_knows_the_files_the_imagic_trainer_writes():
+    from likeness.cli.workflow_models import NODE_FILES
+    from likeness.techniques.m3face.imagic import RUN_FILES
+
+    written = [f"{folder}/{sub}/{name}" for folder, sub, name in (RUN_FILES[k] for k in ("embedding", "weights"))]
+    assert list(NODE_FILES["LikenessM3FaceImagicTrain"].writes) == written
+    assert NODE_FILES["LikenessM3FaceLoadImagicEmbedding"].reads["embedding_name"].folder == "likeness/m3face_imagic"
+
+
 # ------------------------------------------------------------------------------------------------- host
 
 @pytest.fixture
@@ -221,6 +230,17 @@ def test_a_cancelled_run_resumes_bit_identically(imagic_inputs, tmp_path, cancel
     assert resumed.weights.keys() == full.weights.keys()
     assert all(torch.equal(resumed.weights[k], full.weights[k]) for k in full.weights)
     assert torch.equal(load_embedding(paths("cut")["embedding"]).optimized, full.embedding.optimized)
+
+
+@pytest.mark.host
+def test_the_target_prompt_is_encoded_as_clip_text_encode_does(tiny_clip):
+    from likeness.techniques.m3face.imagic_embedding import encode_target
+
+    context, pooled = encode_target(tiny_clip, "a woman with red hair")
+    expected = tiny_clip.encode_from_tokens(tiny_clip.tokenize("a woman with red hair"))
+    assert context.shape == (1, 77, 64) and torch.equal(context, expected) and pooled.shape == (1, 64)
+    with pytest.raises(InvalidInputError):
+        encode_target(tiny_clip, "  ")
 
 
 @pytest.mark.host
