@@ -125,6 +125,25 @@ def imagic_inputs(tiny_vae, comfy_ready, _unload_models):
             "condition": condition, "target": target}
 
 
+@pytest.mark.host
+def test_residual_patches_add_what_comfyuis_in_place_control_adds(imagic_inputs):
+    from likeness.host.controlnet import training_control
+    from likeness.host.training import load_for_training
+
+    model, context = imagic_inputs["model"], imagic_inputs["target"]
+    x, sigma = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([1.5])
+    with training_control(imagic_inputs["control_net"], imagic_inputs["condition"], model, 0.8) as control, \
+            torch.no_grad():
+        load_for_training(model, control.patchers)
+        base = model.model
+        in_place = base.apply_model(x, sigma, c_crossattn=context, control=control.residuals(x, sigma, context))
+        options = control.transformer_options({}, control.residuals(x, sigma, context))
+        patched = base.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+        plain = base.apply_model(x, sigma, c_crossattn=context)
+    assert torch.allclose(patched, in_place, atol=1e-6, rtol=0)
+    assert (patched - plain).abs().max() > 1e-3
+
+
 def _settings(**changes):
     from likeness.techniques.m3face.imagic import ImagicSettings
 

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,8 +227,9 @@ class _ImagicStage(TrainingTask):
     def enter_stage(self, stack: contextlib.ExitStack) -> None:
         """Stage-specific set-up inside the session (trainable tensors, adapters)."""
 
+    @abstractmethod
     def context(self, ctx: StepContext) -> torch.Tensor:
-        raise NotImplementedError
+        """The text context of this step's UNet and ControlNet calls."""
 
     def data_fingerprint(self) -> str:
         return self.data.fingerprint
