@@ -1,8 +1,9 @@
 """M3Face Imagic stage 2 (the model fine-tune): the official up-block subset against the LoRA option, side by side.
 
 Both run the pack's FinetuneStage through the shared training loop on the full SD1.5 UNet (859.5 M parameters)
-with a full-size SD1.5 ControlNet (random weights, N(0, 1/fan_in), norms 1, biases 0) fed a 512x512 condition
-map, at 512 px (latent 64x64), batch 1, SDPA attention (``--cpu --use-pytorch-cross-attention``), on the CPU.
+with a full-size SD1.5 ControlNet (random weights, N(0, 1/fan_in), norms 1, biases 0; fp32, or bf16 with
+``--weights-dtype bf16``, as a GPU holds SD1.5 in half precision) fed a 512x512 condition map, at 512 px
+(latent 64x64), batch 1, SDPA attention (``--cpu --use-pytorch-cross-attention``), on the CPU.
 Each mode runs in its own subprocess so that its peak RSS is its own:
 
 - up_blocks: fp32 copies of the 230 parameters of diffusers' up blocks 2 and 3 (the edit script's default
@@ -49,9 +50,9 @@ def _init(module, seed: int) -> None:
             p.zero_()
 
 
-def build_models(size: int):
+def build_models(size: int, weights_dtype: str):
     """(UNet ModelPatcher, ControlNet, VAE, photo, condition), weights created under inference mode as ComfyUI's
-    loaders do."""
+    loaders do, in ``weights_dtype`` (ComfyUI keeps SD1.5 in fp16 on a GPU; the trained copies stay fp32)."""
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.model_management as mm
@@ -62,14 +63,15 @@ def build_models(size: int):
     import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weights_dtype]
     with torch.inference_mode():
         config = comfy.supported_models.SD15(unet_config("full", 4))
-        config.set_inference_dtype(torch.float32, None)
+        config.set_inference_dtype(dtype, None)
         base = config.get_model({})
         _init(base.diffusion_model, 0)
         patcher = comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
         cn_config = {k: v for k, v in unet_config("full", 4).items() if k != "out_channels"}
-        control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, device="cpu",
+        control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=dtype, device="cpu",
                                                    operations=comfy.ops.disable_weight_init, **cn_config)
         _init(control_model, 1)
         control = comfy.controlnet.ControlNet(control_model, load_device=mm.get_torch_device())
@@ -94,7 +96,7 @@ def worker(args) -> dict:
     from likeness.trainers.loop import TrainConfig, train
 
     t0 = time.perf_counter()
-    patcher, control, vae, photo, condition = build_models(args.size)
+    patcher, control, vae, photo, condition = build_models(args.size, args.weights_dtype)
     settings = ImagicSettings(finetune_steps=args.steps, mode=args.worker, lora_rank=args.rank,
                               resolution=args.size, precision=args.precision,
                               gradient_checkpointing=args.checkpointing == "on", checkpoint_every=0)
@@ -127,7 +129,8 @@ class _Quiet:
 def run_worker(mode: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--comfyui", args.comfyui,
                "--steps", str(args.steps), "--rank", str(args.rank), "--size", str(args.size),
-               "--threads", str(args.threads), "--precision", args.precision, "--checkpointing", args.checkpointing]
+               "--threads", str(args.threads), "--precision", args.precision, "--checkpointing", args.checkpointing,
+               "--weights-dtype", args.weights_dtype]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
@@ -148,6 +151,8 @@ def main(argv=None) -> int:
                         help="the trainer's precision setting (the node's default is auto)")
     parser.add_argument("--checkpointing", choices=["on", "off"], default="off",
                         help="gradient checkpointing (the node's default is off)")
+    parser.add_argument("--weights-dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="dtype of the frozen UNet and ControlNet weights (bf16 halves the base model's memory)")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.comfyui:
@@ -155,7 +160,8 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
-    print(f"Imagic stage 2 on the SD1.5 UNet + SD1.5 ControlNet (random weights, fp32, SDPA), CPU, {args.threads} "
+    print(f"Imagic stage 2 on the SD1.5 UNet + SD1.5 ControlNet (random weights, {args.weights_dtype}, SDPA), CPU, "
+          f"{args.threads} "
           f"threads; {args.size}x{args.size} px (latent {args.size // 8}x{args.size // 8}), batch 1; layers 2and3; "
           f"LoRA rank {args.rank}; precision {args.precision}; gradient checkpointing {args.checkpointing}; "
           f"{args.steps} steps (1 warm-up); one subprocess per mode", flush=True)

@@ -102,6 +102,25 @@ def test_layer_choices_are_the_edit_scripts_index_ranges_of_diffusers_up_blocks(
     assert set(subset_parameter_names(meta_unet(config), layers)) == official
 
 
+@pytest.mark.host
+def test_fp32_copies_train_inside_a_half_precision_model(comfy_ready):
+    """A GPU holds SD1.5 in fp16: the swapped fp32 weights reach its layers through ComfyUI's cast path."""
+    import comfy.ops
+
+    layer = comfy.ops.disable_weight_init.Linear(4, 3, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(3, 4))
+        layer.bias.zero_()
+    model = torch.nn.Sequential(layer)
+    with trainable_copies(model, ["0.weight", "0.bias"]) as copies:
+        assert layer.comfy_cast_weights and copies["0.weight"].dtype == torch.float32
+        out = model(torch.randn(2, 4, dtype=torch.bfloat16))
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert copies["0.weight"].grad is not None and copies["0.weight"].grad.abs().sum() > 0
+    assert layer.weight.dtype == torch.bfloat16 and "comfy_cast_weights" not in layer.__dict__
+
+
 def _tiny_controlnet():
     from likeness.techniques.faceid.controlnet import build_face_makeup_controlnet
     from test_face_makeup_controlnet import TINY_SHAPE, random_controlnet_group
