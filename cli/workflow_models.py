@@ -97,6 +97,10 @@ NODE_FILES: dict[str, NodeFiles] = {
     "LikenessFaceAAttributeTransfer": _trainer("Attribute Transfer (FaceA-Net)", ("attributes", "name"),
                                                *IDENTITY_WRITES),
     "LikenessSaveFaceEmbeds": _trainer("Save Face Embeds", ("name",), "likeness/embeds/" + STEM + SAFETENSORS),
+    "LikenessM3FaceLoadImagicEmbedding": _loader("M3Face Load Imagic Embedding", "likeness/m3face_imagic",
+                                                 "embedding_name"),
+    "LikenessM3FaceImagicTrain": _trainer("M3Face Imagic Train", ("name",), "likeness/m3face_imagic/" + STEM
+                                          + SAFETENSORS, "loras/likeness/m3face_imagic_" + STEM + SAFETENSORS),
 }
 
 # States of a needed file

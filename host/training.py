@@ -7,6 +7,7 @@ nodes do. Training folders are resolved by :mod:`host.paths`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,13 +16,15 @@ from ..errors import ModelFileError
 from . import comfy_available
 
 
-def load_for_training(model_patcher: Any) -> torch.device:
+def load_for_training(model_patcher: Any, companions: Sequence[Any] = ()) -> torch.device:
     """Load ``model_patcher`` fully onto its compute device with its weight patches applied (e.g. a LoRA
-    upstream), as ComfyUI's own trainer does; returns the device to train on."""
+    upstream), as ComfyUI's own trainer does; returns the device to train on. ``companions`` (e.g. a
+    ControlNet's model patchers) are loaded in the same call, so loading one does not evict the other."""
     if comfy_available() and hasattr(model_patcher, "load_device") and hasattr(model_patcher, "patch_model"):
         import comfy.model_management
 
-        comfy.model_management.load_models_gpu([model_patcher], memory_required=1e20, force_full_load=True)
+        comfy.model_management.load_models_gpu([model_patcher, *companions], memory_required=1e20,
+                                               force_full_load=True)
         return torch.device(model_patcher.load_device)
     model = getattr(model_patcher, "model", model_patcher)
     for param in model.parameters():
