@@ -20,7 +20,7 @@ from ...attention_patches.injectors import stacking_name
 from ...errors import InvalidInputError
 from .checkpoint import FaceIDCheckpoint
 from .ip_weights import IdentityKV
-from .lora import apply_lora
+from .lora import apply_lora, check_model_fits
 from .mixing import CLIP_PIXEL_MEAN
 from .projection import projector_tokens
 
@@ -76,8 +76,10 @@ def apply_faceid_adapter(model_patcher, checkpoint: FaceIDCheckpoint, tokens: ID
 
     ``weight`` is the official IP ``scale``; ``lora_strength`` scales the merged LoRA (1 = as trained);
     ``start_at``/``end_at`` limit the ID branch to part of the schedule; ``mask`` (MASK) limits it in space.
-    Weight 0 and LoRA strength 0 leave the model's output unchanged.
+    Weight 0 and LoRA strength 0 leave the model's output unchanged. An adapter for another base model (SD1.5 on
+    SDXL or the reverse) raises CheckpointLayoutError naming both.
     """
+    check_model_fits(model_patcher, checkpoint.adapter, checkpoint.source)
     patched = apply_lora(model_patcher, checkpoint.adapter, lora_strength)
     if weight != 0.0:
         provider = IdentityKV(checkpoint.adapter, tokens.cond, tokens.uncond)   # follows the model's device
