@@ -20,6 +20,11 @@ FACEID_PLUSV2 = "ip_adapter_faceid_plusv2_sd15.json"
 CONSISTENTID = "consistentid_v1_sd15.json"
 FACE_MAKEUP = "face_makeup_sd15.json"
 BISENET = "bisenet_face_parsing_19.json"
+FACEID_SDXL = "ip_adapter_faceid_sdxl.json"
+FACEID_PLUSV2_SDXL = "ip_adapter_faceid_plusv2_sdxl.json"
+FACEID_PORTRAIT_SDXL = "ip_adapter_faceid_portrait_sdxl.json"
+INSTANTID = "instantid_ip_adapter_sdxl.json"
+INSTANTID_CONTROLNET = "instantid_controlnet_sdxl.json"
 
 
 def read_layout(name: str) -> dict:
@@ -32,11 +37,12 @@ def key_value(group: str, key: str) -> float:
     return (zlib.crc32(f"{group}.{key}".encode()) % 1000) / 1000.0 - 0.5
 
 
-def state_dict_from_layout(name: str, empty_groups: tuple[str, ...] = (), materialize: bool = False
-                           ) -> dict[str, dict[str, torch.Tensor]]:
+def state_dict_from_layout(name: str, empty_groups: tuple[str, ...] = (), materialize: bool = False,
+                           as_dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """``{group: {key: tensor}}`` with each tensor filled with :func:`key_value` in its stored dtype.
 
-    Without ``materialize`` the constants are broadcast views (no memory until the loader casts them);
+    Without ``materialize`` the constants are broadcast views (no memory until the loader casts them; a loader
+    run with the stored dtype, or ``as_dtype`` = the loader's dtype, copies nothing: the SDXL files are 1-2 GB);
     ``materialize=True`` makes real contiguous tensors (needed to save files). Groups in ``empty_groups`` are
     ``torch.empty`` (no memory touched; for the 1.45 GB ControlNet).
     """
@@ -45,7 +51,7 @@ def state_dict_from_layout(name: str, empty_groups: tuple[str, ...] = (), materi
     for group, keys in layout["groups"].items():
         tensors = {}
         for key, spec in keys.items():
-            dtype = DTYPES[spec["dtype"]]
+            dtype = DTYPES[spec["dtype"]] if as_dtype is None else as_dtype
             if group in empty_groups:
                 tensors[key] = torch.empty(spec["shape"], dtype=dtype)
             elif dtype.is_floating_point:
