@@ -132,3 +132,16 @@ def random_faceid_checkpoint(block_channels: list[int], context_dim: int, *, kin
                                 dim_head=64)
         groups["FacialEncoder"] = _seeded(encoder, seed + 2, 0.05)
     return groups
+
+
+def random_instantid_checkpoint(block_channels: list[int], context_dim: int, *, width: int = 64, depth: int = 2,
+                                num_tokens: int = 16, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """A scaled-down InstantID ``ip-adapter.bin``: a Resampler on the 512-d ArcFace vector, IP-only processors."""
+    from likeness.techniques.faceid.projection import IDResampler
+
+    resampler = IDResampler(dim=width, depth=depth, dim_head=width, heads=1, num_queries=num_tokens,
+                            embedding_dim=512, output_dim=context_dim)
+    groups = {"image_proj": _seeded(resampler, seed, 0.05),
+              "ip_adapter": random_adapter_group(block_channels, context_dim, seed=seed + 1, with_lora=False)}
+    groups["image_proj"]["latents"] = torch.randn(1, num_tokens, width, generator=torch.Generator().manual_seed(seed))
+    return groups

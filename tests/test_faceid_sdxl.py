@@ -188,6 +188,7 @@ def test_faceid_sdxl_projector_matches_the_official_math():
             torch.testing.assert_close(tokens.cond, module(ids), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_faceid_plusv2_sdxl_projector_matches_the_official_math():
     from likeness.techniques.faceid.apply import encode_id_tokens
 
