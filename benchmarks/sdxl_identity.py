@@ -4,7 +4,9 @@
 
 Builds ComfyUI's own SDXL model (``comfy.supported_models.SDXL``, the standard unet config, 2.57 G params,
 random weights: norms 1/0, biases 0, the rest N(0, 0.02)) with ``--cpu --use-pytorch-cross-attention`` (SDPA)
-in ``--dtype`` (bf16 by default: fp32 SDXL plus an fp32 IdentityNet need ~15 GB), then samples with
+in ``--dtype`` (bf16 by default: fp32 SDXL plus an fp32 IdentityNet need ~15 GB). The random weights are written
+once to ``--weights-dir`` and memory-mapped (file-backed pages the kernel can reclaim, so a machine whose other
+jobs leave less free memory than the model's size does not kill anyone), then it samples with
 ``comfy.sample.sample`` (euler/normal, ``--steps`` steps, ``--cfg``; CFG 1 runs the cond chunk only) under
 ``torch.inference_mode()``, as the executor does. Rows (clones of the same model):
 
@@ -35,6 +37,7 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,35 +52,53 @@ SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_
 TARGETS = {"faceid-sdxl": 1.03}
 
 
-def randomise(module, seed: int) -> None:
-    """Norm weights 1, biases 0, everything else N(0, 0.02), parameter by parameter (no fp32 copy of the model)."""
+def random_value(name: str, shape, generator, dtype):
+    """Norm weights 1, biases 0, everything else N(0, 0.02)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name or name.endswith(("in_layers.0.weight", "out_layers.0.weight", "out.0.weight")):
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    if "norm" in name or name.endswith(("in_layers.0.weight", "out_layers.0.weight", "out.0.weight")):
+        return torch.full(shape, 1.0 if name.endswith("weight") else 0.0, dtype=dtype)
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+    return (torch.randn(shape, generator=generator) * 0.02).to(dtype)
 
 
-def build_model(dtype):
+def mmap_random_weights(module, folder: str, seed: int, dtype) -> None:
+    """Give a module built on the meta device random weights memory-mapped from ``folder`` (written on first use,
+    one file per top-level child so no more than one block is ever held in anonymous memory)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    children = {}
+    for name, p in module.named_parameters():
+        children.setdefault(".".join(name.split(".")[:2]), []).append((name, p.shape))
+    folder = os.path.join(folder, str(dtype).replace("torch.", ""))
+    os.makedirs(folder, exist_ok=True)
+    state = {}
+    for index, (child, params) in enumerate(children.items()):
+        path = os.path.join(folder, f"{index:03d}-{child}.pt")
+        if not os.path.isfile(path):
+            torch.save({n: random_value(n, shape, generator, dtype) for n, shape in params}, path + ".part")
+            os.replace(path + ".part", path)
+        state.update(torch.load(path, mmap=True, weights_only=True))
+    module.load_state_dict(state, assign=True, strict=True)
+
+
+def build_model(dtype, folder: str):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
     config = comfy.supported_models.SDXL(dict(SDXL_UNET))
     config.set_inference_dtype(dtype, None)
-    model = config.get_model({})
-    randomise(model.diffusion_model, 0)
+    model = config.get_model({}, device="meta")
+    mmap_random_weights(model.diffusion_model, os.path.join(folder, "sdxl_unet"), 0, dtype)
+    model.device = mm.get_torch_device()     # built on meta, now holding CPU (memory-mapped) weights
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
 
 
-def build_identitynet(dtype):
+def build_identitynet(dtype, folder: str):
     """ComfyUI's ControlNet for the official IdentityNet layout (config from ComfyUI's diffusers detection)."""
     import comfy.cldm.cldm
     import comfy.controlnet
@@ -91,9 +112,9 @@ def build_identitynet(dtype):
     layout = read_layout(INSTANTID_CONTROLNET)["groups"][""]
     config = diffusers_unet_config({k: torch.empty(s["shape"], device="meta") for k, s in layout.items()})
     config.pop("out_channels", None)
-    config.update(hint_channels=3, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
+    config.update(hint_channels=3, dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init)
     control = comfy.cldm.cldm.ControlNet(**config)
-    randomise(control, 1)
+    mmap_random_weights(control, os.path.join(folder, "identitynet"), 1, dtype)
     return comfy.controlnet.ControlNet(control, load_device=mm.get_torch_device(), manual_cast_dtype=None)
 
 
@@ -140,11 +161,11 @@ def build_rows(base, positive, negative, side: int) -> dict:
     return rows
 
 
-def time_identitynet(dtype, latent_side: int, rounds: int) -> list[tuple[float, float]]:
+def time_identitynet(dtype, latent_side: int, rounds: int, folder: str) -> list[tuple[float, float]]:
     """Wall and CPU seconds of one IdentityNet call per round (the UNet rows' batch of 1, CFG 1)."""
     import torch
 
-    control = build_identitynet(dtype).control_model
+    control = build_identitynet(dtype, folder).control_model
     side = latent_side * 8
     inputs = {"x": torch.randn(1, 4, latent_side, latent_side, dtype=dtype), "hint": kps_map(side).movedim(-1, 1).to(dtype),
               "timesteps": torch.tensor([500.0]), "context": id_tokens(16, 3).cond.to(dtype),
@@ -231,6 +252,8 @@ def main() -> int:
     parser.add_argument("--cfg", type=float, default=1.0, help="1 = cond only (the IdentityNet row is timed at batch 1)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--weights-dir", default=os.path.join(tempfile.gettempdir(), "likeness-sdxl-bench-weights"),
+                        help="where the random weights are written once and memory-mapped from (~7.6 GB in bf16)")
     args = parser.parse_args()
     if not args.comfyui or not os.path.isfile(os.path.join(args.comfyui, "comfy", "model_patcher.py")):
         parser.error("set COMFYUI_PATH or --comfyui to a ComfyUI checkout")
@@ -239,7 +262,7 @@ def main() -> int:
 
     dtype = getattr(torch, args.dtype)
     positive, negative = conditioning(1, args.size * 8), conditioning(2, args.size * 8)
-    rows = build_rows(build_model(dtype), positive, negative, args.size * 8)
+    rows = build_rows(build_model(dtype, args.weights_dir), positive, negative, args.size * 8)
     for row in rows.values():
         sample(row, 16, 1, args.cfg)                 # warm-up: code paths and allocations, small latent
     results = {name: [] for name in rows}
@@ -254,7 +277,7 @@ def main() -> int:
 
     comfy.model_management.unload_all_models()
     gc.collect()
-    results["identitynet"] = time_identitynet(dtype, args.size, args.rounds)
+    results["identitynet"] = time_identitynet(dtype, args.size, args.rounds, args.weights_dir)
     report(results, args, dtype)
     return 0
 
