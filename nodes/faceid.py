@@ -116,9 +116,10 @@ class FaceIDApply:
         if not isinstance(faceid, FaceIDCheckpoint):
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
         tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)
-        if faceid.variant == Variant.FACE_MAKEUP:
-            logger.warning("Likeness: Face-MakeUp applied as its adapter half only; use 'Face-MakeUp Apply' for "
-                           "its pose ControlNet.")
+        if faceid.variant in (Variant.FACE_MAKEUP, Variant.INSTANTID):
+            whole = "Face-MakeUp Apply" if faceid.variant == Variant.FACE_MAKEUP else "InstantID Apply"
+            logger.warning("Likeness: %s applied as its adapter half only; use '%s' for its ControlNet.",
+                           faceid.name, whole)
         return (apply_faceid_adapter(model, faceid, tokens, weight=weight, lora_strength=lora_strength,
                                      start_at=start_at, end_at=end_at, mask=mask),)
 
