@@ -111,8 +111,10 @@ def random_adapter_group(block_channels: list[int], context_dim: int, rank: int 
 
 def random_faceid_checkpoint(block_channels: list[int], context_dim: int, *, kind: str = "plus",
                              id_dim: int = 512, clip_dim: int = 64, num_tokens: int = 4, rank: int = 4,
-                             facial_encoder: bool = False, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """A scaled-down FaceID / FaceID-Plus / ConsistentID checkpoint (nested groups) with random weights.
+                             facial_encoder: bool = False, seed: int = 0, with_lora: bool = True
+                             ) -> dict[str, dict[str, torch.Tensor]]:
+    """A scaled-down FaceID / FaceID-Plus / ConsistentID checkpoint (nested groups) with random weights
+    (``with_lora=False``: IP weights only, the FaceID-Portrait layout).
 
     ``block_channels`` from ``[ref.channels for ref in transformer_blocks(model)]``; ``context_dim`` the UNet's
     cross-attention width; ``clip_dim`` the tiny CLIP vision hidden width.
@@ -126,7 +128,7 @@ def random_faceid_checkpoint(block_channels: list[int], context_dim: int, *, kin
         projector = ProjPlusModel(context_dim, id_dim, clip_dim, num_tokens, depth=2, heads=1, dim_head=context_dim)
     groups = {"image_proj": _seeded(projector, seed, 0.05),
               ("adapter_modules" if facial_encoder else "ip_adapter"):
-                  random_adapter_group(block_channels, context_dim, rank, seed + 1)}
+                  random_adapter_group(block_channels, context_dim, rank, seed + 1, with_lora=with_lora)}
     if facial_encoder:
         encoder = FacialEncoder(embedding_dim=clip_dim, output_dim=context_dim, resampler_dim=64, depth=2, heads=1,
                                 dim_head=64)

@@ -75,20 +75,24 @@ def _arcface(seed: int = 4) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def test_faceid_sdxl_chain_runs_and_zero_weights_are_unpatched(tiny_sdxl):
+@pytest.mark.parametrize("variant_name, tokens, with_lora", [("faceid", 4, True), ("faceid_portrait", 16, False)])
+def test_faceid_sdxl_chain_runs_and_zero_weights_are_unpatched(tiny_sdxl, variant_name, tokens, with_lora):
     from likeness.techniques.faceid.apply import apply_faceid_adapter, encode_id_tokens
-    from likeness.techniques.faceid.checkpoint import Variant, load_faceid_state_dict
+    from likeness.techniques.faceid.checkpoint import load_faceid_state_dict
 
-    groups = random_faceid_checkpoint(_channels(tiny_sdxl), 64, kind="mlp", rank=4)
-    checkpoint = load_faceid_state_dict(groups, source="tiny-faceid_sdxl.bin")
-    assert checkpoint.variant == Variant.FACEID and len(checkpoint.adapter.processors) == 2 * len(_channels(tiny_sdxl))
-    tokens = encode_id_tokens(checkpoint, _arcface())
+    groups = random_faceid_checkpoint(_channels(tiny_sdxl), 64, kind="mlp", rank=4, num_tokens=tokens,
+                                      with_lora=with_lora)
+    checkpoint = load_faceid_state_dict(groups, source=f"tiny-{variant_name}_sdxl.bin")
+    assert checkpoint.variant.value == variant_name and checkpoint.num_tokens == tokens
+    assert len(checkpoint.adapter.processors) == 2 * len(_channels(tiny_sdxl))
+    id_tokens = encode_id_tokens(checkpoint, _arcface())
     base = _sample(tiny_sdxl)
-    off = _sample(apply_faceid_adapter(tiny_sdxl, checkpoint, tokens, weight=0.0, lora_strength=0.0))
-    on = _sample(apply_faceid_adapter(tiny_sdxl, checkpoint, tokens, weight=1.0, lora_strength=1.0))
-    id_only = _sample(apply_faceid_adapter(tiny_sdxl, checkpoint, tokens, weight=1.0, lora_strength=0.0))
+    off = _sample(apply_faceid_adapter(tiny_sdxl, checkpoint, id_tokens, weight=0.0, lora_strength=0.0))
+    on = _sample(apply_faceid_adapter(tiny_sdxl, checkpoint, id_tokens, weight=1.0, lora_strength=1.0))
+    id_only = _sample(apply_faceid_adapter(tiny_sdxl, checkpoint, id_tokens, weight=1.0, lora_strength=0.0))
     assert torch.equal(off, base)
-    assert (on - base).abs().max() > 1e-4 and (id_only - base).abs().max() > 1e-4 and not torch.equal(on, id_only)
+    assert (on - base).abs().max() > 1e-4 and (id_only - base).abs().max() > 1e-4
+    assert torch.equal(on, id_only) != with_lora          # the LoRA acts where the file has one
 
 
 def test_plusv2_sdxl_through_the_apply_node(tiny_sdxl, tiny_clip_vision):
