@@ -1,4 +1,5 @@
-"""IP-Adapter FaceID family nodes (FaceID, FaceID-Plus, FaceID-PlusV2, Face-MakeUp's adapter half)."""
+"""IP-Adapter FaceID family nodes (FaceID, FaceID-Plus, FaceID-PlusV2, Portrait on SD1.5 and SDXL; Face-MakeUp;
+InstantID's adapter + IdentityNet)."""
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,8 @@ logger = logging.getLogger("likeness")
 
 CATEGORY = category("FaceID")
 FOLDER = "likeness"
-SUBFOLDERS = ("faceid", "face_makeup")
-NO_FILE = "(no file in models/likeness/faceid or face_makeup)"
+SUBFOLDERS = ("faceid", "face_makeup", "instantid")
+NO_FILE = "(no file in models/likeness/faceid, face_makeup or instantid)"
 ADAPTERS = ModelFolder("FaceID-family adapter", FOLDER, SUBFOLDERS)
 SHORTCUT_CHOICES = {"auto (from file name)": None, "on (PlusV2, Face-MakeUp)": True, "off (Plus v1)": False}
 
@@ -35,9 +36,10 @@ class FaceIDLoader:
     NODE_ID = "LikenessFaceIDLoader"
     DISPLAY_NAME = "FaceID / Face-MakeUp Loader"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Loads an IP-Adapter FaceID-family file (ip-adapter-faceid*.bin / .safetensors, or Face-MakeUp's "
-                   "model.bin) from models/likeness/faceid or face_makeup. The variant (FaceID, Plus, PlusV2, "
-                   "Face-MakeUp) is read from the keys; every key is checked.")
+    DESCRIPTION = ("Loads an IP-Adapter FaceID-family file (ip-adapter-faceid*.bin / .safetensors, SD1.5 or SDXL; "
+                   "Face-MakeUp's model.bin; InstantID's ip-adapter.bin) from models/likeness/faceid, face_makeup or "
+                   "instantid. The variant (FaceID, Plus, PlusV2, Portrait, Face-MakeUp, InstantID) and the base "
+                   "model (SD1.5 / SDXL) are read from the keys; every key is checked.")
     RETURN_TYPES = ("FACE_MAKEUP", "STRING")
     RETURN_NAMES = ("faceid", "variant")
     FUNCTION = "load"
@@ -45,7 +47,8 @@ class FaceIDLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (_files(), {"tooltip": "The adapter file (SD1.5)."}),
+            "model_name": (_files(), {"tooltip": "The adapter file (SD1.5 or SDXL; use it with a model of the same "
+                                      "base)."}),
             "shortcut": (list(SHORTCUT_CHOICES), {"default": "auto (from file name)", "tooltip": "FaceID-Plus and "
                          "PlusV2 have the same keys; PlusV2 adds the MLP tokens back (x + s_scale * resampler). "
                          "'auto' turns it on for names containing 'plusv2' and for Face-MakeUp."}),
@@ -64,7 +67,7 @@ class FaceIDLoader:
         sub, name = model_name.split("/", 1)
         path = resolved_path(resolve, FOLDER, name, sub)
         checkpoint = load_faceid_checkpoint(path, shortcut=SHORTCUT_CHOICES.get(shortcut))
-        return (checkpoint, checkpoint.name)
+        return (checkpoint, f"{checkpoint.name} ({checkpoint.base})")
 
 
 class FaceIDApply:
@@ -81,7 +84,8 @@ class FaceIDApply:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.5 model (Realistic Vision recommended)."}),
+            "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model, the adapter's base (SD1.5: Realistic Vision "
+                      "recommended)."}),
             "faceid": ("FACE_MAKEUP", {"tooltip": "From FaceID / Face-MakeUp Loader."}),
             "image": ("IMAGE", {"tooltip": "Reference photo(s). Several images are blended with mix_weights (equal by "
                                 "default): photos of one person, or different people for identity mixing."}),
@@ -112,9 +116,10 @@ class FaceIDApply:
         if not isinstance(faceid, FaceIDCheckpoint):
             raise InvalidInputError("'faceid' must come from the FaceID / Face-MakeUp Loader.")
         tokens = faceid_tokens(faceid, image, faces, clip_vision, s_scale, mix_weights)
-        if faceid.variant == Variant.FACE_MAKEUP:
-            logger.warning("Likeness: Face-MakeUp applied as its adapter half only; use 'Face-MakeUp Apply' for "
-                           "its pose ControlNet.")
+        if faceid.variant in (Variant.FACE_MAKEUP, Variant.INSTANTID):
+            whole = "Face-MakeUp Apply" if faceid.variant == Variant.FACE_MAKEUP else "InstantID Apply"
+            logger.warning("Likeness: %s applied as its adapter half only; use '%s' for its ControlNet.",
+                           faceid.name, whole)
         return (apply_faceid_adapter(model, faceid, tokens, weight=weight, lora_strength=lora_strength,
                                      start_at=start_at, end_at=end_at, mask=mask),)
 
@@ -172,6 +177,62 @@ class FaceMakeUpApply:
                                  start_at=start_at, end_at=end_at)
 
 
+class InstantIDApply:
+    NODE_ID = "LikenessInstantIDApply"
+    DISPLAY_NAME = "InstantID Apply (adapter + IdentityNet)"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Runs InstantID on an SDXL model: the 16 ID tokens of its Resampler (from the raw antelopev2 ArcFace "
+                   "vector) attend in every cross-attention next to the text, and the IdentityNet ControlNet, fed "
+                   "those ID tokens instead of the prompt, follows the 5-keypoint map (the reference's pose unless a "
+                   "pose map is given).")
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("model", "positive", "negative")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SDXL model."}),
+            "instantid": ("FACE_MAKEUP", {"tooltip": "InstantID's ip-adapter.bin from the FaceID / Face-MakeUp Loader "
+                          "(models/likeness/instantid)."}),
+            "control_net": ("CONTROL_NET", {"tooltip": "The IdentityNet (InstantID's ControlNetModel "
+                            "diffusion_pytorch_model.safetensors) from Load ControlNet Model."}),
+            "image": ("IMAGE", {"tooltip": "Reference photo(s); several are blended with mix_weights."}),
+            "faces": ("FACES", {"tooltip": "Analyze Faces on the reference images (InstantID was trained on "
+                      "insightface antelopev2)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Positive prompt conditioning; receives the IdentityNet."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning; receives the IdentityNet fed the "
+                         "unconditional ID tokens."}),
+            "weight": float_input(0.8, 0.0, 3.0, 0.05, "ID attention scale (the official ip_adapter_scale, 0.8)."),
+            "controlnet_strength": float_input(0.8, 0.0, 2.0, 0.05, "IdentityNet strength (the official "
+                                               "controlnet_conditioning_scale, 0.8; 0 = adapter only)."),
+            **percent_range_inputs(),
+        }, "optional": {
+            "pose_map": ("IMAGE", {"tooltip": "A 5-keypoint map (Face Keypoint Map node, sized to the output) giving "
+                         "the pose; default: the first reference's keypoints at its own size."}),
+            "mix_weights": ("STRING", {"default": "", "tooltip": "Comma-separated weight per reference image; "
+                            "empty = equal."}),
+            "mask": ("MASK", {"tooltip": "Optional: only where the ID tokens act."}),
+        }}
+
+    @shows_warnings
+    def apply(self, model, instantid, control_net, image, faces, positive, negative, weight, controlnet_strength,
+              start_at, end_at, pose_map=None, mix_weights="", mask=None):
+        from ..techniques.faceid.apply import apply_instantid
+        from ..techniques.faceid.checkpoint import FaceIDCheckpoint
+        from ..techniques.faceid.references import faceid_tokens, reference_pose_map
+
+        check_images(image=image, pose_map=pose_map)
+        check_masks(mask=mask)
+        if not isinstance(instantid, FaceIDCheckpoint):
+            raise InvalidInputError("'instantid' must come from the FaceID / Face-MakeUp Loader.")
+        tokens = faceid_tokens(instantid, image, faces, None, 1.0, mix_weights)
+        if pose_map is None:
+            pose_map = reference_pose_map(faces)
+        return apply_instantid(model, instantid, tokens, positive, negative, pose_map, control_net, weight=weight,
+                               controlnet_strength=controlnet_strength, start_at=start_at, end_at=end_at, mask=mask)
+
+
 class IdentityMixBalance:
     NODE_ID = "LikenessIdentityMixBalance"
     DISPLAY_NAME = "Identity Mixing Balance"
@@ -206,4 +267,4 @@ class IdentityMixBalance:
         return {"ui": {"text": [text]}, "result": (text, first, second)}
 
 
-NODE_CLASSES = [FaceIDLoader, FaceIDApply, FaceMakeUpApply, IdentityMixBalance]
+NODE_CLASSES = [FaceIDLoader, FaceIDApply, FaceMakeUpApply, InstantIDApply, IdentityMixBalance]

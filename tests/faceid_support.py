@@ -20,6 +20,11 @@ FACEID_PLUSV2 = "ip_adapter_faceid_plusv2_sd15.json"
 CONSISTENTID = "consistentid_v1_sd15.json"
 FACE_MAKEUP = "face_makeup_sd15.json"
 BISENET = "bisenet_face_parsing_19.json"
+FACEID_SDXL = "ip_adapter_faceid_sdxl.json"
+FACEID_PLUSV2_SDXL = "ip_adapter_faceid_plusv2_sdxl.json"
+FACEID_PORTRAIT_SDXL = "ip_adapter_faceid_portrait_sdxl.json"
+INSTANTID = "instantid_ip_adapter_sdxl.json"
+INSTANTID_CONTROLNET = "instantid_controlnet_sdxl.json"
 
 
 def read_layout(name: str) -> dict:
@@ -32,11 +37,12 @@ def key_value(group: str, key: str) -> float:
     return (zlib.crc32(f"{group}.{key}".encode()) % 1000) / 1000.0 - 0.5
 
 
-def state_dict_from_layout(name: str, empty_groups: tuple[str, ...] = (), materialize: bool = False
-                           ) -> dict[str, dict[str, torch.Tensor]]:
+def state_dict_from_layout(name: str, empty_groups: tuple[str, ...] = (), materialize: bool = False,
+                           as_dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """``{group: {key: tensor}}`` with each tensor filled with :func:`key_value` in its stored dtype.
 
-    Without ``materialize`` the constants are broadcast views (no memory until the loader casts them);
+    Without ``materialize`` the constants are broadcast views (no memory until the loader casts them; a loader
+    run with the stored dtype, or ``as_dtype`` = the loader's dtype, copies nothing: the SDXL files are 1-2 GB);
     ``materialize=True`` makes real contiguous tensors (needed to save files). Groups in ``empty_groups`` are
     ``torch.empty`` (no memory touched; for the 1.45 GB ControlNet).
     """
@@ -45,7 +51,7 @@ def state_dict_from_layout(name: str, empty_groups: tuple[str, ...] = (), materi
     for group, keys in layout["groups"].items():
         tensors = {}
         for key, spec in keys.items():
-            dtype = DTYPES[spec["dtype"]]
+            dtype = DTYPES[spec["dtype"]] if as_dtype is None else as_dtype
             if group in empty_groups:
                 tensors[key] = torch.empty(spec["shape"], dtype=dtype)
             elif dtype.is_floating_point:
@@ -105,8 +111,10 @@ def random_adapter_group(block_channels: list[int], context_dim: int, rank: int 
 
 def random_faceid_checkpoint(block_channels: list[int], context_dim: int, *, kind: str = "plus",
                              id_dim: int = 512, clip_dim: int = 64, num_tokens: int = 4, rank: int = 4,
-                             facial_encoder: bool = False, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """A scaled-down FaceID / FaceID-Plus / ConsistentID checkpoint (nested groups) with random weights.
+                             facial_encoder: bool = False, seed: int = 0, with_lora: bool = True
+                             ) -> dict[str, dict[str, torch.Tensor]]:
+    """A scaled-down FaceID / FaceID-Plus / ConsistentID checkpoint (nested groups) with random weights
+    (``with_lora=False``: IP weights only, the FaceID-Portrait layout).
 
     ``block_channels`` from ``[ref.channels for ref in transformer_blocks(model)]``; ``context_dim`` the UNet's
     cross-attention width; ``clip_dim`` the tiny CLIP vision hidden width.
@@ -120,9 +128,22 @@ def random_faceid_checkpoint(block_channels: list[int], context_dim: int, *, kin
         projector = ProjPlusModel(context_dim, id_dim, clip_dim, num_tokens, depth=2, heads=1, dim_head=context_dim)
     groups = {"image_proj": _seeded(projector, seed, 0.05),
               ("adapter_modules" if facial_encoder else "ip_adapter"):
-                  random_adapter_group(block_channels, context_dim, rank, seed + 1)}
+                  random_adapter_group(block_channels, context_dim, rank, seed + 1, with_lora=with_lora)}
     if facial_encoder:
         encoder = FacialEncoder(embedding_dim=clip_dim, output_dim=context_dim, resampler_dim=64, depth=2, heads=1,
                                 dim_head=64)
         groups["FacialEncoder"] = _seeded(encoder, seed + 2, 0.05)
+    return groups
+
+
+def random_instantid_checkpoint(block_channels: list[int], context_dim: int, *, width: int = 64, depth: int = 2,
+                                num_tokens: int = 16, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """A scaled-down InstantID ``ip-adapter.bin``: a Resampler on the 512-d ArcFace vector, IP-only processors."""
+    from likeness.techniques.faceid.projection import IDResampler
+
+    resampler = IDResampler(dim=width, depth=depth, dim_head=width, heads=1, num_queries=num_tokens,
+                            embedding_dim=512, output_dim=context_dim)
+    groups = {"image_proj": _seeded(resampler, seed, 0.05),
+              "ip_adapter": random_adapter_group(block_channels, context_dim, seed=seed + 1, with_lora=False)}
+    groups["image_proj"]["latents"] = torch.randn(1, num_tokens, width, generator=torch.Generator().manual_seed(seed))
     return groups

@@ -8,6 +8,8 @@ Shared by the FaceID / FaceID-Plus / PlusV2 apply, Face-MakeUp (its adapter half
   ``projector(zeros, clip(zero image))``.
 - :func:`apply_faceid_adapter`: a model clone with the LoRA as weight patches (exact, see ``lora.py``) and
   the engine's :class:`DecoupledInjector` fed by :class:`IdentityKV` (``out += w * Attn(q, K_ip, V_ip)``).
+- :func:`apply_face_makeup` / :func:`apply_instantid`: the adapter half plus the ID-fed ControlNet attached to
+  the conditioning (Face-MakeUp's pose net, InstantID's IdentityNet), fed the cond / uncond ID tokens.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from ...attention_patches.injectors import stacking_name
 from ...errors import InvalidInputError
 from .checkpoint import FaceIDCheckpoint
 from .ip_weights import IdentityKV
-from .lora import apply_lora
+from .lora import apply_lora, check_model_fits
 from .mixing import CLIP_PIXEL_MEAN
 from .projection import projector_tokens
 
@@ -76,8 +78,10 @@ def apply_faceid_adapter(model_patcher, checkpoint: FaceIDCheckpoint, tokens: ID
 
     ``weight`` is the official IP ``scale``; ``lora_strength`` scales the merged LoRA (1 = as trained);
     ``start_at``/``end_at`` limit the ID branch to part of the schedule; ``mask`` (MASK) limits it in space.
-    Weight 0 and LoRA strength 0 leave the model's output unchanged.
+    Weight 0 and LoRA strength 0 leave the model's output unchanged. An adapter for another base model (SD1.5 on
+    SDXL or the reverse) raises CheckpointLayoutError naming both.
     """
+    check_model_fits(model_patcher, checkpoint.adapter, checkpoint.source)
     patched = apply_lora(model_patcher, checkpoint.adapter, lora_strength)
     if weight != 0.0:
         provider = IdentityKV(checkpoint.adapter, tokens.cond, tokens.uncond)   # follows the model's device
@@ -88,9 +92,10 @@ def apply_faceid_adapter(model_patcher, checkpoint: FaceIDCheckpoint, tokens: ID
     return patched
 
 
-def arcface_from_faces(analysis, expected_dim: int = 512) -> torch.Tensor:
-    """``[B, D]`` L2-normalised identity vectors, the first selected face of each image (zeros without a face,
-    as the official code does). The FaceID family was trained on insightface buffalo_l (w600k_r50) vectors."""
+def arcface_from_faces(analysis, expected_dim: int = 512, raw: bool = False) -> torch.Tensor:
+    """``[B, D]`` identity vectors, the first selected face of each image (zeros without a face, as the official
+    code does): L2-normalised for the FaceID family (trained on insightface buffalo_l / w600k_r50 vectors), the
+    raw embedding with ``raw=True`` (InstantID: ``face_info['embedding']`` of antelopev2 / glintr100)."""
     import logging
 
     faces = analysis.first_face_per_image()
@@ -101,12 +106,13 @@ def arcface_from_faces(analysis, expected_dim: int = 512) -> torch.Tensor:
     if dims != {expected_dim}:
         raise InvalidInputError(f"this model needs {expected_dim}-d ArcFace vectors (insightface buffalo_l); FACES has "
                                 f"{sorted(dims)}-d embeddings from {analysis.model_id}.")
-    if "buffalo_l" not in str(analysis.model_id) and "w600k" not in str(analysis.model_id):
-        logging.getLogger("likeness").warning(
-            "Likeness: FaceID-family models were trained on buffalo_l (w600k_r50) embeddings; FACES came from %s.",
-            analysis.model_id)
+    trained_on = ("antelopev2", "glintr100") if raw else ("buffalo_l", "w600k")
+    if not any(name in str(analysis.model_id) for name in trained_on):
+        logging.getLogger("likeness").warning("Likeness: this model was trained on %s (%s) embeddings; FACES came "
+                                              "from %s.", *trained_on, analysis.model_id)
     rows = [torch.zeros(expected_dim) if f is None or f.embedding is None
-            else torch.as_tensor(f.normed_embedding, dtype=torch.float32).reshape(-1) for f in faces]
+            else torch.as_tensor(f.embedding if raw else f.normed_embedding, dtype=torch.float32).reshape(-1)
+            for f in faces]
     return torch.stack(rows)
 
 
@@ -121,7 +127,7 @@ def apply_face_makeup(model_patcher, checkpoint: FaceIDCheckpoint, tokens: IDTok
     cross-attention context. Returns ``(model, positive, negative)``; all-zero strengths change nothing.
     """
     from .checkpoint import Variant
-    from .controlnet import attach_id_controlnet, build_face_makeup_controlnet
+    from .controlnet import build_id_controlnet
 
     if checkpoint.variant != Variant.FACE_MAKEUP or checkpoint.controlnet is None:
         raise InvalidInputError(f"{checkpoint.name} is not Face-MakeUp (no 'controlnet' group); use the FaceID Apply "
@@ -133,10 +139,41 @@ def apply_face_makeup(model_patcher, checkpoint: FaceIDCheckpoint, tokens: IDTok
     if control_net is None:
         control_net = getattr(checkpoint, "_comfy_controlnet", None)
         if control_net is None:
-            control_net = build_face_makeup_controlnet(checkpoint.controlnet, checkpoint.controlnet_shape)
+            control_net = build_id_controlnet(checkpoint.controlnet, checkpoint.controlnet_shape)
             checkpoint._comfy_controlnet = control_net
-    positive = attach_id_controlnet(positive, control_net, pose_map, tokens.cond, controlnet_strength,
-                                    start_at, end_at)
-    negative = attach_id_controlnet(negative, control_net, pose_map, tokens.uncond, controlnet_strength,
-                                    start_at, end_at)
+    positive, negative = _attach_both(positive, negative, control_net, pose_map, tokens, controlnet_strength,
+                                      start_at, end_at)
+    return model, positive, negative
+
+
+def _attach_both(positive: list, negative: list, control_net, hint: torch.Tensor, tokens: IDTokens, strength: float,
+                 start_at: float, end_at: float) -> tuple[list, list]:
+    """The ControlNet on the positive entries with the cond ID tokens and on the negative ones with the uncond."""
+    from .controlnet import attach_id_controlnet
+
+    return (attach_id_controlnet(positive, control_net, hint, tokens.cond, strength, start_at, end_at),
+            attach_id_controlnet(negative, control_net, hint, tokens.uncond, strength, start_at, end_at))
+
+
+def apply_instantid(model_patcher, checkpoint: FaceIDCheckpoint, tokens: IDTokens, positive: list, negative: list,
+                    kps_map: torch.Tensor, control_net=None, weight: float = 0.8, controlnet_strength: float = 0.8,
+                    start_at: float = 0.0, end_at: float = 1.0, mask: torch.Tensor | None = None) -> tuple:
+    """The whole InstantID: its 16 ID tokens in every cross-attention (the decoupled injector, ``weight`` = the
+    official ``ip_adapter_scale``) and the IdentityNet attached to the conditioning with the cond / uncond ID
+    tokens as its context and ``kps_map`` (IMAGE, the 5-keypoint map) as its hint, ``controlnet_strength`` =
+    the official ``controlnet_conditioning_scale``. Returns ``(model, positive, negative)``; ``control_net=None``
+    or strength 0 runs the adapter half only, and all-zero weights change nothing."""
+    from .checkpoint import Variant
+    from .controlnet import check_controlnet_context
+
+    if checkpoint.variant != Variant.INSTANTID:
+        raise InvalidInputError(f"{checkpoint.name} is not InstantID's ip-adapter.bin; use the FaceID / Face-MakeUp "
+                                "Apply nodes for it.")
+    model = apply_faceid_adapter(model_patcher, checkpoint, tokens, weight=weight, lora_strength=0.0,
+                                 start_at=start_at, end_at=end_at, mask=mask)
+    if control_net is None or controlnet_strength == 0.0:
+        return model, positive, negative
+    check_controlnet_context(control_net, tokens.cond, checkpoint.name)
+    positive, negative = _attach_both(positive, negative, control_net, kps_map, tokens, controlnet_strength,
+                                      start_at, end_at)
     return model, positive, negative

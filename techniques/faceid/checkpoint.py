@@ -1,5 +1,6 @@
 """One loader for every IP-Adapter-FaceID-family checkpoint: FaceID, FaceID-Portrait, FaceID-Plus, FaceID-PlusV2,
-Face-MakeUp (``model.bin``) and ConsistentID (``ConsistentID-v1.bin``).
+Face-MakeUp (``model.bin``), ConsistentID (``ConsistentID-v1.bin``) and InstantID (``ip-adapter.bin``), for SD1.5
+and SDXL.
 
 Files: a torch pickle ``{group: state_dict}`` (read with ``weights_only=True``) or a ``.safetensors`` file with
 flat ``"{group}.{key}"`` names. Groups (aliases accepted for each role):
@@ -7,13 +8,15 @@ flat ``"{group}.{key}"`` names. Groups (aliases accepted for each role):
 ======================  ===================================  ==========================================
 role                    group names                          contents
 ======================  ===================================  ==========================================
-projector               ``image_proj`` / ``image_proj_model``  MLPProjModel or ProjPlusModel
-processors              ``ip_adapter`` / ``adapter_modules``   32 processors: LoRA r128 + to_k_ip/to_v_ip
+projector               ``image_proj`` / ``image_proj_model``  MLPProjModel, ProjPlusModel or IDResampler
+processors              ``ip_adapter`` / ``adapter_modules``   32 / 140 processors: LoRA r128 + to_k_ip/to_v_ip
 FacialEncoder (CID)     ``FacialEncoder``                     ConsistentID region encoder + fuse module
 controlnet (Face-MU)    ``controlnet``                        diffusers ControlNet (pose, fed ID tokens)
 ======================  ===================================  ==========================================
 
-The variant is read from the keys. FaceID-Plus and FaceID-PlusV2 have the same keys; they differ only in
+The variant and the base model are read from the keys: 32 processors with a 768-d context are SD1.5, 140 with a
+2048-d context SDXL (:attr:`FaceIDCheckpoint.base`); a projector with learned ``latents`` over a 512-d input is
+InstantID's Resampler. FaceID-Plus and FaceID-PlusV2 have the same keys; they differ only in
 inference (PlusV2 adds the shortcut ``x + s_scale * resampler``). Pass ``shortcut`` explicitly, or the file name
 decides (``...plusv2...`` -> shortcut on), see :func:`resolve_shortcut`.
 
@@ -33,8 +36,9 @@ from torch import nn
 
 from ...errors import CheckpointLayoutError, ModelFileError
 from .controlnet_layout import ControlNetShape, validate_controlnet_state_dict
+from .lora import BASE_TEXT_CONTEXT, base_model_name
 from .processors import AdapterWeights, parse_adapter, raise_problems
-from .projection import MLPProjModel, ProjectorConfig, projector_config_from_state_dict
+from .projection import ProjectorConfig, projector_config_from_state_dict
 
 logger = logging.getLogger("likeness")
 
@@ -52,6 +56,7 @@ class Variant(str, Enum):
     FACEID_PLUSV2 = "faceid_plusv2"
     FACE_MAKEUP = "face_makeup"
     CONSISTENTID = "consistentid"
+    INSTANTID = "instantid"
 
 
 VARIANT_NAMES = {
@@ -61,7 +66,9 @@ VARIANT_NAMES = {
     Variant.FACEID_PLUSV2: "IP-Adapter FaceID-PlusV2",
     Variant.FACE_MAKEUP: "Face-MakeUp",
     Variant.CONSISTENTID: "ConsistentID",
+    Variant.INSTANTID: "InstantID",
 }
+ARCFACE_DIM = 512   # InstantID's Resampler reads one 512-d ArcFace vector; IP-Adapter-Plus ones read CLIP (1280+)
 
 
 @dataclass
@@ -78,10 +85,16 @@ class FaceIDCheckpoint:
     controlnet_shape: ControlNetShape | None = None
     group_names: dict[str, str] = field(default_factory=dict)      # role -> group name found in the file
     stored_dtypes: dict[str, list[str]] = field(default_factory=dict)  # group -> dtypes in the file
+    base: str = ""                                      # "SD1.5", "SDXL" or a description of another UNet
 
     @property
     def name(self) -> str:
         return VARIANT_NAMES[self.variant]
+
+    @property
+    def raw_arcface(self) -> bool:
+        """InstantID was trained on the raw antelopev2 embedding; the FaceID family on the normalised one."""
+        return self.variant == Variant.INSTANTID
 
     @property
     def num_tokens(self) -> int:
@@ -165,6 +178,12 @@ def _role(groups: Mapping[str, dict], names: tuple[str, ...], source: str) -> st
     return present[0] if present else None
 
 
+def _is_instantid(projector: Mapping[str, torch.Tensor]) -> bool:
+    """A Resampler with learned latents whose input is one ArcFace vector (IP-Adapter-Plus reads CLIP features)."""
+    proj_in = projector.get("proj_in.weight")
+    return "latents" in projector and proj_in is not None and proj_in.dim() == 2 and proj_in.shape[1] == ARCFACE_DIM
+
+
 def _is_plain_ip_adapter(projector: Mapping[str, torch.Tensor], processors: Mapping[str, torch.Tensor]) -> bool:
     """ImageProjModel (``proj.weight``) or Resampler (``latents``) projector, processors without LoRA."""
     image_prompt_projector = "proj.weight" in projector or "latents" in projector or "proj_in.weight" in projector
@@ -182,11 +201,14 @@ def detect_variant(groups: Mapping[str, Mapping[str, torch.Tensor]], filename_hi
         raise CheckpointLayoutError(f"{source} has no {missing} group, which every FaceID-family file has "
                                     f"(found groups: {', '.join(groups) or 'none'}).")
     projector, processors = groups[proj_group], groups[proc_group]
+    if _is_instantid(projector):
+        return Variant.INSTANTID
     if _is_plain_ip_adapter(projector, processors):
         raise ModelFileError(
             f"{source} is a plain IP-Adapter (image-prompt) file, not a FaceID-family one: its projector has no "
             "ArcFace MLP (proj.0/proj.2) and its attention processors carry no LoRA. Load it with an IP-Adapter "
-            "pack; this loader takes ip-adapter-faceid*.bin, Face-MakeUp model.bin and ConsistentID-v1.bin.")
+            "pack; this loader takes ip-adapter-faceid*.bin, Face-MakeUp model.bin, ConsistentID-v1.bin and "
+            "InstantID's ip-adapter.bin.")
     plus = any(k.startswith("perceiver_resampler.") for k in projector)
     has_lora = any("_lora." in k for k in processors)
     extras = [g for g in (FACIAL_ENCODER_GROUP, CONTROLNET_GROUP) if g in groups]
@@ -273,15 +295,12 @@ def load_faceid_state_dict(raw: Mapping, *, source: str = "state dict", filename
     config = projector_config_from_state_dict(projector_sd, proj_group)
     projector = load_module_strict(build_module(config.build), projector_sd, proj_group)
     adapter = parse_adapter(cast_state_dict(groups[proc_group], dtype), proc_group)
-    if adapter.context_dim and adapter.context_dim != config.cross_attention_dim:
-        raise CheckpointLayoutError(
-            f"{source}: the ID tokens are {config.cross_attention_dim}-d but to_k_ip/to_v_ip take "
-            f"{adapter.context_dim}-d inputs; projector and processors come from different models.")
+    base = _base_model(adapter, config, source)
 
     checkpoint = FaceIDCheckpoint(variant, projector, config, adapter, resolve_shortcut(variant, filename_hint or
                                   source, shortcut), source, group_names={"projector": proj_group,
                                                                           "processors": proc_group},
-                                  stored_dtypes=stored)
+                                  stored_dtypes=stored, base=base)
     if variant == Variant.CONSISTENTID:
         from ..consistentid.facial_encoder import facial_encoder_config_from_state_dict
         encoder_sd = cast_state_dict(groups[FACIAL_ENCODER_GROUP], dtype)
@@ -294,11 +313,24 @@ def load_faceid_state_dict(raw: Mapping, *, source: str = "state dict", filename
         checkpoint.controlnet = dict(groups[CONTROLNET_GROUP])
         checkpoint.controlnet_shape = validate_controlnet_state_dict(checkpoint.controlnet, CONTROLNET_GROUP)
         checkpoint.group_names["controlnet"] = CONTROLNET_GROUP
-    if isinstance(projector, MLPProjModel) and checkpoint.shortcut:
+    if config.kind != "plus" and checkpoint.shortcut:
         raise CheckpointLayoutError(f"{source}: shortcut=True needs a FaceID-Plus projector; this is {checkpoint.name}.")
-    logger.info("Likeness: loaded %s from %s (%d tokens, LoRA rank %d, stored %s)", checkpoint.name, source,
+    logger.info("Likeness: loaded %s %s from %s (%d tokens, LoRA rank %d, stored %s)", checkpoint.name, base, source,
                 config.num_tokens, adapter.rank, stored)
     return checkpoint
+
+
+def _base_model(adapter: AdapterWeights, config: ProjectorConfig, source: str) -> str:
+    """The base model the processors were made for (processor count and context width; the tokens must fit)."""
+    if adapter.context_dim and adapter.context_dim != config.cross_attention_dim:
+        raise CheckpointLayoutError(
+            f"{source}: the ID tokens are {config.cross_attention_dim}-d but to_k_ip/to_v_ip take "
+            f"{adapter.context_dim}-d inputs; projector and processors come from different models.")
+    base = base_model_name(adapter.num_transformer_blocks)
+    expected = BASE_TEXT_CONTEXT.get(base)
+    if expected and adapter.context_dim and adapter.context_dim != expected:   # scaled-down models (tests)
+        return f"{base}-shaped ({adapter.context_dim}-d context)"
+    return base
 
 
 def load_faceid_checkpoint(path: str, *, shortcut: bool | None = None,

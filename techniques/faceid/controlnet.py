@@ -1,7 +1,7 @@
-"""Face-MakeUp's pose ControlNet as a ComfyUI ControlNet, fed the ID tokens instead of the text (host-gated).
+"""ID-fed ControlNets as ComfyUI ControlNets: the identity tokens instead of the text as context (host-gated).
 
-Face-MakeUp's "PoseNet" is a diffusers ``ControlNetModel`` whose cross-attention context is the 4 identity
-tokens. ComfyUI already supports a per-conditioning ControlNet context: ``ControlNet.get_control`` reads
+Face-MakeUp's "PoseNet" (SD1.5, 4 ID tokens) and InstantID's IdentityNet (SDXL, 16 ID tokens) are diffusers
+``ControlNetModel`` s whose cross-attention context is the identity tokens, driven by the 5-keypoint map. ComfyUI already supports a per-conditioning ControlNet context: ``ControlNet.get_control`` reads
 ``cond['crossattn_controlnet']`` (filled from the conditioning entry's ``cross_attn_controlnet``) before the
 text. So the ControlNet half is: convert the diffusers state dict with ComfyUI's own key map (the same one
 ``comfy.controlnet.load_controlnet_state_dict`` uses), build ComfyUI's ControlNet from it (:mod:`host.controlnet`),
@@ -9,12 +9,13 @@ and attach a copy per conditioning entry exactly like ``ControlNetApplyAdvanced`
 positive entries and the uncond ones on negative entries.
 
 The UNet config comes from ComfyUI's diffusers detection when it recognises the model (the real Face-MakeUp is
-SD1.5-shaped); for scaled-down test ControlNets, which no detection table lists, it is derived from the shapes.
+SD1.5-shaped, the IdentityNet SDXL-shaped); for scaled-down test ControlNets, which no detection table lists, it is derived from the shapes.
 Everything after the config is the same code path.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -24,6 +25,7 @@ from .controlnet_layout import ControlNetShape
 logger = logging.getLogger("likeness")
 
 SD15_NUM_HEADS = 8    # diffusers' SD1.5 "attention_head_dim" = 8 is the number of heads; shapes cannot tell
+SDXL_HEAD_CHANNELS = 64   # SDXL's heads are 64 wide (ComfyUI's num_head_channels)
 
 
 def unet_config_from_shape(shape: ControlNetShape) -> dict:
@@ -41,7 +43,15 @@ def unet_config_from_shape(shape: ControlNetShape) -> dict:
         "transformer_depth_output": [d for d in shape.transformer_depth for _ in range(layers + 1)],
         "use_linear_in_transformer": shape.linear_projection, "context_dim": shape.cross_attention_dim,
         "num_heads": SD15_NUM_HEADS, "use_temporal_attention": False, "use_temporal_resblock": False,
-    }
+    } | (_sdxl_conditioning(shape) if shape.addition_embed_dim else {})
+
+
+def _sdxl_conditioning(shape: ControlNetShape) -> dict:
+    """SDXL's added conditions (label_emb of the pooled text + size embeddings) and 64-wide heads (narrower when a
+    scaled-down model's widths are not multiples of 64)."""
+    widths = [c for c, attn in zip(shape.block_out_channels, shape.blocks_with_attention, strict=True) if attn]
+    return {"num_classes": "sequential", "adm_in_channels": shape.addition_embed_dim, "num_heads": -1,
+            "num_head_channels": math.gcd(SDXL_HEAD_CHANNELS, *widths)}
 
 
 def diffusers_to_comfy_keys(sd: dict, config: dict) -> dict[str, str]:
@@ -69,8 +79,8 @@ def diffusers_to_comfy_keys(sd: dict, config: dict) -> dict[str, str]:
         count += 1
 
 
-def build_face_makeup_controlnet(sd: dict[str, torch.Tensor], shape: ControlNetShape):
-    """A ``comfy.controlnet.ControlNet`` from Face-MakeUp's diffusers ``controlnet`` group (not modified)."""
+def build_id_controlnet(sd: dict[str, torch.Tensor], shape: ControlNetShape, what: str = "Face-MakeUp controlnet"):
+    """A ``comfy.controlnet.ControlNet`` from a diffusers ControlNet state dict (validated; not modified)."""
     from ...host.controlnet import build_controlnet, diffusers_unet_config
 
     config = diffusers_unet_config(sd) or unet_config_from_shape(shape)
@@ -78,9 +88,29 @@ def build_face_makeup_controlnet(sd: dict[str, torch.Tensor], shape: ControlNetS
     converted = {key_map[k]: v for k, v in sd.items() if k in key_map}
     leftover = sorted(k for k in sd if k not in key_map)
     if leftover:
-        raise CheckpointLayoutError(f"Face-MakeUp controlnet: {len(leftover)} key(s) have no ComfyUI name, e.g. "
-                                    f"{leftover[:3]}; the file is not a diffusers SD1.5 ControlNet.")
-    return build_controlnet(converted, config, "Face-MakeUp controlnet")
+        raise CheckpointLayoutError(f"{what}: {len(leftover)} key(s) have no ComfyUI name, e.g. {leftover[:3]}; "
+                                    "the file is not a diffusers SD1.5 / SDXL ControlNet.")
+    return build_controlnet(converted, config, what)
+
+
+def controlnet_context_width(control_net) -> int | None:
+    """The context width the ControlNet's cross-attentions take (None when it has none or is not a UNet copy)."""
+    model = getattr(control_net, "control_model", None)
+    if model is None:
+        return None
+    for name, module in model.named_modules():
+        if name.endswith("attn2.to_k") and hasattr(module, "in_features"):
+            return int(module.in_features)
+    return None
+
+
+def check_controlnet_context(control_net, id_tokens: torch.Tensor, what: str) -> None:
+    """The ControlNet must take the ID tokens' width as its context (IdentityNet: 2048), not another model's."""
+    width = controlnet_context_width(control_net)
+    if width is not None and width != id_tokens.shape[-1]:
+        raise InvalidInputError(f"this ControlNet attends to {width}-d context but {what}'s ID tokens are "
+                                f"{id_tokens.shape[-1]}-d; connect {what}'s own ControlNet (InstantID: IdentityNet, "
+                                "ControlNetModel/diffusion_pytorch_model.safetensors).")
 
 
 def attach_id_controlnet(conditioning: list, control_net, hint: torch.Tensor, id_tokens: torch.Tensor,

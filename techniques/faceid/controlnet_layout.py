@@ -1,6 +1,7 @@
-"""Key-for-key check of a diffusers ControlNet state dict (Face-MakeUp's ``controlnet`` group).
+"""Key-for-key check of a diffusers ControlNet state dict (Face-MakeUp's ``controlnet`` group, InstantID's IdentityNet).
 
-Face-MakeUp's "PoseNet" is a diffusers ``ControlNetModel.from_unet`` copy of the SD1.5 encoder. ComfyUI's own
+Face-MakeUp's "PoseNet" is a diffusers ``ControlNetModel.from_unet`` copy of the SD1.5 encoder; InstantID's
+IdentityNet is the same for the SDXL encoder (plus SDXL's ``add_embedding`` of the pooled text and size conds). ComfyUI's own
 ControlNet loading turns it into a ComfyUI ControlNet later; here we only prove that the group is complete and
 consistent before anything is built: the architecture is read from a few keys (widths, depths, context width),
 the full expected key -> shape table is generated from it, and the group must match that table exactly.
@@ -30,6 +31,7 @@ class ControlNetShape:
     cross_attention_dim: int
     linear_projection: bool
     embedding_channels: tuple[int, ...]
+    addition_embed_dim: int = 0              # SDXL: input width of ``add_embedding`` (pooled text + size conds)
 
 
 def _shape(sd, key):
@@ -65,8 +67,10 @@ def controlnet_shape_from_state_dict(sd: dict[str, torch.Tensor]) -> ControlNetS
         cross_dim = _shape(sd, "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight")[1]
     if base != channels[0]:
         raise CheckpointLayoutError(f"'controlnet': conv_in has {base} channels but down_blocks.0 has {channels[0]}.")
+    addition = sd.get("add_embedding.linear_1.weight")
     return ControlNetShape(in_channels, cond_channels, tuple(channels), tuple(has_attention), tuple(depths),
-                           mid_depth, layers, time_embed_dim, cross_dim, linear, tuple(embedding))
+                           mid_depth, layers, time_embed_dim, cross_dim, linear, tuple(embedding),
+                           int(addition.shape[1]) if addition is not None and addition.dim() == 2 else 0)
 
 
 Shapes = dict[str, tuple[int, ...]]
@@ -127,11 +131,14 @@ def _transformer(out: Shapes, prefix: str, c: int, depth: int, cfg: ControlNetSh
 
 
 def _input_layers(out: Shapes, cfg: ControlNetShape) -> None:
-    """conv_in, the time embedding and the conditioning-image embedding."""
+    """conv_in, the time (and SDXL's added-conditions) embedding and the conditioning-image embedding."""
     base = cfg.block_out_channels[0]
     _conv(out, "conv_in", base, cfg.in_channels, 3)
     _linear(out, "time_embedding.linear_1", cfg.time_embed_dim, base)
     _linear(out, "time_embedding.linear_2", cfg.time_embed_dim, cfg.time_embed_dim)
+    if cfg.addition_embed_dim:
+        _linear(out, "add_embedding.linear_1", cfg.time_embed_dim, cfg.addition_embed_dim)
+        _linear(out, "add_embedding.linear_2", cfg.time_embed_dim, cfg.time_embed_dim)
     emb = cfg.embedding_channels
     _conv(out, "controlnet_cond_embedding.conv_in", emb[0], cfg.conditioning_channels, 3)
     for i in range(len(emb) - 1):

@@ -22,6 +22,10 @@ from ...errors import CheckpointLayoutError
 from .processors import AdapterWeights
 
 # ComfyUI's CrossAttention: to_q/to_k/to_v Linear, to_out = Sequential(Linear, Dropout).
+# The UNets FaceID-family adapters exist for, by their number of transformer blocks, and their text context width.
+BASE_MODELS = {16: "SD1.5", 70: "SDXL"}
+BASE_TEXT_CONTEXT = {"SD1.5": 768, "SDXL": 2048}
+
 COMFY_PROJECTION_KEYS = {"to_q": "to_q.weight", "to_k": "to_k.weight", "to_v": "to_v.weight",
                          "to_out": "to_out.0.weight"}
 
@@ -94,15 +98,20 @@ def transformer_blocks_from_config(unet_config: dict) -> list[TransformerBlockRe
     return transformer_blocks(meta_unet(unet_config))
 
 
-def check_adapter_fits(adapter: AdapterWeights, blocks: list[TransformerBlockRef]) -> None:
-    """The adapter has one attn1/attn2 processor pair per transformer block of the model, of the same width."""
+def base_model_name(num_transformer_blocks: int) -> str:
+    """"SD1.5" / "SDXL" for their UNets' transformer block counts, otherwise a description of the count."""
+    return BASE_MODELS.get(num_transformer_blocks, f"a {num_transformer_blocks}-transformer-block UNet")
+
+
+def check_adapter_fits(adapter: AdapterWeights, blocks: list[TransformerBlockRef], source: str = "this adapter") -> None:
+    """The adapter has one attn1/attn2 processor pair per transformer block of the model, of the same width.
+
+    A file made for another base model (SD1.5 on SDXL or the reverse) raises CheckpointLayoutError naming both."""
     if adapter.num_transformer_blocks != len(blocks):
-        kind = {16: "SD1.5", 70: "SDXL"}
+        made_for, model = base_model_name(adapter.num_transformer_blocks), base_model_name(len(blocks))
         raise CheckpointLayoutError(
-            f"this adapter has {len(adapter.processors)} attention processors ({adapter.num_transformer_blocks} "
-            f"transformer blocks, {kind.get(adapter.num_transformer_blocks, 'an unknown model')}) but the model has "
-            f"{len(blocks)} transformer blocks ({kind.get(len(blocks), 'unknown')}); use the adapter made for "
-            "this base model.")
+            f"{source} has {len(adapter.processors)} attention processors, an adapter for {made_for}, but the model "
+            f"is {model} ({len(blocks)} transformer blocks); use the {model} version of the adapter.")
     for ref in blocks:
         proc = adapter.processors[ref.attn1_processor]
         width = proc.lora["to_q"][1].shape[0] if "to_q" in proc.lora else 0
@@ -110,6 +119,13 @@ def check_adapter_fits(adapter: AdapterWeights, blocks: list[TransformerBlockRef
             raise CheckpointLayoutError(
                 f"processor {ref.attn1_processor} is {width} wide but the model's block {ref.block} "
                 f"(transformer {ref.transformer_index}) is {ref.channels} wide; wrong base model.")
+
+
+def check_model_fits(model, adapter: AdapterWeights, source: str = "this adapter") -> list[TransformerBlockRef]:
+    """:func:`check_adapter_fits` against a model (ModelPatcher, BaseModel or UNet); returns its blocks."""
+    blocks = transformer_blocks(model)
+    check_adapter_fits(adapter, blocks, source)
+    return blocks
 
 
 def lora_factors(adapter: AdapterWeights, blocks: list[TransformerBlockRef]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -7,8 +7,13 @@ works on the official files (see ``shared/checkpoint_layouts``):
 - :class:`ProjPlusModel` (FaceID-Plus, PlusV2, ConsistentID ``image_proj``, Face-MakeUp ``image_proj``): the same
   MLP, then a :class:`FacePerceiverResampler` whose queries are those 4 tokens and whose context is the CLIP-H
   penultimate hidden states [B,257,1280]. PlusV2 (and Face-MakeUp) add the shortcut ``x + s_scale * resampler``.
-- :class:`PerceiverAttention` and :func:`feed_forward`: the resampler's layer pair, shared with ConsistentID's
+- :class:`IDResampler` (InstantID ``image_proj``): the IP-Adapter-Plus ``Resampler`` with learned latent queries
+  attending over the ArcFace vector as a one-token context: [B,512] -> 16 tokens [B,16,2048] (SDXL).
+- :class:`PerceiverAttention` and :func:`feed_forward`: the resamplers' layer pair, shared with ConsistentID's
   FacialEncoder.
+
+SD1.5 and SDXL files differ only in widths (768 vs 2048 token width, 12 vs 32 perceiver heads), so both load
+through the same classes.
 
 Everything here is plain torch; shapes are inferred from a state dict by :func:`projector_config_from_state_dict`
 so scaled-down test models of the same architecture load through the same code.
@@ -95,6 +100,37 @@ class FacePerceiverResampler(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
+class IDResampler(nn.Module):
+    """InstantID's projector: ``num_queries`` learned latents refined by a perceiver over the identity vector.
+
+    Key names follow the official ``Resampler`` (``latents``, ``proj_in``, ``layers.{i}.{0,1}``, ``proj_out``,
+    ``norm_out``); the ArcFace vector is the perceiver's one-token context.
+    """
+
+    def __init__(self, *, dim: int = 1280, depth: int = 4, dim_head: int = DEFAULT_DIM_HEAD, heads: int = 20,
+                 num_queries: int = 16, embedding_dim: int = 512, output_dim: int = 2048, ff_mult: int = 4):
+        super().__init__()
+        self.num_tokens = num_queries
+        self.cross_attention_dim = output_dim
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim ** 0.5)
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), feed_forward(dim, ff_mult)])
+            for _ in range(depth))
+
+    def forward(self, id_embeds: torch.Tensor) -> torch.Tensor:
+        """id_embeds [B, embedding_dim] or [B, N, embedding_dim] -> tokens [B, num_queries, output_dim]."""
+        context = id_embeds.unsqueeze(1) if id_embeds.dim() == 2 else id_embeds
+        latents = self.latents.expand(context.shape[0], -1, -1)
+        context = self.proj_in(context)
+        for attention, ff in self.layers:
+            latents = attention(context, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
 class MLPProjModel(nn.Module):
     """FaceID: ArcFace vector -> ``num_tokens`` LayerNorm-ed tokens."""
 
@@ -144,7 +180,7 @@ class ProjPlusModel(nn.Module):
 
 @dataclass(frozen=True)
 class ProjectorConfig:
-    kind: str                      # "mlp" (FaceID) or "plus" (FaceID-Plus family)
+    kind: str                      # "mlp" (FaceID), "plus" (FaceID-Plus family) or "resampler" (InstantID)
     cross_attention_dim: int
     id_embeddings_dim: int
     num_tokens: int
@@ -152,10 +188,15 @@ class ProjectorConfig:
     depth: int = 0
     heads: int = 0
     dim_head: int = DEFAULT_DIM_HEAD
+    width: int = 0                 # "resampler" only: the perceiver's inner width (latents' dim)
 
     def build(self) -> nn.Module:
         if self.kind == "mlp":
             return MLPProjModel(self.cross_attention_dim, self.id_embeddings_dim, self.num_tokens)
+        if self.kind == "resampler":
+            return IDResampler(dim=self.width, depth=self.depth, dim_head=self.dim_head, heads=self.heads,
+                               num_queries=self.num_tokens, embedding_dim=self.id_embeddings_dim,
+                               output_dim=self.cross_attention_dim)
         return ProjPlusModel(self.cross_attention_dim, self.id_embeddings_dim, self.clip_embeddings_dim,
                              self.num_tokens, self.depth, self.heads, self.dim_head)
 
@@ -183,8 +224,24 @@ def attention_heads(inner_dim: int, dim_head: int = DEFAULT_DIM_HEAD) -> tuple[i
     return 1, inner_dim
 
 
+def resampler_config_from_state_dict(sd: dict[str, torch.Tensor], group: str = "image_proj") -> ProjectorConfig:
+    """InstantID's Resampler dimensions from its keys (``latents`` [1, Q, dim], ``proj_in`` [dim, id])."""
+    _, queries, width = _shape(sd, "latents", group)
+    proj_width, id_dim = _shape(sd, "proj_in.weight", group)
+    output_dim = _shape(sd, "proj_out.weight", group)[0]
+    depth = count_indexed(sd, "layers.")
+    if proj_width != width or depth == 0:
+        raise CheckpointLayoutError(f"'{group}': a Resampler needs proj_in [{width}, id] and at least one layer; "
+                                    f"got proj_in {[proj_width, id_dim]} and {depth} layers.")
+    heads, dim_head = attention_heads(_shape(sd, "layers.0.0.to_q.weight", group)[0])
+    return ProjectorConfig("resampler", output_dim, id_dim, queries, depth=depth, heads=heads, dim_head=dim_head,
+                           width=width)
+
+
 def projector_config_from_state_dict(sd: dict[str, torch.Tensor], group: str = "image_proj") -> ProjectorConfig:
     """Read the projector's dimensions from its keys and shapes (raises CheckpointLayoutError on nonsense)."""
+    if "latents" in sd:
+        return resampler_config_from_state_dict(sd, group)
     hidden, id_dim = _shape(sd, "proj.0.weight", group)
     flat_out, hidden2 = _shape(sd, "proj.2.weight", group)
     (cross,) = _shape(sd, "norm.weight", group)
@@ -214,11 +271,11 @@ def projector_tokens(projector: nn.Module, id_embeds: torch.Tensor, clip_embeds:
     id_embeds = id_embeds.to(device=param.device, dtype=param.dtype)
     if id_embeds.dim() == 1:
         id_embeds = id_embeds.unsqueeze(0)
-    id_dim = projector.proj[0].in_features
+    id_dim = projector.proj_in.in_features if isinstance(projector, IDResampler) else projector.proj[0].in_features
     if id_embeds.shape[-1] != id_dim:
         raise InvalidInputError(
-            f"this projector takes {id_dim}-d identity vectors (buffalo_l ArcFace); got {id_embeds.shape[-1]}-d.")
-    if isinstance(projector, MLPProjModel):
+            f"this projector takes {id_dim}-d identity vectors (insightface ArcFace); got {id_embeds.shape[-1]}-d.")
+    if isinstance(projector, (MLPProjModel, IDResampler)):
         return projector(id_embeds)
     if clip_embeds is None:
         raise InvalidInputError("FaceID-Plus projectors need CLIP vision hidden states (penultimate layer).")

@@ -55,7 +55,7 @@ def faceid_tokens(checkpoint: FaceIDCheckpoint, image: torch.Tensor, faces, clip
     """
     if len(faces) != image.shape[0]:
         raise InvalidInputError(f"FACES describes {len(faces)} image(s) but the IMAGE batch has {image.shape[0]}.")
-    arcfaces = arcface_from_faces(faces)
+    arcfaces = arcface_from_faces(faces, raw=checkpoint.raw_arcface)
     with_face = [i for i, f in enumerate(faces.first_face_per_image()) if f is not None]
     if not with_face:
         raise InvalidInputError("no face in any reference image.")
