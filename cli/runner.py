@@ -96,6 +96,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "parsed as JSON when possible, else taken as text (repeatable)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="where images and other outputs are written (default: ./output)")
+    add_host_arguments(parser)
+
+
+def add_host_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say which ComfyUI runs the workflows and how (shared with ``eval``)."""
     parser.add_argument("--comfyui", default=None, metavar="PATH",
                         help="ComfyUI folder (default: $COMFYUI_PATH, else the ComfyUI folder this pack is in)")
     parser.add_argument("--extra-nodes", dest="extra_nodes", action="append", default=[], metavar="DIR",
@@ -287,11 +292,12 @@ def apply_overrides(prompt: dict, overrides: list[tuple[str, str, Any]]) -> None
 # Executing and reporting
 
 
-def execute_prompt(prompt: dict, on_event: Callable[[str, Any], None] | None = None) -> dict:
-    """Run ``prompt`` through ComfyUI's executor (:func:`host.headless.execute_prompt`); its errors come
-    back as the same types with a user-facing message: the failing node, and how to get a missing model."""
+def execute_prompt(prompt: dict, on_event: Callable[[str, Any], None] | None = None, executor=None) -> dict:
+    """Run ``prompt`` through ComfyUI's executor (:func:`host.headless.execute_prompt`, ``executor`` to reuse
+    one's cache); its errors come back as the same types with a user-facing message: the failing node, and how
+    to get a missing model."""
     try:
-        return headless.execute_prompt(prompt, on_event=on_event)
+        return headless.execute_prompt(prompt, on_event=on_event, executor=executor)
     except PromptValidationError as exc:
         message = describe_validation_error(prompt, exc.error, exc.node_errors)
         raise PromptValidationError(message, exc.error, exc.node_errors) from exc

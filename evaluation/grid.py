@@ -182,13 +182,13 @@ class Cell:
 
     @property
     def variant_slug(self) -> str:
-        return variant_slug(self.variant)
+        return variant_slug(self.variant.name)
 
 
-def variant_slug(variant: Variant) -> str:
-    """The variant's name as a file name; a short hash of the full name keeps truncated names apart."""
-    digest = hashlib.sha1(variant.name.encode("utf-8")).hexdigest()[:6]
-    return f"{slug(variant.name, 48)}-{digest}"
+def variant_slug(name: str) -> str:
+    """A variant's name as a file name; a short hash of the full name keeps truncated names apart."""
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:6]
+    return f"{slug(name, 48)}-{digest}"
 
 
 def build_cells(variants: Iterable[Variant], identities: Sequence[Identity], prompts: Sequence[str],

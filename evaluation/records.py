@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -35,14 +35,14 @@ def json_sha256(value: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def atomic_write_json(path: str, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` so that a reader sees the old file or the new one, never a part."""
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=directory)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(value, stream, indent=1, sort_keys=True, ensure_ascii=False)
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp, path)
@@ -50,6 +50,10 @@ def atomic_write_json(path: str, value: Any) -> None:
         if os.path.exists(temp):
             os.remove(temp)
         raise
+
+
+def atomic_write_json(path: str, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False))
 
 
 def read_json(path: str) -> Any | None:
@@ -74,7 +78,6 @@ class CellRecord:
     seconds: float                 # wall time of the workflow run
     peak_memory_mb: float
     memory_kind: str               # what peak_memory_mb measures (see evaluation/cost.py)
-    metrics: list[dict[str, float]] = field(default_factory=list)  # one dict per image
 
 
 class CellStore:
