@@ -6,7 +6,7 @@ Public API (the Likeness Metrics node and the ``eval`` command both call it):
   (:meth:`MetricModels.from_folders`);
 - :func:`compute_metrics` — one row (``dict``) per generated image: ``"image"`` (its index), one float per
   column of every chosen metric (``None`` where it could not be measured) and ``"notes"`` (why a cell is
-  missing, ``"column: reason; ..."``);
+  missing, ``"column, column: reason; ..."``);
 - :data:`METRICS` — the registry: every metric's name, columns, what it needs and its definition;
 - :func:`summarize`, :func:`format_table`, :func:`write_csv`, :func:`write_json`, :func:`contact_sheet`.
 """

@@ -153,13 +153,14 @@ class DinoEncoder:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
-    def embed_images(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """IMAGE ``[B,H,W,3]`` -> ``[B,D]`` unit vectors."""
+    def embed_images(self, images: torch.Tensor, batch_size: int = 16, crop: bool = True) -> torch.Tensor:
+        """IMAGE ``[B,H,W,3]`` -> ``[B,D]`` unit vectors; ``crop=False`` resizes square inputs (region crops)
+        to the input size without the evaluation transform's centre crop."""
         parameter = next(self.model.parameters())
+        resize_side = round(self.image_size * DINO_RESIZE_RATIO) if crop else self.image_size
 
         def encode(chunk):
-            pixels = to_model_input(chunk, self.image_size, round(self.image_size * DINO_RESIZE_RATIO), self.mean,
-                                    self.std)
+            pixels = to_model_input(chunk, self.image_size, resize_side, self.mean, self.std)
             return self.model(pixel_values=pixels.to(parameter.device, parameter.dtype)).last_hidden_state[:, 0]
 
         with torch.inference_mode():

@@ -52,7 +52,7 @@ def format_cell(value) -> str:
     value = float(value)
     if math.isinf(value):
         return "inf"
-    return f"{value:.0f}" if value.is_integer() and abs(value) < 10 else f"{value:.4f}"
+    return f"{value:.4f}"
 
 
 def format_table(rows: list[dict]) -> str:
