@@ -285,3 +285,50 @@ def test_rows_csv_lists_cell_fields_metrics_and_notes():
                         "clip_t,dino,notes")
     assert lines[1] == 'v,ann,0,"a, b",1,i.png,1.0,2.0,rss,0.25,,'
     assert lines[2] == "v,ann,0,c,2,j.png,1.0,2.0,rss,,0.5,clip_t: no text"
+
+
+# --------------------------------------------------------------------------------------------------
+# The command's plan (no ComfyUI)
+
+
+def _parsed(*argv):
+    import argparse
+
+    from likeness.cli import eval as eval_cli
+
+    parser = argparse.ArgumentParser()
+    eval_cli.add_eval_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_plan_from_the_command_line(tmp_path):
+    from likeness.cli import eval as eval_cli
+
+    _photo(tmp_path / "people" / "ann" / "1.png")
+    _photo(tmp_path / "people" / "ben" / "1.png")
+    args = _parsed("a.json", "b.json", "--identities", str(tmp_path / "people"), "--prompt-count", "3",
+                   "--seeds", "0-1", "--sweep", "KSampler.cfg=4,6", "--out", str(tmp_path / "out"))
+    plan = eval_cli.build_plan(args)
+    assert len(plan.cells) == 4 * 2 * 3 * 2 and plan.prompts == load_prompts("recontext")[:3]
+    assert plan.describe() == "48 cells: 4 variant(s) × 2 identities × 3 prompt(s) × 2 seed(s)."
+    with pytest.raises(grid.GridError, match="NODE.INPUT=v1,v2"):
+        eval_cli.build_plan(_parsed("a.json", "--identities", str(tmp_path / "people"), "--sweep", "cfg=1",
+                                    "--out", "x"))
+
+
+def test_the_fingerprint_follows_the_photo_content_not_its_path(tmp_path):
+    from likeness.cli import eval as eval_cli
+
+    photo = _photo(tmp_path / "ann" / "1.png", 10)
+    identity = grid.Identity("ann", photo, ())
+    cell = grid.Cell(grid.Variant("v", "/w.json"), identity, 0, "p", 0)
+    bindings = bd.resolve_bindings(_workflow())
+    bound = bd.bind(_workflow(), bindings, photo, "p", 0)
+    first = eval_cli.cell_fingerprint(cell, bound, bindings)
+    moved = _photo(tmp_path / "elsewhere" / "1.png", 10)
+    moved_cell = grid.Cell(cell.variant, grid.Identity("ann", moved, ()), 0, "p", 0)
+    assert eval_cli.cell_fingerprint(moved_cell, bd.bind(_workflow(), bindings, moved, "p", 0), bindings) == first
+    _photo(tmp_path / "ann" / "1.png", 99)  # the photo replaced: the cell is run again
+    assert eval_cli.cell_fingerprint(cell, bound, bindings) != first
+    other_seed = bd.bind(_workflow(), bindings, photo, "p", 1)
+    assert eval_cli.cell_fingerprint(cell, other_seed, bindings) != eval_cli.cell_fingerprint(cell, bound, bindings)

@@ -147,3 +147,24 @@ def _check_outputs(out, keys: list[str]) -> None:
     images = sorted(os.listdir(out / "images"))
     assert len(images) == 2 and sum(len(os.listdir(out / "images" / d)) for d in images) == 8
     assert not os.listdir(out / ".comfyui_output")  # every image was filed under images/
+
+
+COMPARED_EXAMPLES = ("FaceID PlusV2 - portrait (baseline)", "Face-MakeUp - portrait", "ConsistentID - portrait",
+                     "Face Fusion - one identity")
+
+
+@pytest.mark.parametrize("name", COMPARED_EXAMPLES)
+def test_the_examples_compared_in_the_readme_bind_photo_prompt_seed_and_output(name, pack_loaded):
+    """The README's eval command runs these four examples unchanged: each has exactly one place for the photo,
+    the prompt and the seed by the documented rules, and saves its image."""
+    from host_support import example_prompt
+    from likeness.evaluation.bindings import resolve_bindings
+
+    prompt = example_prompt(name)
+    found = resolve_bindings(prompt)
+    assert prompt[found.image[0]]["class_type"] == "LoadImage"
+    assert prompt[found.image[0]]["_meta"]["title"] == "Reference photo"
+    expected_prompt = "LikenessConsistentIDEncode" if name.startswith("ConsistentID") else "CLIPTextEncode"
+    assert prompt[found.prompt[0]]["class_type"] == expected_prompt
+    assert [prompt[n]["class_type"] for n, _ in found.seeds] == ["KSampler"]
+    assert [prompt[n]["class_type"] for n in found.outputs] == ["SaveImage"]
