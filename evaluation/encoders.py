@@ -58,6 +58,14 @@ def resolve_model_folder(name: str, what: str) -> str:
     return path
 
 
+def list_model_folders() -> list[str]:
+    """Names of the transformers folders (holding a config.json) under ``models/likeness/evaluation/``."""
+    from ..host.folders import list_files
+
+    return sorted({os.path.dirname(f) for f in list_files("likeness", EVALUATION_SUBFOLDER, {".json"})
+                   if os.path.basename(f) == "config.json" and os.path.dirname(f)})
+
+
 def _model_type(path: str) -> str:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
         return str(json.load(handle).get("model_type", ""))

@@ -108,3 +108,35 @@ def save_dir(folder: str, subfolder: str = "") -> str:
         path = os.path.join(path, subfolder)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def output_dir() -> str:
+    """ComfyUI's output folder (where Save Image writes), or ``$LIKENESS_OUTPUT_DIR`` / ``./output`` outside it."""
+    env = os.environ.get("LIKENESS_OUTPUT_DIR")
+    if env:
+        return os.path.abspath(env)
+    if comfy_available():
+        import folder_paths
+        return os.path.abspath(folder_paths.get_output_directory())
+    return os.path.abspath("output")
+
+
+def new_output_stem(prefix: str, tag: str) -> str:
+    """``<output>/<subfolder>/<name>_<NNNNN>_<tag>`` (no extension) for a Save node's ``subfolder/name`` prefix, with
+    the next number no file of that name and tag uses; a prefix leading out of the output folder is refused."""
+    import re
+
+    from ..errors import PathNotAllowedError
+    from .paths import is_inside
+
+    root = output_dir()
+    relative = os.path.normpath(prefix.strip() or "likeness")
+    folder = os.path.abspath(os.path.join(root, os.path.dirname(relative)))
+    if os.path.isabs(relative) or not is_inside(folder, root):
+        raise PathNotAllowedError(f"the file name prefix {prefix!r} leads out of the output folder {root}; give a name "
+                                  f"or subfolder/name inside it.")
+    name = os.path.basename(relative)
+    os.makedirs(folder, exist_ok=True)
+    pattern = re.compile(rf"^{re.escape(name)}_(\d+)_{re.escape(tag)}\.")
+    used = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
+    return os.path.join(folder, f"{name}_{max(used, default=0) + 1:05d}_{tag}")

@@ -60,7 +60,8 @@ def write_tiny_dino(folder: str, seed: int = 0, hidden: int = 32, image_size: in
 
     torch.manual_seed(seed)
     config = ViTConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
-                       image_size=image_size, patch_size=8, qkv_bias=True)
+                       image_size=image_size, patch_size=8, qkv_bias=True,
+                       initializer_range=0.5)   # wide random weights: embeddings that follow the input
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder
 
