@@ -8,8 +8,9 @@ Rules (an explicit ``--image-input/--prompt-input/--seed-input/--output-node`` r
 
 - identity photo: the ``image`` input of the node titled ``Reference photo``; else of the workflow's
   only ``LoadImage``. It is set to the photo's absolute path (the command line may read any path).
-- prompt: the ``text`` (or ``prompt``) input of the node titled ``Positive``; else the ``prompt`` of
-  the only ``LikenessConsistentIDEncode`` (ConsistentID writes the prompt in its encode node).
+- prompt: the ``text`` (or ``prompt``, or a String primitive's ``value``) input of the node titled
+  ``Positive``; else the ``prompt`` of the only ``LikenessConsistentIDEncode`` (ConsistentID writes the
+  prompt in its encode node).
 - seed: the seed input of every sampler (``KSampler.seed``, ``KSamplerAdvanced/SamplerCustom/RandomNoise
   .noise_seed``, ``LikenessFaceAInpaint.seed``). Training seeds and Face Fusion's reference-noise seed
   belong to the method and stay as the workflow has them.
@@ -26,7 +27,7 @@ from typing import Sequence
 from ..errors import InvalidInputError
 
 IMAGE_TITLE, IMAGE_CLASS, IMAGE_INPUT = "Reference photo", "LoadImage", "image"
-PROMPT_TITLE, TEXT_INPUTS = "Positive", ("text", "prompt")
+PROMPT_TITLE, TEXT_INPUTS = "Positive", ("text", "prompt", "value")  # value: a String (Multiline) primitive
 PROMPT_CLASSES = {"LikenessConsistentIDEncode": "prompt"}
 SEED_CLASSES = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed", "SamplerCustom": "noise_seed",
                 "RandomNoise": "noise_seed", "LikenessFaceAInpaint": "seed"}
