@@ -34,14 +34,20 @@ def _byte_vocabulary() -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
+def byte_level_clip_tokenizer():
+    """A CLIP BPE tokenizer over the byte-level alphabet without merges (any text; ids below 514)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_byte_vocabulary(), merges=[])
+
+
 def write_tiny_clip(folder: str, seed: int = 0, hidden: int = 32, projection: int = 16, image_size: int = 32) -> str:
     """A CLIPModel (text + vision, 2 layers each) and its tokenizer saved in ``folder``."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
 
     os.makedirs(folder, exist_ok=True)
     vocabulary = _byte_vocabulary()
-    tokenizer = CLIPTokenizer(vocab=vocabulary, merges=[])
-    tokenizer.save_pretrained(folder)
+    byte_level_clip_tokenizer().save_pretrained(folder)
     text = {"vocab_size": len(vocabulary), "hidden_size": hidden, "intermediate_size": 2 * hidden,
             "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
             "bos_token_id": vocabulary["<|startoftext|>"], "eos_token_id": vocabulary["<|endoftext|>"],
