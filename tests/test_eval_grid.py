@@ -332,3 +332,41 @@ def test_the_fingerprint_follows_the_photo_content_not_its_path(tmp_path):
     assert eval_cli.cell_fingerprint(cell, bound, bindings) != first
     other_seed = bd.bind(_workflow(), bindings, photo, "p", 1)
     assert eval_cli.cell_fingerprint(cell, other_seed, bindings) != eval_cli.cell_fingerprint(cell, bound, bindings)
+
+
+def test_command_line_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    from likeness.cli import eval as eval_cli
+    from likeness.cli import main as cli_main
+
+    monkeypatch.setattr(eval_cli.runner, "_setup_logging", lambda verbose: None)
+    code = cli_main.main(["eval", "a.json", "--identities", str(tmp_path / "nobody"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: identity folder") and "does not exist" in err and "Traceback" not in err
+    _photo(tmp_path / "ann" / "1.png")
+    code = eval_cli.main(["a.json", "--identities", str(tmp_path / "ann"), "--prompts", "nope", "--out", "x"])
+    assert code == 2 and "neither a built-in prompt set" in capsys.readouterr().err
+    assert eval_cli.main(["a.json"]) == 2  # --identities and --out are required (argparse's own message)
+
+
+def test_progress_bar_writes_one_line_per_cell_to_a_log():
+    import io
+
+    from likeness.cli.console import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(4, stream)
+    bar.show("running")  # not a terminal: nothing until the cell ends
+    bar.advance("a 1.0 s")
+    bar.message("cell b failed: no face")
+    bar.advance("b FAILED")
+    assert stream.getvalue().splitlines() == ["[######..................] 1/4  a 1.0 s", "cell b failed: no face",
+                                              "[############............] 2/4  b FAILED"]
+
+
+def test_cell_cost_measures_time_and_the_resident_peak_on_the_cpu():
+    from likeness.evaluation.cost import measure_cell
+
+    with measure_cell(cuda=False) as cost:
+        block = np.ones(64 << 20, np.uint8)  # 64 MiB touched while the cell runs
+        del block
+    assert cost.memory_kind == "rss" and cost.seconds > 0 and cost.peak_memory_mb > 64
