@@ -168,3 +168,41 @@ def test_the_examples_compared_in_the_readme_bind_photo_prompt_seed_and_output(n
     assert prompt[found.prompt[0]]["class_type"] == expected_prompt
     assert [prompt[n]["class_type"] for n, _ in found.seeds] == ["KSampler"]
     assert [prompt[n]["class_type"] for n in found.outputs] == ["SaveImage"]
+
+
+def test_eval_command_line_stops_and_resumes_in_a_subprocess(tmp_path, host_env, comfy_ready):
+    """``python <pack> eval`` as a user runs it: the stock checkpoint loader on a tiny single-file checkpoint
+    (found through --base-directory), no metric models (time and memory only), stopped by --max-cells and
+    run again."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from host_support import cached_tiny_sd15_checkpoint
+
+    checkpoints = tmp_path / "base" / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    os.symlink(cached_tiny_sd15_checkpoint(), checkpoints / "tiny_sd15.safetensors")
+    workflow = dict(WORKFLOW, **{"1": {"class_type": "CheckpointLoaderSimple",
+                                       "inputs": {"ckpt_name": "tiny_sd15.safetensors"}}})
+    (tmp_path / "img2img.json").write_text(json.dumps(workflow))
+    os.makedirs(tmp_path / "ann")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "ann" / "reference.png")
+    (tmp_path / "prompts.txt").write_text("a photo of a person\n")
+    command = [sys.executable, ROOT, "eval", str(tmp_path / "img2img.json"), "--identities", str(tmp_path / "ann"),
+               "--prompts", str(tmp_path / "prompts.txt"), "--sweep", "KSampler.denoise=0.5,0.9",
+               "--out", str(tmp_path / "out"), "--comfyui", host_env.comfy_path,
+               "--base-directory", str(tmp_path / "base"), "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+
+    def run(*extra):
+        result = subprocess.run(command + list(extra), capture_output=True, text=True, timeout=600,
+                                cwd=str(tmp_path), env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    assert "1 cell(s) run, 0 already finished, 0 failed, 1 left for the next run." in run("--max-cells", "1")
+    assert "1 cell(s) run, 1 already finished, 0 failed." in run()
+    rows = _csv_rows(tmp_path / "out")
+    assert [r["variant"] for r in rows] == ["KSampler.denoise=0.5", "KSampler.denoise=0.9"]
+    assert "| variant | seconds | peak_memory_mb |" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
