@@ -11,17 +11,15 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from ..face_analysis.images import check_image_tensor
+from ..face_analysis.images import to_rgb_float
 from ..face_analysis.types import Face, FaceAnalysis
-
-IMAGE_INPUTS = ("images", "references", "second_photos", "sources", "mix_sources")
 
 
 def _paired(batch: torch.Tensor | None, count: int, name: str) -> torch.Tensor | None:
     """An IMAGE input that pairs with the generations: one image for all, or one per image."""
     if batch is None:
         return None
-    batch = check_image_tensor(batch, name)[..., :3]
+    batch = to_rgb_float(batch, name)[0]
     if batch.shape[0] not in (1, count):
         raise InvalidInputError(f"'{name}' has {batch.shape[0]} images for {count} generated image(s); give one "
                                 f"(used for every image) or one per image.")
@@ -45,11 +43,11 @@ class MetricInputs:
               mix_sources=None) -> MetricInputs:
         from .encoders import check_prompts
 
-        images = check_image_tensor(images, "images")[..., :3]
+        images = to_rgb_float(images, "images")[0]
         count = images.shape[0]
         if references is None:
             raise InvalidInputError("the metrics need 'references' (the reference photo, or one per image).")
-        mix = None if mix_sources is None else check_image_tensor(mix_sources, "mix_sources")[..., :3]
+        mix = None if mix_sources is None else to_rgb_float(mix_sources, "mix_sources")[0]
         return cls(images, _paired(references, count, "references"), _paired(second_photos, count, "second_photos"),
                    None if prompts is None else check_prompts(prompts, count), _masks(masks, images),
                    _paired(sources, count, "sources"), mix)

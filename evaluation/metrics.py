@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -133,7 +133,6 @@ class MetricModels:
     dino: object | None = None
     parser: object | None = None
     batch_size: int = 16
-    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def from_folders(cls, *, insightface_pack: str | None = None, dlib: bool = False, second_pack: str | None = None,

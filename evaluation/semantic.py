@@ -13,8 +13,10 @@ def _to_reference(ctx: MetricContext, encoder, column: str) -> list[dict]:
 
 def clip_t(ctx: MetricContext) -> list[dict]:
     generated = ctx.embeddings(ctx.models.clip, "images")
-    texts = ctx.models.clip.embed_texts(ctx.inputs.prompts)
-    return [{"clip_t": float(generated[i] @ texts[i])} for i in range(ctx.inputs.count)]
+    unique = list(dict.fromkeys(ctx.inputs.prompts))           # a shared prompt is encoded once
+    texts = ctx.models.clip.embed_texts(unique)
+    return [{"clip_t": float(generated[i] @ texts[unique.index(prompt)])}
+            for i, prompt in enumerate(ctx.inputs.prompts)]
 
 
 def clip_i(ctx: MetricContext) -> list[dict]:

@@ -236,3 +236,32 @@ def test_report_files_summary_and_contact_sheet(tmp_path):
     sheet = contact_sheet(torch.rand(3, 40, 60, 3), rows, tile=96, per_row=2)
     assert sheet.shape[0] == 1 and sheet.shape[-1] == 3 and sheet.shape[2] == 2 * 96 + 3 * 6
     assert 0.0 <= float(sheet.min()) and float(sheet.max()) <= 1.0
+
+
+def test_grayscale_generations_are_measured_as_rgb(models):
+    photo = astronaut()
+    grey = torch.from_numpy(cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)).float()[None, ..., None] / 255
+    row, = compute_metrics(grey, references=as_image(photo), models=models, metrics="facesim_dlib,dino")
+    assert row["dlib_l2"] < 0.6 and row["dino"] is not None
+
+
+def test_output_stems_are_numbered_and_held_to_the_output_folder(tmp_path, monkeypatch):
+    from likeness.errors import PathNotAllowedError
+    from likeness.host.folders import new_output_stem
+
+    monkeypatch.setenv("LIKENESS_OUTPUT_DIR", str(tmp_path))
+    first = new_output_stem("runs/portrait", "metrics")
+    assert first == os.path.join(str(tmp_path), "runs", "portrait_00001_metrics")
+    with open(first + ".csv", "w", encoding="utf-8"):
+        pass
+    assert new_output_stem("runs/portrait", "metrics").endswith("portrait_00002_metrics")
+    with pytest.raises(PathNotAllowedError, match="leads out of the output folder"):
+        new_output_stem("../elsewhere", "metrics")
+
+
+def test_node_prompt_input_is_one_prompt_or_one_line_per_image():
+    from likeness.nodes.metrics import split_prompts
+
+    assert split_prompts("  ", 2) is None
+    assert split_prompts("a cat\na dog", 2) == ["a cat", "a dog"]
+    assert split_prompts("a portrait\nsoft light", 3) == "a portrait soft light"
