@@ -5,7 +5,8 @@
 - ``report.md`` / ``report.html``: the comparison (one row per variant, ``mean ± std`` over every image,
   best in bold: :mod:`.tables`), then per variant its table by identity and its contact sheets;
 - ``tables/<variant>.md`` / ``.html``: that variant's table on its own;
-- ``sheets/<variant>__<identity>.png``: the identity's images of that variant, scores under each.
+- ``sheets/<variant>__<identity>.png``: the identity's images of that variant, a line per prompt and a tile
+  per seed, scores under each.
 
 Every file is rewritten whole (atomically) from all finished cells, so a resumed run's tables cover the
 cells of earlier runs too.
@@ -30,6 +31,7 @@ ROW_FIELDS = ("variant", "identity", "prompt_index", "prompt", "seed", "image", 
               "memory_kind")
 COST_COLUMNS = ("seconds", "peak_memory_mb")
 SHEET_COLUMNS = 4  # scores written under each image of a contact sheet (the first ranked metric columns)
+MAX_SHEET_COLUMNS = 8  # tiles per line of a contact sheet
 
 
 def cell_rows(cell: Cell, record: CellRecord, metrics: list[dict]) -> list[dict]:
@@ -106,7 +108,8 @@ def write_sheet(path: str, out_dir: str, rows: Sequence[dict]) -> str:
     columns = [c for c in metric_columns(rows) if ranked(c)][:SHEET_COLUMNS]
     images = _same_size([load_image(os.path.join(out_dir, row["image"])) for row in rows])
     scored = [{"image": index, **{c: row.get(c) for c in columns}} for index, row in enumerate(rows)]
-    sheet = contact_sheet(images, scored, columns, per_row=max(1, min(len(rows), 4)))
+    seeds = len({row["seed"] for row in rows})  # one line per prompt, one tile per seed
+    sheet = contact_sheet(images, scored, columns, per_row=max(1, min(seeds, MAX_SHEET_COLUMNS)))
     pixels = (sheet[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(pixels).save(path)

@@ -84,6 +84,7 @@ class CellStore:
     """``<out>/cells/<key>.json``: the finished cells of one output folder."""
 
     def __init__(self, out_dir: str):
+        self.out_dir = out_dir
         self.folder = os.path.join(out_dir, "cells")
 
     def path(self, key: str) -> str:
@@ -99,9 +100,12 @@ class CellStore:
             return None
 
     def finished(self, key: str, fingerprint: str) -> CellRecord | None:
-        """The record of a cell finished with this fingerprint, else None (missing, or made from other inputs)."""
+        """The record of a cell finished with this fingerprint, else None (missing, made from other inputs, or
+        an image of it deleted since)."""
         record = self.load(key)
-        return record if record is not None and record.fingerprint == fingerprint else None
+        if record is None or record.fingerprint != fingerprint:
+            return None
+        return record if all(os.path.isfile(os.path.join(self.out_dir, p)) for p in record.images) else None
 
     def save(self, record: CellRecord) -> None:
         atomic_write_json(self.path(record.key), asdict(record))

@@ -178,6 +178,8 @@ def test_a_cell_is_finished_only_with_a_record_of_the_same_fingerprint(tmp_path)
     assert store.finished("k", "f1") is None
     record = records.CellRecord("k", "f1", ["images/v/k_0.png"], 1.5, 300.0, "rss")
     store.save(record)
+    assert store.finished("k", "f1") is None  # its image is not there
+    _photo(tmp_path / "images" / "v" / "k_0.png")
     assert store.finished("k", "f1") == record
     assert store.finished("k", "f2") is None  # made from another workflow or photo: run again
     assert os.listdir(tmp_path / "cells") == ["k.json"]  # no temporary file left behind
