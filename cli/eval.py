@@ -18,7 +18,6 @@ and runs the rest, ``--max-cells N`` stops after N new cells. Time and peak memo
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -39,8 +38,6 @@ from ..host.paths import local_user_paths
 from . import runner
 from .console import ProgressBar, say
 from .main import pack_command
-
-logger = logging.getLogger("likeness")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 COMFY_OUTPUT = ".comfyui_output"  # where the workflows' Save Image nodes write before images are filed
@@ -129,11 +126,13 @@ class EvalSummary:
     skipped: list[str] = field(default_factory=list)    # finished before
     failed: list[str] = field(default_factory=list)     # raised (left unfinished: tried again next time)
     remaining: int = 0                                   # not started (--max-cells)
+    measured: int = 0                                    # images measured this time (not found in the metric cache)
     finished: list[tuple[grid.Cell, CellRecord]] = field(default_factory=list)  # every finished cell, in grid order
 
     def describe(self) -> str:
         text = (f"{len(self.computed)} cell(s) run, {len(self.skipped)} already finished, {len(self.failed)} failed"
-                + (f", {self.remaining} left for the next run" if self.remaining else "") + ".")
+                + (f", {self.remaining} left for the next run" if self.remaining else "")
+                + f". {self.measured} image(s) measured, the others' metrics from the cache.")
         return text + f"\nTables: {os.path.join(self.out_dir, 'report.md')} (and .html), rows: " \
                       f"{os.path.join(self.out_dir, 'results.csv')}"
 
@@ -212,6 +211,7 @@ def run_eval(args: argparse.Namespace, models: MetricModels | None = None) -> Ev
         measurer = Measurer(models, args.metrics, out_dir, _model_ids(args))
         summary = run_cells(plan.cells, prepared, out_dir, measurer, args)
         write_reports(out_dir, summary.finished, measurer, plan.describe())
+    summary.measured = measurer.cache.misses
     return summary
 
 

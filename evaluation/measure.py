@@ -32,7 +32,7 @@ def load_image(path: str) -> torch.Tensor:
 
 
 class Measurer:
-    """Metric values per generated image, computed on a cache miss only (``cache.hits/misses`` count them)."""
+    """Metric values per generated image, computed on a cache miss only (``cache.misses`` counts them)."""
 
     def __init__(self, models: MetricModels, metrics: str | None, out_dir: str, model_ids: dict):
         self.models = models

@@ -116,11 +116,12 @@ class CellStore:
 
 
 class MetricCache:
-    """``<out>/metric_cache/<key>.json``: metric values of one image in one context."""
+    """``<out>/metric_cache/<key>.json``: metric values of one image in one context; ``misses`` counts the
+    lookups that found nothing (the images measured)."""
 
     def __init__(self, out_dir: str):
         self.folder = os.path.join(out_dir, "metric_cache")
-        self.hits = self.misses = 0
+        self.misses = 0
 
     @staticmethod
     def key(image_sha256: str, context: dict) -> str:
@@ -129,7 +130,6 @@ class MetricCache:
     def get(self, key: str) -> dict[str, float] | None:
         data = read_json(os.path.join(self.folder, key + ".json"))
         if isinstance(data, dict):
-            self.hits += 1
             return data
         self.misses += 1
         return None

@@ -94,7 +94,7 @@ def test_eval_writes_the_tables_and_resumes_only_the_missing_cells(eval_inputs, 
 
     # 1. --max-cells 2: two cells, then the tables of what is finished
     first = eval_cli.run_eval(_args(base, workflow, prompts, clip, dino, host_env.comfy_path, "--max-cells", "2"))
-    assert first.computed == keys[:2] and first.remaining == 6 and not first.failed
+    assert first.computed == keys[:2] and first.remaining == 6 and not first.failed and first.measured == 2
     assert len(_csv_rows(out)) == 2
 
     # 2. killed while the second cell of this run executes: one more finished cell, no record for the killed one
@@ -107,7 +107,7 @@ def test_eval_writes_the_tables_and_resumes_only_the_missing_cells(eval_inputs, 
     kill_at["call"], executed[:] = None, []
     third = eval_cli.run_eval(args)
     assert third.skipped == keys[:3] and third.computed == keys[3:] and not third.failed and third.remaining == 0
-    assert len(executed) == 5
+    assert len(executed) == 5 and third.measured == 5  # the earlier cells' metrics come from the cache
     assert [(p["6"]["inputs"]["cfg"], p["6"]["inputs"]["seed"]) for p in executed] == [(3, 3)] + [(5, 3)] * 4
     assert {p["2"]["inputs"]["image"] for p in executed} == {str(base / "people" / n / "reference.png")
                                                              for n in ("ann", "ben")}
@@ -116,7 +116,7 @@ def test_eval_writes_the_tables_and_resumes_only_the_missing_cells(eval_inputs, 
     # 4. once more: nothing runs and nothing is measured again
     executed[:] = []
     fourth = eval_cli.run_eval(args)
-    assert fourth.computed == [] and fourth.skipped == keys and executed == []
+    assert fourth.computed == [] and fourth.skipped == keys and executed == [] and fourth.measured == 0
     assert len(_csv_rows(out)) == 8
 
 
@@ -202,7 +202,7 @@ def test_eval_command_line_stops_and_resumes_in_a_subprocess(tmp_path, host_env,
         return result.stdout
 
     assert "1 cell(s) run, 0 already finished, 0 failed, 1 left for the next run." in run("--max-cells", "1")
-    assert "1 cell(s) run, 1 already finished, 0 failed." in run()
+    assert "1 cell(s) run, 1 already finished, 0 failed. 1 image(s) measured" in run()
     rows = _csv_rows(tmp_path / "out")
     assert [r["variant"] for r in rows] == ["KSampler.denoise=0.5", "KSampler.denoise=0.9"]
     assert "| variant | seconds | peak_memory_mb |" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
