@@ -40,7 +40,15 @@ _CACHE: dict[tuple[str, str, str], object] = {}
 _LOCK = threading.Lock()
 
 
-def resolve_model_folder(name: str, what: str) -> str:
+def fetch_command(name: str, family: str) -> str:
+    """The ``models fetch`` command for the manifest files of folder ``name`` (else of every ``family`` folder)."""
+    from ..model_hints import fetch_ids, pack_command
+
+    ids = [i for i in fetch_ids([f"likeness/{EVALUATION_SUBFOLDER}"], name) if i.startswith(family)]
+    return f"Get the official one with `{pack_command()} models fetch {' '.join(ids)}`." if ids else ""
+
+
+def resolve_model_folder(name: str, what: str, family: str) -> str:
     """A transformers folder: a name under ``models/likeness/evaluation/`` or a path; clear error when absent."""
     if os.path.isabs(name):
         from ..host.paths import MODEL, resolve_user_path
@@ -50,8 +58,9 @@ def resolve_model_folder(name: str, what: str) -> str:
         try:
             path = resolve("likeness", name, subfolder=EVALUATION_SUBFOLDER)
         except FileNotFoundError as exc:
-            raise ModelFileError(f"{what} folder: {exc} Put the model's transformers folder (config.json, "
-                                 f"model.safetensors) in models/likeness/{EVALUATION_SUBFOLDER}/.") from exc
+            raise ModelFileError(f"{what} folder: {exc} Put the model's transformers folder (config.json, weights) in "
+                                 f"models/likeness/{EVALUATION_SUBFOLDER}/. {fetch_command(name, family)}".rstrip()
+                                 ) from exc
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelFileError(f"{path} is not a transformers model folder (no config.json); the {what} needs the folder "
                              f"save_pretrained writes (config.json, model.safetensors).")
@@ -177,7 +186,7 @@ class DinoEncoder:
 
 def load_clip(name: str, device="auto") -> ClipEncoder:
     """A CLIP model with a text tower from a local transformers folder (see the module doc)."""
-    path = resolve_model_folder(name, "CLIP model")
+    path = resolve_model_folder(name, "CLIP model", "clip")
     if _model_type(path) != "clip":
         raise ModelFileError(f"{path} holds a '{_model_type(path)}' model; CLIP-T and CLIP-I need a full CLIP model "
                              f"(model_type 'clip', image and text towers), e.g. openai/clip-vit-large-patch14.")
@@ -200,7 +209,7 @@ def load_clip(name: str, device="auto") -> ClipEncoder:
 
 def load_dino(name: str, device="auto") -> DinoEncoder:
     """A DINO ViT (transformers ``ViTModel``, e.g. facebook/dino-vits16) from a local folder."""
-    path = resolve_model_folder(name, "DINO model")
+    path = resolve_model_folder(name, "DINO model", "dino")
     if _model_type(path) != "vit":
         raise ModelFileError(f"{path} holds a '{_model_type(path)}' model; the DINO metric needs a ViT (model_type "
                              f"'vit'), e.g. facebook/dino-vits16.")

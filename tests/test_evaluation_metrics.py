@@ -69,14 +69,16 @@ def test_identical_images_score_one_and_infinite_psnr(models):
     assert -1.0 <= row["clip_t"] <= 1.0 and row["notes"] == ""
 
 
-def test_arcface_facesim_of_an_image_with_itself_is_one(tiny_pack):
+def test_arcface_and_second_recogniser_facesim_of_an_image_with_itself_is_one(tiny_pack):
     pytest.importorskip("insightface")
     from onnx_face_models import square_image
 
-    models = MetricModels.from_folders(insightface_pack=tiny_pack)
+    models = MetricModels.from_folders(insightface_pack=tiny_pack, second_pack=tiny_pack)
     image = as_image(square_image(x=96, y=64))
-    row, = compute_metrics(image, references=image, models=models, metrics=["facesim_arcface", "psnr_ssim"])
+    row, = compute_metrics(image, references=image, models=models,
+                           metrics=["facesim_arcface", "facesim_second", "psnr_ssim"])
     assert row["facesim_arcface"] == pytest.approx(1.0, abs=1e-5) and math.isinf(row["psnr"])
+    assert row["facesim_second"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_dlib_scores_same_person_pairs_above_different_people(models):
@@ -175,8 +177,11 @@ def test_metrics_without_their_model_or_input_are_refused_and_the_default_takes_
 
 def test_wrong_model_folders_give_clear_messages(evaluation_root, monkeypatch):
     use_models_dir(monkeypatch, evaluation_root)
-    with pytest.raises(ModelFileError, match="models/likeness/evaluation"):
+    with pytest.raises(ModelFileError, match="models/likeness/evaluation") as missing:
         MetricModels.from_folders(clip="no-such-clip")
+    assert "models fetch clip-vit-large-patch14-weights clip-vit-large-patch14-config" in str(missing.value)
+    with pytest.raises(ModelFileError, match="models fetch dino-vits16-weights dino-vits16-config"):
+        MetricModels.from_folders(dino="dino-vits16")
     with pytest.raises(ModelFileError, match="'vit' model; CLIP-T and CLIP-I need a full CLIP"):
         MetricModels.from_folders(clip="tiny-dino")
     with pytest.raises(ModelFileError, match="needs a ViT"):
