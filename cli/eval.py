@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the evaluation; print progress and where the tables are; return the exit code."""
-    runner._setup_logging(args.verbose)
+    runner.setup_logging(args.verbose)
     try:
         summary = run_eval(args)
     except KeyboardInterrupt:
@@ -203,7 +203,7 @@ def run_eval(args: argparse.Namespace, models: MetricModels | None = None) -> Ev
     say(f"ComfyUI: {comfy_path}")
     headless.prepare_host(comfy_path, device=args.device, base_directory=args.base_directory,
                           output_directory=os.path.join(out_dir, COMFY_OUTPUT))
-    runner._load_nodes(args.extra_nodes)
+    runner.load_nodes(args.extra_nodes)
     prepared = {v.name: prepare_variant(v, args) for v in plan.variants}
     say(plan.describe())
     with local_user_paths():  # the command line runs as the local user: any path it names is accepted

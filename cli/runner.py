@@ -116,7 +116,7 @@ def add_host_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the workflow described by ``args``; print progress and a summary; return the exit code."""
     verbose = getattr(args, "verbose", False)
-    _setup_logging(verbose)
+    setup_logging(verbose)
     started = time.perf_counter()
     try:
         written, out_dir = _run(args)
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> tuple[list[str], str]:
     _print(f"ComfyUI: {comfy_path}")
     headless.prepare_host(comfy_path, device=args.device, base_directory=args.base_directory,
                           output_directory=out_dir)
-    _load_nodes(args.extra_nodes)
+    load_nodes(args.extra_nodes)
     prompt = to_api_prompt(workflow)
     apply_overrides(prompt, overrides)
     with local_user_paths():  # the command line runs as the local user: any path it names is accepted
@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace) -> tuple[list[str], str]:
     return written, out_dir
 
 
-def _load_nodes(extra_nodes: list[str]) -> None:
+def load_nodes(extra_nodes: list[str]) -> None:
     _print("loading nodes (core, comfy_extras, custom nodes, this pack) ...")
     report = headless.load_host_nodes(PACK_DIR, extra_nodes=extra_nodes, custom_nodes=True)
     for failed in report.failed:
@@ -173,7 +173,7 @@ def _print(text: str, stream=None) -> None:
     say(text, file=stream or sys.stdout, flush=True)
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     """ComfyUI logs through the root logger; keep its chatter out of the runner's output unless asked."""
     root = logging.getLogger()
     if not root.handlers:

@@ -340,7 +340,7 @@ def test_command_line_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch
     from likeness.cli import eval as eval_cli
     from likeness.cli import main as cli_main
 
-    monkeypatch.setattr(eval_cli.runner, "_setup_logging", lambda verbose: None)
+    monkeypatch.setattr(eval_cli.runner, "setup_logging", lambda verbose: None)
     code = cli_main.main(["eval", "a.json", "--identities", str(tmp_path / "nobody"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: identity folder") and "does not exist" in err and "Traceback" not in err
