@@ -160,6 +160,7 @@ def _run(args: argparse.Namespace) -> tuple[list[str], str]:
 
 
 def load_nodes(extra_nodes: list[str]) -> None:
+    """ComfyUI's nodes, custom nodes, this pack and ``extra_nodes``, as the server loads them (once per process)."""
     _print("loading nodes (core, comfy_extras, custom nodes, this pack) ...")
     report = headless.load_host_nodes(PACK_DIR, extra_nodes=extra_nodes, custom_nodes=True)
     for failed in report.failed:
