@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("run", add_help=False, help="run a workflow headless: run WORKFLOW.json [--set N.I=V] "
                                                     "[--out DIR] (see `run --help`)")
+    commands.add_parser("eval", add_help=False, help="compare workflows on identities × prompts × seeds: the "
+                                                     "papers' likeness tables, resumable (see `eval --help`)")
     commands.add_parser("train", add_help=False, help="train a Face Fusion adapter or ConsistentID on a folder, "
                                                       "also under torchrun (see `train --help`)")
     return parser
@@ -109,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "train":
         from . import train  # imports torch and ComfyUI only after parsing its arguments
         return train.main(argv[1:])
+    if argv and argv[0] == "eval":
+        from . import eval as evaluation  # imports torch; ComfyUI only once the grid is checked
+        return evaluation.main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

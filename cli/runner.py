@@ -96,6 +96,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "parsed as JSON when possible, else taken as text (repeatable)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="where images and other outputs are written (default: ./output)")
+    add_host_arguments(parser)
+
+
+def add_host_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say which ComfyUI runs the workflows and how (shared with ``eval``)."""
     parser.add_argument("--comfyui", default=None, metavar="PATH",
                         help="ComfyUI folder (default: $COMFYUI_PATH, else the ComfyUI folder this pack is in)")
     parser.add_argument("--extra-nodes", dest="extra_nodes", action="append", default=[], metavar="DIR",
@@ -111,7 +116,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the workflow described by ``args``; print progress and a summary; return the exit code."""
     verbose = getattr(args, "verbose", False)
-    _setup_logging(verbose)
+    setup_logging(verbose)
     started = time.perf_counter()
     try:
         written, out_dir = _run(args)
@@ -144,7 +149,7 @@ def _run(args: argparse.Namespace) -> tuple[list[str], str]:
     _print(f"ComfyUI: {comfy_path}")
     headless.prepare_host(comfy_path, device=args.device, base_directory=args.base_directory,
                           output_directory=out_dir)
-    _load_nodes(args.extra_nodes)
+    load_nodes(args.extra_nodes)
     prompt = to_api_prompt(workflow)
     apply_overrides(prompt, overrides)
     with local_user_paths():  # the command line runs as the local user: any path it names is accepted
@@ -154,7 +159,8 @@ def _run(args: argparse.Namespace) -> tuple[list[str], str]:
     return written, out_dir
 
 
-def _load_nodes(extra_nodes: list[str]) -> None:
+def load_nodes(extra_nodes: list[str]) -> None:
+    """ComfyUI's nodes, custom nodes, this pack and ``extra_nodes``, as the server loads them (once per process)."""
     _print("loading nodes (core, comfy_extras, custom nodes, this pack) ...")
     report = headless.load_host_nodes(PACK_DIR, extra_nodes=extra_nodes, custom_nodes=True)
     for failed in report.failed:
@@ -168,7 +174,7 @@ def _print(text: str, stream=None) -> None:
     say(text, file=stream or sys.stdout, flush=True)
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     """ComfyUI logs through the root logger; keep its chatter out of the runner's output unless asked."""
     root = logging.getLogger()
     if not root.handlers:
@@ -287,11 +293,12 @@ def apply_overrides(prompt: dict, overrides: list[tuple[str, str, Any]]) -> None
 # Executing and reporting
 
 
-def execute_prompt(prompt: dict, on_event: Callable[[str, Any], None] | None = None) -> dict:
-    """Run ``prompt`` through ComfyUI's executor (:func:`host.headless.execute_prompt`); its errors come
-    back as the same types with a user-facing message: the failing node, and how to get a missing model."""
+def execute_prompt(prompt: dict, on_event: Callable[[str, Any], None] | None = None, executor=None) -> dict:
+    """Run ``prompt`` through ComfyUI's executor (:func:`host.headless.execute_prompt`, ``executor`` to reuse
+    one's cache); its errors come back as the same types with a user-facing message: the failing node, and how
+    to get a missing model."""
     try:
-        return headless.execute_prompt(prompt, on_event=on_event)
+        return headless.execute_prompt(prompt, on_event=on_event, executor=executor)
     except PromptValidationError as exc:
         message = describe_validation_error(prompt, exc.error, exc.node_errors)
         raise PromptValidationError(message, exc.error, exc.node_errors) from exc

@@ -343,13 +343,22 @@ def install_progress_hook(server: StubServer) -> None:
     comfy.utils.set_progress_bar_global_hook(hook)
 
 
+def new_executor():
+    """A ComfyUI ``PromptExecutor`` for several :func:`execute_prompt` calls: as in the server, nodes whose
+    inputs did not change (model loaders) keep their outputs from one prompt to the next."""
+    import execution
+
+    return execution.PromptExecutor(stub_server(), cache_type=execution.CacheType.CLASSIC)
+
+
 def execute_prompt(prompt: dict, on_event: Callable[[str, Any], None] | None = None,
-                   prompt_id: str | None = None) -> dict:
+                   prompt_id: str | None = None, executor=None) -> dict:
     """Validate and run an API-format ``prompt`` in this process; return the ui outputs per node id.
 
     Uses ComfyUI's own ``execution.validate_prompt`` and ``execution.PromptExecutor`` (inference
-    mode, caching, lazy inputs). Raises :class:`PromptValidationError` (with ComfyUI's
-    ``node_errors``) or :class:`PromptExecutionError`. Nodes must be loaded (:func:`load_host_nodes`).
+    mode, caching, lazy inputs): a new one, or ``executor`` (:func:`new_executor`) to reuse its cache.
+    Raises :class:`PromptValidationError` (with ComfyUI's ``node_errors``) or :class:`PromptExecutionError`.
+    Nodes must be loaded (:func:`load_host_nodes`).
     """
     import execution
 
@@ -372,7 +381,7 @@ def execute_prompt(prompt: dict, on_event: Callable[[str, Any], None] | None = N
     server.on_event = forward
     server.last_prompt_id = prompt_id
     install_progress_hook(server)
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    executor = executor or new_executor()
     try:
         # A client id makes the executor report "executing"/"executed" per node (the progress lines).
         executor.execute(prompt, prompt_id, {"client_id": CLIENT_ID}, valid[2])

@@ -151,7 +151,8 @@ def model_file_values(states: dict[str, dict]) -> set[str]:
     with open(os.path.join(ROOT, "models_manifest.json"), encoding="utf-8") as handle:
         manifest = json.load(handle)["models"]
     allowed = {os.path.basename(e["filename"]) for e in manifest} | {SECOND_IDENTITY}
-    allowed |= {os.path.basename(e["folder"]) for e in manifest if e["folder"].startswith("insightface/")}
+    allowed |= {os.path.basename(e["folder"]) for e in manifest
+                if e["folder"].startswith(("insightface/", "likeness/evaluation/"))}  # model folders, not files
     for state in states.values():
         for node in state["nodes"]:
             if node["type"] in TRAINER_TYPES:

@@ -16,10 +16,11 @@ import pytest
 pytestmark = pytest.mark.host
 
 WORKFLOWS = ["Face-MakeUp - portrait", "Face-MakeUp - head pose from another photo", "Face-MakeUp - mix two identities",
-             "FaceID PlusV2 - portrait (baseline)", "ConsistentID - portrait", "ConsistentID - identity in a masked region"]
+             "FaceID PlusV2 - portrait (baseline)", "ConsistentID - portrait", "ConsistentID - identity in a masked region",
+             "Likeness Metrics - measure a Face-MakeUp portrait"]
 PACK = "tiny_buffalo_l"
 IMAGES = {"reference_portrait.png": (96, 96), "pose_photo.png": (128, 64), "identity_a.png": (96, 96),
-          "identity_b.png": (64, 128)}
+          "identity_b.png": (64, 128), "second_photo.png": (96, 96)}
 
 
 class LikenessTestTinyClipVision:
@@ -105,6 +106,8 @@ TINY_INPUTS = {
     "LikenessFaceKeypointMap": lambda inputs: _eighth(inputs, "width", "height"),
     "SolidMask": lambda inputs: _eighth(inputs, "width", "height"),
     "MaskComposite": lambda inputs: inputs.update(x=inputs["x"] // 8),
+    "LikenessMetrics": lambda inputs: inputs.update(clip_model="tiny-clip", dino_model="tiny-dino", dlib_judge=False,
+                                                    tile=64),
 }
 
 
@@ -151,9 +154,11 @@ def workflow_env(host_env, host_test_nodes):
     import nodes
     from PIL import Image
 
+    from evaluation_support import write_tiny_evaluation_models
     from onnx_face_models import write_tiny_insightface_pack
 
     write_tiny_insightface_pack(os.path.join(host_env.models, "insightface", "models", PACK))
+    write_tiny_evaluation_models(host_env.models)
     for name, (h, w) in IMAGES.items():
         Image.fromarray(face_photo(h, w)).save(os.path.join(host_env.input, name))
     saved = {k: nodes.NODE_CLASS_MAPPINGS.get(k) for k in TEST_NODES}
@@ -179,6 +184,14 @@ def test_example_workflow_runs(name, workflow_env, execute_prompt):
     (item,) = outputs[saves[0]]["images"]
     image = np.asarray(Image.open(os.path.join(workflow_env.output, item["subfolder"], item["filename"])))
     assert image.ndim == 3 and np.isfinite(image).all()
+    if name == "Likeness Metrics - measure a Face-MakeUp portrait":
+        from likeness.evaluation.bindings import resolve_bindings
+
+        (metrics,) = [nid for nid, node in prompt.items() if node["class_type"] == "LikenessMetrics"]
+        (table,) = [nid for nid, node in prompt.items() if node["class_type"] == "PreviewAny"]
+        assert "clip_t" in outputs[table]["text"][0] and "dino" in outputs[table]["text"][0], outputs[table]
+        positive = prompt[metrics]["inputs"]["prompt"][0]  # the one prompt text, also what eval binds
+        assert prompt[positive]["_meta"]["title"] == "Positive" and resolve_bindings(prompt).prompt == (positive, "value")
     if name == "Face-MakeUp - mix two identities":
         (balance,) = [nid for nid, node in prompt.items() if node["class_type"] == "LikenessIdentityMixBalance"]
         assert "identity mixing balance" in outputs[balance]["text"][0]

@@ -300,6 +300,22 @@ EXAMPLES: tuple[Example, ...] = (
               "Blends the inpainted crop back into the full scene. Expect output/facea/power_user_*.", ((13, 14),),
               CYAN),
     )),
+    Example("Likeness Metrics - measure a Face-MakeUp portrait", (
+        Stage("1. Models",
+              f"{SD15}\nface_makeup_sd15.bin (models fetch face-makeup-sd15), CLIP-ViT-H-14, insightface buffalo_l. "
+              f"{MODELS_HINT}", ((1, 2), (3, 4))),
+        Stage("2. Reference face", "A clear photo of the person's face.", ((5,), (6,)), GREEN),
+        Stage("3. Prompt and Face-MakeUp Apply",
+              "The prompt is written once in 'Positive': the text encoder and the metrics (CLIP-T) both read it.",
+              ((20, 8), (7, 9)), GREEN),
+        _sample_stage("4. Sample", "a 512x512 image in output/ (likeness_measured_*.png).", ((10, 11), (12, 13))),
+        Stage("5. Measure the likeness",
+              "Likeness Metrics compares the image with the reference: FaceSim (ArcFace from the analyzer, dlib as "
+              "an independent judge), CLIP-T / CLIP-I and DINO (model folders in models/likeness/evaluation/), and "
+              "the copy-paste check against a second real photo of the person. The table and the contact sheet "
+              "show the scores; Save Metrics writes them as CSV/JSON next to the image.",
+              ((21,), (22,), (23, 24, 25)), CYAN),
+    )),
 )
 
 
