@@ -25,11 +25,10 @@ import torch
 from .grid import Cell, slug, variant_slug
 from .measure import Measurer, load_image
 from .records import CellRecord, atomic_write_text
-from .tables import Table, html_page, ranked, summary_table
+from .tables import COST_COLUMNS, Table, html_page, ranked, summary_table
 
 ROW_FIELDS = ("variant", "identity", "prompt_index", "prompt", "seed", "image", "seconds", "peak_memory_mb",
               "memory_kind")
-COST_COLUMNS = ("seconds", "peak_memory_mb")
 SHEET_COLUMNS = 4  # scores written under each image of a contact sheet (the first ranked metric columns)
 MAX_SHEET_COLUMNS = 8  # tiles per line of a contact sheet
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ class MetricDefinition:
     models: tuple[str, ...]           # MetricModels fields it needs (any one of a tuple written "a|b")
     inputs: tuple[str, ...]           # compute_metrics arguments it needs besides images and references
     definition: str
+    lower_is_better: tuple[str, ...] = ()  # columns where smaller is better (distances, change, a copy flag)
+    unranked: tuple[str, ...] = ()         # columns that describe rather than rank (raw similarities, shares)
 
 
 METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
@@ -48,7 +51,7 @@ METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
     MetricDefinition(
         "facesim_dlib", ("facesim_dlib", "dlib_l2"), ("dlib",), (),
         "FaceSim by an independent judge: dlib's 128-D ResNet (not used by any generator). Cosine of the raw "
-        "vectors, and their L2 distance (dlib's same-person rule: L2 < 0.6)."),
+        "vectors, and their L2 distance (dlib's same-person rule: L2 < 0.6).", lower_is_better=("dlib_l2",)),
     MetricDefinition(
         "facesim_second", ("facesim_second",), ("second",), (),
         "FaceSim with a second ONNX recogniser (another insightface pack), cosine as facesim_arcface."),
@@ -58,7 +61,8 @@ METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
         "Copy-paste check with the judge (ArcFace, else dlib): similarity of the generation to the reference "
         "(copy_sim_ref) and to a second real photo of the same person (copy_sim_second); the two photos' own "
         "similarity is the ceiling (copy_ceiling); copy_excess = copy_sim_ref - copy_ceiling; copy_flag = 1 when "
-        f"copy_excess > {COPY_PASTE_MARGIN} (the generation is closer to the reference than a real photo is)."),
+        f"copy_excess > {COPY_PASTE_MARGIN} (the generation is closer to the reference than a real photo is).",
+        lower_is_better=("copy_excess", "copy_flag"), unranked=("copy_sim_ref", "copy_sim_second", "copy_ceiling")),
     MetricDefinition(
         "clip_t", ("clip_t",), ("clip",), ("prompts",),
         "CLIP-T: cosine between CLIP's projected image embedding of the generated image and the projected text "
@@ -81,11 +85,13 @@ METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
     MetricDefinition(
         "outside_mask", ("outside_mad", "outside_psnr"), (), ("masks",),
         "Change outside the inpainting mask (FaceA-Net's promise that only the face changes): mean absolute "
-        "difference (0..1) and PSNR between the generated image and its source where mask < 0.5."),
+        "difference (0..1) and PSNR between the generated image and its source where mask < 0.5.",
+        lower_is_better=("outside_mad",)),
     MetricDefinition(
         "mixing", ("mix_cos_<k>", "mix_share_<k>"), ("arcface|dlib",), ("mix_sources",),
         "Identity-mixing balance (techniques.faceid.mixing_readout): the judge's cosine of the generation to each "
-        "source identity and each source's share of the positive similarity."),
+        "source identity and each source's share of the positive similarity.",
+        unranked=("mix_cos_<k>", "mix_share_<k>")),
 )}
 
 
@@ -104,6 +110,18 @@ def metric_columns(names: list[str] | None = None, mix_count: int = 0) -> list[s
             else:
                 columns.append(column)
     return columns
+
+
+def column_direction(column: str) -> int:
+    """+1 when a larger value of ``column`` is better, -1 when a smaller one is, 0 when the column is not ranked
+    (``mix_cos_2`` matches the registry's ``mix_cos_<k>``); columns no metric fills are 0."""
+    for definition in METRICS.values():
+        for pattern in definition.columns:
+            if column == pattern or ("<k>" in pattern and re.fullmatch(pattern.replace("<k>", r"\d+"), column)):
+                if pattern in definition.unranked:
+                    return 0
+                return -1 if pattern in definition.lower_is_better else 1
+    return 0
 
 
 def parse_metric_names(text: str | list[str]) -> list[str]:

@@ -5,9 +5,9 @@ Why: a ConsistentID or PhotoMaker comparison table is what a user wants to paste
 same numbers in Markdown (for a README or an issue) and HTML (to open in a browser) come from one model
 of the table (:class:`Table`), so the two never disagree.
 
-Best is the highest mean, or the lowest for the columns in :data:`LOWER_IS_BETTER` (distances, copy-paste
-excess and flag, change outside the mask, time, memory); ties are all bold. Columns that describe rather
-than rank (:data:`NOT_RANKED`: the copy-paste check's raw similarities, the mixing readout) are never bold.
+Best is the highest mean, or the lowest where the metric registry says smaller is better (distances, copy-paste
+excess and flag, change outside the mask) and for a cell's cost (time, memory); ties are all bold. Columns the
+registry marks as descriptive (the copy-paste check's raw similarities, the mixing readout) are never bold.
 A column with fewer than two ranked rows has no best.
 """
 from __future__ import annotations
@@ -17,15 +17,20 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from .metrics import column_direction
 from .report import summarize
 
-LOWER_IS_BETTER = frozenset({"dlib_l2", "copy_excess", "copy_flag", "outside_mad", "seconds", "peak_memory_mb"})
-NOT_RANKED_PREFIXES = ("copy_sim_ref", "copy_sim_second", "copy_ceiling", "mix_cos_", "mix_share_")
+COST_COLUMNS = ("seconds", "peak_memory_mb")  # a cell's cost (time per image, peak memory): lower is better
 MISSING = "–"
 
 
+def direction(column: str) -> int:
+    """+1 higher is better, -1 lower is better, 0 not ranked."""
+    return -1 if column in COST_COLUMNS else column_direction(column)
+
+
 def ranked(column: str) -> bool:
-    return not column.startswith(NOT_RANKED_PREFIXES)
+    return direction(column) != 0
 
 
 def format_mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:
@@ -94,7 +99,7 @@ def summary_table(title: str, row_header: str, groups: dict[str, list[dict]], co
     for j, column in enumerate(columns):
         if not ranked(column):
             continue
-        for i in best_rows([stats[label][column]["mean"] for label in labels], column in LOWER_IS_BETTER):
+        for i in best_rows([stats[label][column]["mean"] for label in labels], direction(column) < 0):
             bold[i][j] = True
     return Table(title, row_header, labels, list(columns), cells, bold)
 
