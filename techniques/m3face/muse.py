@@ -153,12 +153,15 @@ def _load_text_side(folder: str, kind: str, dtype: torch.dtype):
     return tokenizer, text_encoder
 
 
-def _check_dimensions(folder: str, transformer, text_encoder, kind: str) -> None:
-    """The text encoder's pooled and sequence widths must be what the transformer was built for."""
-    config = text_encoder.config
-    pooled = config.projection_dim if kind == CLIP else config.numDims
-    pairs = {"pooled text embedding (cond_embed_dim)": (pooled, transformer.config.cond_embed_dim),
-             "text hidden states (encoder_hidden_size)": (config.hidden_size, transformer.config.encoder_hidden_size)}
+def _check_dimensions(folder: str, kind: str) -> None:
+    """The text encoder's pooled and sequence widths must be what the transformer was built for (checked on the
+    configs, before any weights are read)."""
+    text = _component_config(folder, "text_encoder")
+    transformer = _component_config(folder, "transformer")
+    pooled = text.get("projection_dim") if kind == CLIP else text.get("numDims")
+    pairs = {"pooled text embedding (cond_embed_dim)": (pooled, transformer.get("cond_embed_dim")),
+             "text hidden states (encoder_hidden_size)": (text.get("hidden_size"),
+                                                          transformer.get("encoder_hidden_size"))}
     for what, (have, want) in pairs.items():
         if have != want:
             raise ModelFileError(f"Muse folder '{folder}': the text_encoder gives a {what} of width {have}, "
@@ -174,6 +177,7 @@ def load_muse(folder: str, device_preference: str = "auto", name: str | None = N
         raise ModelFileError(f"Muse folder '{folder}' does not exist.")
     _check_diffusers_classes(folder)
     kind = text_encoder_kind(folder)
+    _check_dimensions(folder, kind)
     device = torch_device(device_preference)
     dtype = half_precision_dtype(device)
     transformer = _loaded(folder, "transformer", lambda: diffusers.UVit2DModel.from_pretrained(
@@ -182,7 +186,6 @@ def load_muse(folder: str, device_preference: str = "auto", name: str | None = N
     scheduler = _loaded(folder, "scheduler", lambda: diffusers.AmusedScheduler.from_pretrained(
         os.path.join(folder, "scheduler")))
     tokenizer, text_encoder = _load_text_side(folder, kind, dtype)
-    _check_dimensions(folder, transformer, text_encoder, kind)
     model = MuseModel(name or os.path.basename(os.path.normpath(folder)), folder, transformer, vqvae, scheduler,
                       tokenizer, text_encoder, kind, device, dtype)
     _move(model, offload_device())
