@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT
 
+
 @pytest.fixture(scope="module")
 def muse_dirs(tmp_path_factory):
     pytest.importorskip("diffusers")
