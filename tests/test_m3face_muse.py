@@ -144,6 +144,20 @@ def test_loader_errors_name_the_folder_and_component(case, muse_dirs, tmp_path):
     assert folder in str(caught.value)
 
 
+@pytest.mark.parametrize("index", [0, 1], ids=["clip", "mclip"])
+def test_tokenizer_without_config_is_read_as_the_text_encoders(index, muse_dirs, tmp_path):
+    from likeness.techniques.m3face.muse import load_muse
+
+    source = muse_dirs[index]
+    folder = str(tmp_path / "bare-tokenizer")
+    shutil.copytree(source, folder)
+    os.remove(os.path.join(folder, "tokenizer", "tokenizer_config.json"))
+    model = load_muse(folder, "cpu")
+    assert type(model.tokenizer).__name__.startswith(("CLIPTokenizer", "XLMRobertaTokenizer")[index])
+    # no config: no model_max_length; the text encoder's positions bound it
+    assert model.tokenizer.model_max_length == 48
+
+
 def test_multilingual_model_uses_mclip_pooled_width(ml_muse):
     from likeness.techniques.m3face.mclip import MCLIPTextEncoder
 

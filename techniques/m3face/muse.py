@@ -139,6 +139,25 @@ def _loaded(folder: str, component: str, load):
         raise ModelFileError(f"Muse folder '{folder}': the {component} cannot be loaded ({exc}).") from exc
 
 
+def _load_tokenizer(folder: str, kind: str, text_config):
+    """The tokenizer its config names (AutoTokenizer); a folder without ``tokenizer_config.json`` (bare vocabulary
+    files) is read as the tokenizer of its text encoder. Its length is held to what the encoder has positions for."""
+    import transformers
+
+    path = os.path.join(folder, "tokenizer")
+    if not os.path.isdir(path):
+        _component_config(folder, "tokenizer")   # raises: the folder has no tokenizer
+    if os.path.isfile(os.path.join(path, CONFIG_FILES["tokenizer"])):
+        cls = transformers.AutoTokenizer
+    else:
+        cls = transformers.CLIPTokenizer if kind == CLIP else transformers.XLMRobertaTokenizer
+    tokenizer = _loaded(folder, "tokenizer", lambda: cls.from_pretrained(path))
+    # XLM-R numbers positions after the padding index, so it has pad_token_id + 1 fewer usable positions
+    offset = text_config.pad_token_id + 1 if kind == MCLIP else 0
+    tokenizer.model_max_length = min(tokenizer.model_max_length, text_config.max_position_embeddings - offset)
+    return tokenizer
+
+
 def _load_text_side(folder: str, kind: str, dtype: torch.dtype):
     import transformers
 
@@ -147,10 +166,7 @@ def _load_text_side(folder: str, kind: str, dtype: torch.dtype):
     encoder_cls = transformers.CLIPTextModelWithProjection if kind == CLIP else MCLIPTextEncoder
     text_encoder = _loaded(folder, "text_encoder", lambda: encoder_cls.from_pretrained(
         os.path.join(folder, "text_encoder")).to(dtype).eval())
-    _component_config(folder, "tokenizer")
-    tokenizer = _loaded(folder, "tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(
-        os.path.join(folder, "tokenizer")))
-    return tokenizer, text_encoder
+    return _load_tokenizer(folder, kind, text_encoder.config), text_encoder
 
 
 def _check_dimensions(folder: str, kind: str) -> None:
