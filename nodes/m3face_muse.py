@@ -92,8 +92,8 @@ class M3FaceTextToCondition:
     NODE_ID = "LikenessM3FaceTextToCondition"
     DISPLAY_NAME = "M3Face Text to Condition"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Generates a face segmentation map or landmark image from a description with Muse, at the "
-                   "model's own resolution (aMUSEd pipeline). Feed it to FaceControlNet as the condition image.")
+    DESCRIPTION = ("Generates a face segmentation map or landmark image from a description with Muse, by default at "
+                   "the model's own resolution (aMUSEd pipeline). Feed it to FaceControlNet as the condition image.")
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("condition",)
     FUNCTION = "generate"
@@ -108,13 +108,17 @@ class M3FaceTextToCondition:
             "modality": (MODALITIES, {"default": "segmentation", "tooltip": MODALITY_TIP}),
             **_sampling_inputs(),
             "batch_size": int_input(1, 1, 16, "How many condition maps to make from the prompt."),
+        }, "optional": {
+            "size": int_input(0, 0, 2048, "Side of the square map in pixels; 0 = the model's own size (its "
+                              "transformer sample_size x the VQ downscale). Other sizes must be multiples of the VQ "
+                              "downscale (16 for aMUSEd-512).", step=16),
         }}
 
-    def generate(self, muse, prompt, modality, steps, guidance, temperature, seed, batch_size):
+    def generate(self, muse, prompt, modality, steps, guidance, temperature, seed, batch_size, size=0):
         from ..techniques.m3face.muse import text_to_condition
 
         result = text_to_condition(_check_model(muse), prompt, modality, steps=steps, guidance=guidance,
-                                   temperature=temperature, seed=seed, batch_size=batch_size)
+                                   temperature=temperature, seed=seed, batch_size=batch_size, size=size)
         return (result.image,)
 
 

@@ -63,6 +63,16 @@ def test_text_to_condition_is_seed_deterministic(which, request):
     assert torch.equal(decode_tokens(model, first.tokens), first.image)
 
 
+def test_size_other_than_the_models(muse):
+    from likeness.errors import InvalidInputError
+    from likeness.techniques.m3face.muse import text_to_condition
+
+    result = text_to_condition(muse, "a face", "landmark", steps=2, seed=0, size=48)
+    assert result.image.shape == (1, 48, 48, 3) and result.tokens.shape == (1, 12, 12)
+    with pytest.raises(InvalidInputError, match="not a multiple of the Muse VQ downscale 4"):
+        text_to_condition(muse, "a face", "landmark", steps=2, size=50)
+
+
 def test_modality_prefix_changes_the_result(muse):
     from likeness.techniques.m3face.muse import text_to_condition
 

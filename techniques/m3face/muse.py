@@ -274,17 +274,28 @@ def encode_tokens(model: MuseModel, image: torch.Tensor) -> torch.Tensor:
         return vqvae.quantize(latents)[2][2].reshape(batch, height, width).cpu()
 
 
+def _output_size(model: MuseModel, size: int) -> int:
+    """``size`` (0: the model's own resolution), refused unless the VQ grid can take it."""
+    size = int(size) or model.resolution
+    if size % model.vae_scale_factor:
+        raise InvalidInputError(f"'size' {size} is not a multiple of the Muse VQ downscale {model.vae_scale_factor}.")
+    return size
+
+
 def text_to_condition(model: MuseModel, prompt: str, modality: str, steps: int = 12, guidance: float = 10.0,
-                      temperature: float = 2.0, seed: int = 0, batch_size: int = 1) -> MuseResult:
-    """Generate ``batch_size`` condition images at the model's resolution (temperature decays linearly to 0)."""
+                      temperature: float = 2.0, seed: int = 0, batch_size: int = 1, size: int = 0) -> MuseResult:
+    """Generate ``batch_size`` square condition images of ``size`` pixels (0: the model's resolution, from its
+    config); the temperature decays linearly to 0 over the steps."""
     from ...host.progress import check_interrupted
 
     text = prefixed_prompt(prompt, modality)
+    size = _output_size(model, size)
     check_interrupted()
     generator = torch.Generator("cpu").manual_seed(int(seed))
     with _OnDevice(model), torch.inference_mode():
         tokens = model.pipeline("text")(
-            text, num_inference_steps=int(steps), guidance_scale=float(guidance), generator=generator,
+            text, height=size, width=size, num_inference_steps=int(steps), guidance_scale=float(guidance),
+            generator=generator,
             num_images_per_prompt=int(batch_size), temperature=(float(temperature), 0.0), output_type="latent",
             callback=_progress_callback(int(steps))).images
         image = decode_tokens(model, tokens)
