@@ -139,8 +139,8 @@ class M3FaceEditCondition:
             "muse": ("M3FACE_MUSE", {"tooltip": "From M3Face Muse Loader."}),
             "condition": ("IMAGE", {"tooltip": "The condition map(s) to edit; sides must be multiples of the VQ "
                           "downscale (16 for aMUSEd-512)."}),
-            "mask": ("MASK", {"tooltip": "White = regenerate. Resized to the token grid and binarised at 0.5; one "
-                     "mask for all images or one per image."}),
+            "mask": ("MASK", {"tooltip": "White = regenerate: a token is regenerated where at least half of its cell "
+                     "is white. One mask for all images or one per image."}),
             "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The description of the edited face."}),
             "modality": (MODALITIES, {"default": "segmentation", "tooltip": MODALITY_TIP}),
             **_sampling_inputs(),

@@ -89,15 +89,31 @@ def test_edit_keeps_the_tokens_outside_the_mask(which, request):
     condition = text_to_condition(model, "a face", "landmark", steps=3, seed=2, batch_size=2).image
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:24, 4:16] = 1.0                        # token rows 2..5, columns 1..3 (grid 8x8, 4 px per token)
+    mask[:, 0:2, 0:4] = 1.0                          # half of token (0, 0): regenerated too
+    mask[:, 28:29, 28:32] = 1.0                      # a quarter of token (7, 7): kept
     edited = edit_condition(model, condition, mask, "a face with glasses", "landmark", steps=4, seed=3)
     again = edit_condition(model, condition, mask, "a face with glasses", "landmark", steps=4, seed=3)
     before = encode_tokens(model, condition)
     inside = torch.zeros(8, 8, dtype=torch.bool)
     inside[2:6, 1:4] = True
+    inside[0, 0] = True
     assert edited.image.shape == condition.shape
     assert torch.equal(edited.tokens[:, ~inside], before[:, ~inside])
     assert not torch.equal(edited.tokens[:, inside], before[:, inside])
     assert torch.equal(edited.tokens, again.tokens)
+
+
+def test_edit_with_a_mask_that_covers_no_token_keeps_every_token(muse, caplog):
+    from likeness.techniques.m3face.muse import edit_condition, encode_tokens
+
+    condition = torch.rand(1, 32, 32, 3)
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 0:4, 0:4] = 0.45   # token (0, 0) grey, under 0.5
+    mask[0, 4, 4:8] = 1.0      # token (1, 1): 7 of 16 pixels white
+    mask[0, 5, 4:7] = 1.0
+    edited = edit_condition(muse, condition, mask, "a face", "segmentation", steps=2)
+    assert torch.equal(edited.tokens, encode_tokens(muse, condition))
+    assert "covers no token" in caplog.text
 
 
 def test_edit_refuses_sizes_the_token_grid_cannot_take(muse):

@@ -295,9 +295,8 @@ def text_to_condition(model: MuseModel, prompt: str, modality: str, steps: int =
     with _OnDevice(model), torch.inference_mode():
         tokens = model.pipeline("text")(
             text, height=size, width=size, num_inference_steps=int(steps), guidance_scale=float(guidance),
-            generator=generator,
-            num_images_per_prompt=int(batch_size), temperature=(float(temperature), 0.0), output_type="latent",
-            callback=_progress_callback(int(steps))).images
+            generator=generator, num_images_per_prompt=int(batch_size), temperature=(float(temperature), 0.0),
+            output_type="latent", callback=_progress_callback(int(steps))).images
         image = decode_tokens(model, tokens)
     return MuseResult(image, tokens.cpu())
 
@@ -316,11 +315,19 @@ def _check_edit_inputs(model: MuseModel, image: torch.Tensor, mask: torch.Tensor
     return mask.expand(image.shape[0], -1, -1)
 
 
+def token_mask(model: MuseModel, mask: torch.Tensor, size) -> torch.Tensor:
+    """MASK [1, H', W'] -> [1, 1, h, w] on the token grid of an image of ``size`` (H, W): the share of white pixels
+    in each token's cell. The pipeline binarises it at 0.5, so a token is regenerated when at least half of its
+    cell is white (handing the pipeline the full-size mask would sample one pixel per token)."""
+    height, width = (int(side) // model.vae_scale_factor for side in size)
+    return torch.nn.functional.interpolate(mask.unsqueeze(1).float(), size=(height, width), mode="area")
+
+
 def edit_condition(model: MuseModel, image: torch.Tensor, mask: torch.Tensor, prompt: str, modality: str,
                    steps: int = 12, guidance: float = 10.0, temperature: float = 2.0, seed: int = 0,
                    strength: float = 1.0) -> MuseResult:
-    """Regenerate the masked part (white = regenerate, binarised on the token grid) of each condition image under
-    the prompt; tokens outside the mask are kept, as in diffusers' AmusedInpaintPipeline."""
+    """Regenerate the masked part (white = regenerate; a token where at least half of its cell is white) of each
+    condition image under the prompt; the other tokens are kept, as in diffusers' AmusedInpaintPipeline."""
     from ...host.progress import check_interrupted
 
     text = prefixed_prompt(prompt, modality)
@@ -331,12 +338,17 @@ def edit_condition(model: MuseModel, image: torch.Tensor, mask: torch.Tensor, pr
     tokens = []
     with _OnDevice(model), torch.inference_mode():
         for index in range(image.shape[0]):
-            out = pipe(text, image=image[index:index + 1].permute(0, 3, 1, 2).float(),
-                       mask_image=masks[index:index + 1].unsqueeze(1).float(), strength=float(strength),
-                       num_inference_steps=int(steps), guidance_scale=float(guidance), generator=generator,
-                       temperature=(float(temperature), 0.0), output_type="latent",
-                       callback=_progress_callback(int(steps)))
-            tokens.append(out.images)
+            condition = image[index:index + 1].permute(0, 3, 1, 2).float()
+            mask_image = token_mask(model, masks[index:index + 1], condition.shape[-2:])
+            if not bool((mask_image >= 0.5).any()):
+                # nothing to regenerate: the scheduler would still re-mask one token, so the image only round-trips
+                logger.warning("Likeness M3Face Edit Condition: the mask of image %d covers no token; kept as is.", index)
+                tokens.append(encode_tokens(model, image[index:index + 1]))
+                continue
+            tokens.append(pipe(text, image=condition, mask_image=mask_image, strength=float(strength),
+                               num_inference_steps=int(steps), guidance_scale=float(guidance), generator=generator,
+                               temperature=(float(temperature), 0.0), output_type="latent",
+                               callback=_progress_callback(int(steps))).images.cpu())
         tokens = torch.cat(tokens)
         result = decode_tokens(model, tokens)
-    return MuseResult(result, tokens.cpu())
+    return MuseResult(result, tokens)
