@@ -141,11 +141,40 @@ def test_text_to_condition_to_face(name, tiny_models, execute_prompt, host_env, 
     assert condition.shape == (32, 32, 3)  # the tiny Muse's own size
 
 
-@pytest.mark.parametrize("name", FROM_PHOTO)
-def test_photo_examples(name, tiny_models, photo, execute_prompt, host_env, host_test_nodes):
-    prompt, outputs = _run(name, tiny_models, execute_prompt, host_env)
-    previews = _saved(host_env, outputs, prompt, "PreviewImage")
-    assert any(p.shape == (MAP_SIZE, MAP_SIZE, 3) for p in previews)  # the (edited or original) map
+def test_repaint_the_hair_region(tiny_models, photo, execute_prompt, host_env, host_test_nodes):
+    prompt, outputs = _run(FROM_PHOTO[0], tiny_models, execute_prompt, host_env)
+    (edited,) = _saved(host_env, outputs, prompt, "PreviewImage")
+    (mask,) = _saved(host_env, outputs, prompt, "MaskPreview")
+    assert edited.shape == mask.shape == (MAP_SIZE, MAP_SIZE, 3)  # the region lines up with the map's frame
+    assert 0 < (mask[..., 0] > 127).mean() < 1  # a region to regenerate, not the whole map
+
+
+def test_imagic_edit_from_an_edited_mask(tiny_models, photo, execute_prompt, host_env, host_test_nodes):
+    prompt, outputs = _run(FROM_PHOTO[1], tiny_models, execute_prompt, host_env)
+    original, curves = _saved(host_env, outputs, prompt, "PreviewImage")
+    assert original.shape == (MAP_SIZE, MAP_SIZE, 3) and curves.std() > 0
+    saved = os.path.join(host_env.models, "likeness", "m3face_imagic", "m3face_example_test.safetensors")
+    assert os.path.isfile(saved)  # the embeddings M3Face Load Imagic Embedding reuses
+
+
+def _settings(prompt: dict, kind: str, *names: str) -> list[tuple]:
+    return [tuple(node["inputs"][n] for n in names) for node in prompt.values() if node["class_type"] == kind]
+
+
+@pytest.mark.parametrize("name", [*ENGLISH_TEXT, *FROM_PHOTO, MULTILINGUAL])
+def test_examples_keep_the_official_settings(name, pack_loaded):
+    """The shipped values are the recommended ones (the tests above only shrink them)."""
+    from host_support import example_prompt
+
+    prompt = example_prompt(name)
+    assert set(_settings(prompt, "KSampler", "sampler_name", "steps", "cfg", "seed")) == {("uni_pc", 20, 7.5, 1337)}
+    assert set(_settings(prompt, "ControlNetApplyAdvanced", "strength", "start_percent", "end_percent")) == {
+        (1.0, 0.0, 1.0)}
+    assert set(_settings(prompt, "EmptyLatentImage", "width", "height")) == {(512, 512)}
+    for kind in ("LikenessM3FaceTextToCondition", "LikenessM3FaceEditCondition"):
+        assert set(_settings(prompt, kind, "steps", "guidance", "temperature")) <= {(12, 10.0, 2.0)}
+    assert set(_settings(prompt, "LikenessM3FaceImagicTrain", "embedding_steps", "embedding_lr", "finetune_steps",
+                         "finetune_lr", "finetune_mode", "layers")) <= {(500, 1e-3, 1000, 5e-5, "up_blocks", "2and3")}
 
 
 def test_multilingual_prompt(tiny_models, execute_prompt, host_env, host_test_nodes):
