@@ -328,10 +328,10 @@ def verify_workflow(args, entries: Sequence[ModelEntry], location: ModelsLocatio
               f"{'' if args.quick else ' (sha256 of files with a published hash)'}\n\n")
     states, to_fetch = [], []
     for item in needed:
-        state, entry = _report_needed(item, entries, written, location, args, out)
+        state, ids = _report_needed(item, entries, written, location, args, out)
         states.append(state)
-        if state == wf.MISSING and entry.id not in to_fetch:
-            to_fetch.append(entry.id)
+        if state == wf.MISSING:
+            to_fetch += [i for i in ids if i not in to_fetch]
     failed = sum(state not in wf.SATISFIED for state in states)
     out.write(f"\nSummary: {len(needed) - failed} of {len(needed)} in place or made by the workflow, "
               f"{failed} not.\n")
@@ -341,31 +341,53 @@ def verify_workflow(args, entries: Sequence[ModelEntry], location: ModelsLocatio
 
 
 def _report_needed(item: wf.NeededFile, entries: Sequence[ModelEntry], written: list[wf.WrittenFile],
-                   location: ModelsLocation, args, out: TextIO) -> tuple[str, ModelEntry | None]:
-    """One line (or three) about one needed file; returns its state and its manifest entry."""
+                   location: ModelsLocation, args, out: TextIO) -> tuple[str, list[str]]:
+    """One line (or three) about one needed file; returns its state and the ids of its manifest entries."""
     used_by = f"  [{', '.join(item.nodes)}]"
     made = wf.maker(written, item)
     if made is not None:
         out.write(f"  MADE        {item.relative}: written by {made.node} when the workflow runs{used_by}\n")
-        return wf.MADE, None
+        return wf.MADE, []
     entry = wf.manifest_entry(entries, item)
+    if entry is None and wf.folder_entries(entries, item):
+        return _report_folder(item, wf.folder_entries(entries, item), location, args, out, used_by)
     if entry is None:
-        return _report_unlisted(item, location, out, used_by), None
+        return _report_unlisted(item, location, out, used_by), []
     status = check_entry(entry, location, hash_files=not args.quick, hash_progress=_hash_progress(sys.stderr))
     if status.state in (OK, UNVERIFIED):
         where = sorted({os.path.dirname(f.path) if entry.is_archive else f.path for f in status.files})
         detail = "" if entry.is_archive else f"; {status.files[0].detail}"
         out.write(f"  OK          {item.relative} ({entry.id}: {', '.join(where)}{detail}){used_by}\n")
-        return wf.PRESENT, entry
+        return wf.PRESENT, [entry.id]
     if status.is_problem:
         bad = next(f for f in status.files if f.state not in (OK, UNVERIFIED, MISSING))
         out.write(f"  CORRUPT     {item.relative} ({entry.id}): {bad.path}{used_by}\n              {bad.detail}\n"
                   f"              replace it: {fetch_command([entry.id], args, location)}\n")
-        return wf.CORRUPT, entry
+        return wf.CORRUPT, [entry.id]
     out.write(f"  MISSING     {item.relative} ({entry.id}, {format_size(entry.size, entry.approx_size_mb)}, "
               f"licence: {entry.license}){used_by}\n"
               f"              get it: {fetch_command([entry.id], args, location)}\n")
-    return wf.MISSING, entry
+    return wf.MISSING, [entry.id]
+
+
+def _report_folder(item: wf.NeededFile, parts: Sequence[ModelEntry], location: ModelsLocation, args, out: TextIO,
+                   used_by: str) -> tuple[str, list[str]]:
+    """A folder the manifest lists file by file (a diffusers model folder): OK when every file is in place,
+    else the files that are corrupt or missing and one fetch command for them."""
+    hash_progress = _hash_progress(sys.stderr)
+    statuses = [(entry, check_entry(entry, location, hash_files=not args.quick, hash_progress=hash_progress))
+                for entry in parts]
+    corrupt = [entry.id for entry, status in statuses if status.is_problem]
+    missing = [entry.id for entry, status in statuses if status.state not in (OK, UNVERIFIED)
+               and not status.is_problem]
+    if not corrupt and not missing:
+        out.write(f"  OK          {item.relative} (all {len(parts)} manifest files: {parts[0].id} …){used_by}\n")
+        return wf.PRESENT, [entry.id for entry in parts]
+    state, label, ids = (wf.CORRUPT, "CORRUPT ", corrupt) if corrupt else (wf.MISSING, "MISSING ", missing)
+    out.write(f"  {label}    {item.relative} ({len(ids)} of its {len(parts)} manifest files: {', '.join(ids)})"
+              f"{used_by}\n              get {'them' if len(ids) > 1 else 'it'}: "
+              f"{fetch_command(ids, args, location)}\n")
+    return state, ids
 
 
 def _report_unlisted(item: wf.NeededFile, location: ModelsLocation, out: TextIO, used_by: str) -> str:

@@ -87,6 +87,8 @@ NODE_FILES: dict[str, NodeFiles] = {
     "LikenessM3FaceControlNetLoader": _loader("M3Face FaceControlNet Loader", "controlnet", "control_net_name"),
     "LikenessM3FaceAltDiffusionLoader": NodeFiles("M3Face AltDiffusion Loader", ("folder",),  # a diffusers folder
                                                   {"folder": FileWidget("likeness/m3face", PACK)}),
+    "LikenessM3FaceMuseLoader": NodeFiles("M3Face Muse Loader", ("model",),  # a diffusers aMUSEd folder
+                                          {"model": FileWidget("likeness/m3face", PACK)}),
     "LikenessMetrics": NodeFiles("Likeness Metrics", ("metrics", "clip_model", "dino_model"), {
         w: FileWidget("likeness/evaluation", PACK, not_files=(NO_EVALUATION_MODEL,)) for w in ("clip_model", "dino_model")}),
     # this pack's nodes that write model files
@@ -210,6 +212,17 @@ def manifest_entry(entries: Iterable[ModelEntry], needed: NeededFile) -> ModelEn
                     directory == folder or directory.startswith(folder + "/")):
                 return entry
     return None
+
+
+def folder_entries(entries: Iterable[ModelEntry], needed: NeededFile) -> list[ModelEntry]:
+    """For a folder (``PACK``) the manifest lists file by file (a diffusers folder: ``unet/config.json``, ...):
+    the entries installed into it or below it; empty for a file or a folder no entry names."""
+    if needed.kind != PACK:
+        return []
+    wanted = normalized(needed.relative)
+    return [entry for entry in entries if not entry.is_archive and any(
+        folder == wanted or folder.startswith(wanted + "/")
+        for folder in (normalized(f) for f in (entry.folder, *entry.alt_folders)))]
 
 
 def maker(written: Iterable[WrittenFile], needed: NeededFile) -> WrittenFile | None:

@@ -146,13 +146,15 @@ def open_template(frontend: Frontend, name: str) -> None:
 
 
 def model_file_values(states: dict[str, dict]) -> set[str]:
-    """Values a model-file dropdown may hold without the file: the manifest's files and insightface packs,
-    and the files the trainer examples write (their ``name`` widget)."""
+    """Values a model-file dropdown may hold without the file: the manifest's files, insightface packs and
+    M3Face's diffusers folders (listed file by file), and the files the trainer examples write (their ``name``
+    widget)."""
     with open(os.path.join(ROOT, "models_manifest.json"), encoding="utf-8") as handle:
         manifest = json.load(handle)["models"]
     allowed = {os.path.basename(e["filename"]) for e in manifest} | {SECOND_IDENTITY}
     allowed |= {os.path.basename(e["folder"]) for e in manifest
                 if e["folder"].startswith(("insightface/", "likeness/evaluation/"))}  # model folders, not files
+    allowed |= {e["folder"].split("/")[2] for e in manifest if e["folder"].startswith("likeness/m3face/")}
     for state in states.values():
         for node in state["nodes"]:
             if node["type"] in TRAINER_TYPES:

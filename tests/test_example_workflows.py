@@ -16,7 +16,7 @@ from workflow_layout import EXAMPLES, EXAMPLES_DIR, Box, layout_problems
 
 NAMES = sorted(e.name for e in EXAMPLES)
 TRAINERS = {"LikenessTrainFaceFusion", "LikenessTrainConsistentID", "LikenessFaceATrainIdentity",
-            "LikenessFaceAAttributeTransfer"}
+            "LikenessFaceAAttributeTransfer", "LikenessM3FaceImagicTrain"}
 # Loader input -> the trainers whose outputs it loads
 TRAINED_FILES = {("LikenessFusionAdapterLoader", "adapter_name"): {"LikenessTrainFaceFusion"},
                  ("LikenessFaceALoadIdentity", "identity"): {"LikenessFaceATrainIdentity",

@@ -120,6 +120,31 @@ def test_a_facea_trainer_makes_the_identity_and_the_lora_its_workflow_loads(tmp_
     assert [wf.maker(written, item).node for item in needed] == ["#1 Train Identity (FaceA-Net)"] * 2
 
 
+def test_a_folder_the_manifest_lists_file_by_file(capsys, tmp_path, models):
+    """A diffusers folder (M3Face Muse / AltDiffusion): missing files are named with one fetch command; all in
+    place is OK; a folder no entry names stays 'not in the manifest'."""
+    folder = "likeness/m3face/Muse-x"
+    manifest = write_manifest(tmp_path / "manifest.json", [
+        small_entry(id="muse-x-transformer", filename="weights.bin", folder=folder + "/transformer"),
+        small_entry(id="muse-x-vqvae", filename="weights.bin", folder=folder + "/vqvae"),
+        small_entry(id="muse-y-vqvae", filename="weights.bin", folder="likeness/m3face/Muse-xy/vqvae"),
+    ])
+    prompt = {"1": {"class_type": "LikenessM3FaceMuseLoader", "inputs": {"model": "Muse-x", "device": "auto"}},
+              "2": {"class_type": "LikenessM3FaceMuseLoader", "inputs": {"model": "Muse-z", "device": "auto"}}}
+    (models / folder / "vqvae").mkdir(parents=True)
+    (models / folder / "vqvae" / "weights.bin").write_bytes(PAYLOAD)
+    code, out = verify_for(capsys, prompt, tmp_path, manifest, models)
+    missing = _line(out, f"MISSING     {folder} ")
+    assert code == 1 and "1 of its 2 manifest files: muse-x-transformer)" in missing and "#1 M3Face Muse" in missing
+    assert "models fetch muse-x-transformer " in out and "muse-y" not in out
+    assert "not in the manifest" in _line(out, "NOT FOUND   likeness/m3face/Muse-z")
+    (models / folder / "transformer").mkdir()
+    (models / folder / "transformer" / "weights.bin").write_bytes(PAYLOAD)
+    del prompt["2"]
+    code, out = verify_for(capsys, prompt, tmp_path, manifest, models)
+    assert code == 0 and "(all 2 manifest files: muse-x-transformer …)" in _line(out, f"OK          {folder} ")
+
+
 def test_placeholder_choice_and_broken_file(capsys, tmp_path, manifest, models):
     workflow = ui_workflow(ui_node(1, "LikenessConsistentIDLoader", ["(no file in models/likeness/consistentid)"]))
     code, out = verify_for(capsys, workflow, tmp_path, manifest, models)
