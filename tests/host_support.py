@@ -15,8 +15,8 @@ Fixtures
     tiny_vae, tiny_clip_vision   shared comfy.sd.VAE / comfy.clip_vision.ClipVisionModel (do not mutate)
 
 Builders (for variants): :func:`build_tiny_sd15` (e.g. ``in_channels=9`` for an inpainting-shaped
-model), :func:`build_tiny_sdxl`, :func:`build_tiny_clip`, :func:`build_tiny_vae`,
-:func:`build_tiny_clip_vision`, :func:`conditioning`, :func:`sdxl_conditioning`,
+model), :func:`build_tiny_sdxl`, :func:`build_tiny_clip`, :func:`build_tiny_sdxl_clip` (SDXL's two text
+encoders), :func:`build_tiny_vae`, :func:`build_tiny_clip_vision`, :func:`conditioning`, :func:`sdxl_conditioning`,
 :func:`write_tiny_sd15_checkpoint` (a single-file checkpoint the stock CheckpointLoaderSimple loads),
 :func:`example_prompt` (an example workflow as the API prompt the runner makes of it).
 
@@ -94,7 +94,8 @@ def _release_models() -> None:
     """Drop cached models while modules still exist (ModelPatcher.__del__ fails at interpreter teardown)."""
     import gc
 
-    for cached in (_cached_sd15, _cached_sdxl, _cached_clip, build_tiny_vae, build_tiny_clip_vision):
+    for cached in (_cached_sd15, _cached_sdxl, _cached_clip, _cached_sdxl_clip, build_tiny_vae,
+                   build_tiny_clip_vision):
         cached.cache_clear()
     try:
         import comfy.model_management
@@ -386,6 +387,50 @@ def build_tiny_clip(seed: int = 0, hidden: int = TINY_CONTEXT_DIM):
     ``CLIPTextEncode`` on it gives conditioning ``[1, 77*k, hidden]`` (matches the tiny SD1.5 UNet).
     """
     return _cached_clip(seed, hidden).clone()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_sdxl_clip(seed, l_hidden, g_hidden):
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+    import torch
+
+    l_config = tiny_text_config(l_hidden)
+    g_config = dict(tiny_text_config(g_hidden), projection_dim=TINY_SDXL_POOLED_DIM, pad_token_id=0)
+
+    class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+        """SDXL's two text encoders as ComfyUI wires them (penultimate states, CLIP-G's projected pooled output),
+        each tiny; ``cat(l, g)`` is ``l_hidden + g_hidden`` wide."""
+
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            torch.nn.Module.__init__(self)
+            options = model_options or {}
+            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, model_options=options,
+                                                     textmodel_json_config=dict(l_config),
+                                                     return_projected_pooled=False)
+            self.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     textmodel_json_config=dict(g_config),
+                                                     special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                                                     layer_norm_hidden_state=False, return_projected_pooled=True,
+                                                     model_options={**options, "model_name": "clip_g"})
+            self.dtypes = {dtype}
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_tiny_sdxl_clip(seed: int = 0, l_hidden: int = TINY_CONTEXT_DIM // 2, g_hidden: int = TINY_CONTEXT_DIM // 2):
+    """A ``comfy.sd.CLIP`` shaped like SDXL's: the real SDXL tokenizer ("g" and "l" streams), two tiny text models.
+
+    ``CLIPTextEncode`` on it gives ``[1, 77*k, l_hidden + g_hidden]`` (matches the tiny SDXL UNet's context) and a
+    ``pooled_output`` of the width SDXL's ``encode_adm`` needs.
+    """
+    return _cached_sdxl_clip(seed, l_hidden, g_hidden).clone()
 
 
 def tiny_ddconfig() -> dict:
