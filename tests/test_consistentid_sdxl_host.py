@@ -145,3 +145,22 @@ def test_sd15_clip_on_sdxl_is_refused(node_inputs, comfy_ready):
     narrow = host_support.build_tiny_clip(hidden=32)
     with pytest.raises(InvalidInputError, match="32-d text"):
         _encode(node_inputs, clip=narrow)
+
+
+def test_sdxl_localization_sites_are_the_official_three_blocks(comfy_ready):
+    """The SDXL trainer hooks down_blocks.2 (2 x 10 blocks), mid_block (10) and up_blocks.1 (3 x 2) of the real
+    SDXL UNet; SD1.5 keeps every site below full resolution (11)."""
+    from likeness.attention_patches import find_sites
+    from likeness.host.weights import meta_unet
+    from likeness.techniques.consistentid.localization import localization_sites
+
+    sdxl = dict(host_support.sdxl_unet_config(model_channels=320, context_dim=2048),
+                transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], num_head_channels=64)
+    sites = find_sites(meta_unet(sdxl))
+    chosen = localization_sites(sites, sdxl=True)
+    assert len(sites) == 70 and len(chosen) == 36
+    assert {(s.block[0], s.block[1]) for s in chosen} == (
+        {("input", 7), ("input", 8), ("middle", 0), ("output", 3), ("output", 4), ("output", 5)})
+    sd15 = find_sites(meta_unet(host_support.sd15_unet_config(model_channels=320, context_dim=768)))
+    assert len(localization_sites(sd15)) == 11

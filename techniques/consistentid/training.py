@@ -69,7 +69,7 @@ from ..faceid.lora import apply_lora, check_adapter_fits, lora_factors, transfor
 from ..faceid.processors import LORA_TARGETS, AdapterWeights
 from ..faceid.projection import projector_tokens
 from .encode import REGION_LABEL, PipelineStyle, filled_region_mask, pipeline_style, region_images
-from .loader import SDXL, check_base_matches, load_consistentid_state_dict, model_base
+from .loader import SDXL, check_base_matches, consistentid_base, load_consistentid_state_dict, model_base
 from .localization import AttentionMapRecorder, facial_localization_loss, localization_sites, token_selector
 from .tokens import facial_prompt, select_facial_regions, tokenize_facial_prompt
 
@@ -564,7 +564,8 @@ def open_session(model_patcher, weights: ConsistentIDWeights, train_processors: 
         logger.warning("ConsistentID training: the input model carries identity-attention patches (%s); they are "
                        "left out while training (connect the plain checkpoint model).", ", ".join(inherited))
     patch.add(DecoupledInjector(IDENTITY_NAME, identity))
-    recorder = AttentionMapRecorder(localization_sites(patch.sites))
+    sdxl = consistentid_base(weights.checkpoint).base == SDXL
+    recorder = AttentionMapRecorder(localization_sites(patch.sites, sdxl))
     patch.add(recorder)
     device = load_for_training(clone)
     weights.to(device)
