@@ -147,20 +147,51 @@ def test_sd15_clip_on_sdxl_is_refused(node_inputs, comfy_ready):
         _encode(node_inputs, clip=narrow)
 
 
+def real_sdxl_unet():
+    """The real SDXL base UNet's module tree on the meta device (no weights)."""
+    from likeness.host.weights import meta_unet
+
+    return meta_unet(dict(host_support.sdxl_unet_config(model_channels=320, context_dim=2048),
+                          transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                          transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], num_head_channels=64))
+
+
+def real_sd15_unet():
+    from likeness.host.weights import meta_unet
+
+    return meta_unet(host_support.sd15_unet_config(model_channels=320, context_dim=768))
+
+
+def test_official_layouts_fit_their_own_base_and_name_both_otherwise(comfy_ready):
+    """ConsistentID_SDXL-v1.bin / ConsistentID-v1.bin layouts against the real SDXL / SD1.5 UNets."""
+    from faceid_support import CONSISTENTID, state_dict_from_layout
+    from likeness.errors import ModelFileError
+    from likeness.techniques.consistentid.loader import check_base_matches, load_consistentid_state_dict
+
+    sdxl_file = load_consistentid_state_dict(state_dict_from_layout("consistentid_sdxl_v1.json"),
+                                             source="ConsistentID_SDXL-v1.bin")
+    sd15_file = load_consistentid_state_dict(state_dict_from_layout(CONSISTENTID), source="ConsistentID-v1.bin")
+    sdxl_unet, sd15_unet = real_sdxl_unet(), real_sd15_unet()
+    assert check_base_matches(sdxl_file, sdxl_unet).describe() == "SDXL (70 transformer blocks, 2048-d text)"
+    assert check_base_matches(sd15_file, sd15_unet).describe() == "SD1.5 (16 transformer blocks, 768-d text)"
+    with pytest.raises(ModelFileError, match=r"ConsistentID-v1\.bin is a ConsistentID SD1\.5 .* the model is SDXL .*"
+                       r"use ConsistentID_SDXL-v1\.bin"):
+        check_base_matches(sd15_file, sdxl_unet)
+    with pytest.raises(ModelFileError, match=r"ConsistentID_SDXL-v1\.bin is a ConsistentID SDXL .* the model is "
+                       r"SD1\.5 .*use ConsistentID-v1\.bin"):
+        check_base_matches(sdxl_file, sd15_unet)
+
+
 def test_sdxl_localization_sites_are_the_official_three_blocks(comfy_ready):
     """The SDXL trainer hooks down_blocks.2 (2 x 10 blocks), mid_block (10) and up_blocks.1 (3 x 2) of the real
     SDXL UNet; SD1.5 keeps every site below full resolution (11)."""
     from likeness.attention_patches import find_sites
-    from likeness.host.weights import meta_unet
     from likeness.techniques.consistentid.localization import localization_sites
 
-    sdxl = dict(host_support.sdxl_unet_config(model_channels=320, context_dim=2048),
-                transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
-                transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], num_head_channels=64)
-    sites = find_sites(meta_unet(sdxl))
+    sites = find_sites(real_sdxl_unet())
     chosen = localization_sites(sites, sdxl=True)
     assert len(sites) == 70 and len(chosen) == 36
     assert {(s.block[0], s.block[1]) for s in chosen} == (
         {("input", 7), ("input", 8), ("middle", 0), ("output", 3), ("output", 4), ("output", 5)})
-    sd15 = find_sites(meta_unet(host_support.sd15_unet_config(model_channels=320, context_dim=768)))
+    sd15 = find_sites(real_sd15_unet())
     assert len(localization_sites(sd15)) == 11
