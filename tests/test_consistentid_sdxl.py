@@ -194,15 +194,15 @@ def test_sdxl_facial_encoder_matches_the_official_equations():
     encoder = load_module_strict(build_module(facial_encoder_config_from_state_dict(sd).build), sd, "FacialEncoder")
     generator = torch.Generator().manual_seed(3)
     prompt = torch.randn(1, 77, 2048, generator=generator)
-    regions = torch.zeros(1, 5, 257, 1280)
-    regions[0, :3] = torch.randn(3, 257, 1280, generator=generator)        # 3 regions found, 2 padded slots
+    regions = torch.zeros(1, 3, 257, 1280)                                  # CLIP-H: 257 tokens of 1280
+    regions[0, :2] = torch.randn(2, 257, 1280, generator=generator)        # 2 regions found, 1 padded slot
     token_mask = torch.zeros(1, 77, dtype=torch.bool)
-    token_mask[0, [12, 17, 23]] = True
-    valid = torch.tensor([[True, True, True, False, False]])
+    token_mask[0, [12, 23]] = True
+    valid = torch.tensor([[True, True, False]])
     with torch.no_grad():
         expected = _official_facial_encoder(sd, prompt, regions, token_mask, valid)
         ours = encoder(prompt, regions, token_mask, valid)
-        direct = encoder.fuse(prompt, encoder.encode_regions(regions[0, :3]), [12, 17, 23])
+        direct = encoder.fuse(prompt, encoder.encode_regions(regions[0, :2]), [12, 23])
     assert not torch.allclose(expected[0, 12], prompt[0, 12])
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(direct, expected, rtol=1e-4, atol=1e-4)
