@@ -29,9 +29,10 @@ class ConsistentIDLoader:
     NODE_ID = "LikenessConsistentIDLoader"
     DISPLAY_NAME = "ConsistentID Loader"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Loads ConsistentID weights (ConsistentID-v1.bin, or a .safetensors conversion) from "
-                   "models/likeness/consistentid/: the FaceID-Plus ID projector, the 32 LoRA/IP attention processors "
-                   "and the FacialEncoder. Every key is checked; a wrong file gets a clear error.")
+    DESCRIPTION = ("Loads ConsistentID weights (ConsistentID-v1.bin for SD1.5, ConsistentID_SDXL-v1.bin for SDXL, or "
+                   "a .safetensors conversion) from models/likeness/consistentid/: the FaceID-Plus ID projector, the "
+                   "LoRA/IP attention processors (32 for SD1.5, 140 for SDXL) and the FacialEncoder. The base is read "
+                   "from the keys; every key is checked and a wrong file gets a clear error.")
     RETURN_TYPES = ("CONSISTENTID",)
     RETURN_NAMES = ("consistentid",)
     FUNCTION = "load"
@@ -39,7 +40,8 @@ class ConsistentIDLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (_files(), {"tooltip": "ConsistentID-v1.bin (SD1.5) in models/likeness/consistentid/."}),
+            "model_name": (_files(), {"tooltip": "ConsistentID-v1.bin (SD1.5) or ConsistentID_SDXL-v1.bin (SDXL) in "
+                                      "models/likeness/consistentid/."}),
         }}
 
     @classmethod
@@ -71,9 +73,10 @@ class ConsistentIDEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.5 model (the official weights target SD1.5; Realistic Vision "
-                                "recommended)."}),
-            "clip": ("CLIP", {"tooltip": "The SD1.5 text encoder of that model."}),
+            "model": ("MODEL", {"tooltip": "An SD1.5 model with ConsistentID-v1.bin (Realistic Vision recommended) or "
+                                "an SDXL model with ConsistentID_SDXL-v1.bin; a file of the other base is refused."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder(s) of that model (SDXL: both, as Load Checkpoint gives "
+                              "them)."}),
             "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP-ViT-H-14 (laion2B), the image encoder ConsistentID "
                                             "was trained with."}),
             "consistentid": ("CONSISTENTID", {"tooltip": "From ConsistentID Loader."}),

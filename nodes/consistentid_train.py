@@ -41,8 +41,9 @@ class TrainConsistentID:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SD1.5-family model to train for (frozen)."}),
-                "clip": ("CLIP", {"tooltip": "Its text encoder: encodes the captions with the facial prompt."}),
+                "model": ("MODEL", {"tooltip": "The SD1.5- or SDXL-family model to train for (frozen); SDXL trains "
+                                    "with its pooled and size conditioning."}),
+                "clip": ("CLIP", {"tooltip": "Its text encoder(s): encode the captions with the facial prompt."}),
                 "vae": ("VAE", {"tooltip": "Encodes the training images."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP-ViT-H-14, the image encoder ConsistentID uses for "
                                                 "the whole face and the facial regions."}),

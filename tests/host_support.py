@@ -15,8 +15,8 @@ Fixtures
     tiny_vae, tiny_clip_vision   shared comfy.sd.VAE / comfy.clip_vision.ClipVisionModel (do not mutate)
 
 Builders (for variants): :func:`build_tiny_sd15` (e.g. ``in_channels=9`` for an inpainting-shaped
-model), :func:`build_tiny_sdxl`, :func:`build_tiny_clip`, :func:`build_tiny_vae`,
-:func:`build_tiny_clip_vision`, :func:`conditioning`, :func:`sdxl_conditioning`,
+model), :func:`build_tiny_sdxl`, :func:`build_tiny_clip`, :func:`build_tiny_sdxl_clip` (SDXL's two text
+encoders), :func:`build_tiny_vae`, :func:`build_tiny_clip_vision`, :func:`conditioning`, :func:`sdxl_conditioning`,
 :func:`write_tiny_sd15_checkpoint` (a single-file checkpoint the stock CheckpointLoaderSimple loads),
 :func:`example_prompt` (an example workflow as the API prompt the runner makes of it).
 
@@ -47,6 +47,8 @@ BASE_DIR: str | None = None
 TINY_CONTEXT_DIM = 64
 TINY_MODEL_CHANNELS = 32
 TINY_SDXL_POOLED_DIM = 1280  # fixed by model_base.SDXL.encode_adm (adm_in_channels 2816 = 1280 + 6*256)
+SDXL_SIZE_CONDS_DIM = 6 * 256  # encode_adm's six size embeddings; adm_in_channels = pooled width + this
+TINY_SDXL_CLIP_ADM = TINY_CONTEXT_DIM // 2 + SDXL_SIZE_CONDS_DIM   # y of build_tiny_sdxl_clip's pooled output
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,7 +96,8 @@ def _release_models() -> None:
     """Drop cached models while modules still exist (ModelPatcher.__del__ fails at interpreter teardown)."""
     import gc
 
-    for cached in (_cached_sd15, _cached_sdxl, _cached_clip, build_tiny_vae, build_tiny_clip_vision):
+    for cached in (_cached_sd15, _cached_sdxl, _cached_clip, _cached_sdxl_clip, build_tiny_vae,
+                   build_tiny_clip_vision):
         cached.cache_clear()
     try:
         import comfy.model_management
@@ -259,11 +262,13 @@ def sd15_unet_config(model_channels: int = TINY_MODEL_CHANNELS, context_dim: int
 
 
 def sdxl_unet_config(model_channels: int = TINY_MODEL_CHANNELS, context_dim: int = TINY_CONTEXT_DIM,
-                     in_channels: int = 4) -> dict:
-    """The SDXL UNet layout (same blocks and attention sites) with transformer depth 10 shrunk to 2."""
+                     in_channels: int = 4, adm_in_channels: int = 2816) -> dict:
+    """The SDXL UNet layout (same blocks and attention sites) with transformer depth 10 shrunk to 2.
+
+    ``adm_in_channels`` = pooled width + :data:`SDXL_SIZE_CONDS_DIM` (2816 with SDXL's 1280-d pooled output)."""
     return {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": in_channels,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": adm_in_channels, "in_channels": in_channels,
         "model_channels": model_channels, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 2, 2],
         "channel_mult": [1, 2, 4], "transformer_depth_middle": 2, "use_linear_in_transformer": True,
         "context_dim": context_dim, "num_head_channels": 16,
@@ -292,9 +297,10 @@ def _cached_sd15(seed, context_dim, model_channels, in_channels):
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_sdxl(seed, context_dim, model_channels, in_channels):
+def _cached_sdxl(seed, context_dim, model_channels, in_channels, adm_in_channels=2816):
     import comfy.supported_models
-    return _patcher(comfy.supported_models.SDXL, sdxl_unet_config(model_channels, context_dim, in_channels), seed)
+    return _patcher(comfy.supported_models.SDXL,
+                    sdxl_unet_config(model_channels, context_dim, in_channels, adm_in_channels), seed)
 
 
 def build_tiny_sd15(seed: int = 0, context_dim: int = TINY_CONTEXT_DIM, model_channels: int = TINY_MODEL_CHANNELS,
@@ -309,11 +315,12 @@ def build_tiny_sd15(seed: int = 0, context_dim: int = TINY_CONTEXT_DIM, model_ch
 
 
 def build_tiny_sdxl(seed: int = 0, context_dim: int = TINY_CONTEXT_DIM, model_channels: int = TINY_MODEL_CHANNELS,
-                    in_channels: int = 4, cached: bool = True):
-    """A ``ModelPatcher`` of a tiny SDXL-shaped UNet (needs :func:`sdxl_conditioning`)."""
+                    in_channels: int = 4, cached: bool = True, adm_in_channels: int = 2816):
+    """A ``ModelPatcher`` of a tiny SDXL-shaped UNet (needs :func:`sdxl_conditioning`; with
+    ``adm_in_channels=TINY_SDXL_CLIP_ADM`` it takes the conditioning of :func:`build_tiny_sdxl_clip`)."""
     if cached:
-        return _cached_sdxl(seed, context_dim, model_channels, in_channels).clone()
-    return _cached_sdxl.__wrapped__(seed, context_dim, model_channels, in_channels)
+        return _cached_sdxl(seed, context_dim, model_channels, in_channels, adm_in_channels).clone()
+    return _cached_sdxl.__wrapped__(seed, context_dim, model_channels, in_channels, adm_in_channels)
 
 
 @pytest.fixture
@@ -386,6 +393,52 @@ def build_tiny_clip(seed: int = 0, hidden: int = TINY_CONTEXT_DIM):
     ``CLIPTextEncode`` on it gives conditioning ``[1, 77*k, hidden]`` (matches the tiny SD1.5 UNet).
     """
     return _cached_clip(seed, hidden).clone()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_sdxl_clip(seed, l_hidden, g_hidden):
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+    import torch
+
+    # 3 layers: SDXL reads the penultimate layer (layer_idx -2), which ComfyUI requires to be inside the model
+    l_config = tiny_text_config(l_hidden, layers=3)
+    g_config = dict(tiny_text_config(g_hidden, layers=3), pad_token_id=0)
+
+    class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+        """SDXL's two text encoders as ComfyUI wires them (penultimate states, CLIP-G's projected pooled output),
+        each tiny; ``cat(l, g)`` is ``l_hidden + g_hidden`` wide."""
+
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            torch.nn.Module.__init__(self)
+            options = model_options or {}
+            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, model_options=options,
+                                                     textmodel_json_config=dict(l_config),
+                                                     return_projected_pooled=False)
+            self.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     textmodel_json_config=dict(g_config),
+                                                     special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                                                     layer_norm_hidden_state=False, return_projected_pooled=True,
+                                                     model_options={**options, "model_name": "clip_g"})
+            self.dtypes = {dtype}
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_tiny_sdxl_clip(seed: int = 0, l_hidden: int = TINY_CONTEXT_DIM // 2, g_hidden: int = TINY_CONTEXT_DIM // 2):
+    """A ``comfy.sd.CLIP`` shaped like SDXL's: the real SDXL tokenizer ("g" and "l" streams), two tiny text models.
+
+    ``CLIPTextEncode`` on it gives ``[1, 77*k, l_hidden + g_hidden]`` (the tiny SDXL UNet's context) and a
+    ``pooled_output`` ``g_hidden`` wide (ComfyUI's text projection is square): use it with
+    ``build_tiny_sdxl(adm_in_channels=TINY_SDXL_CLIP_ADM)``.
+    """
+    return _cached_sdxl_clip(seed, l_hidden, g_hidden).clone()
 
 
 def tiny_ddconfig() -> dict:

@@ -20,7 +20,7 @@ Where the maps come from: the official code hooks the attention modules of diffu
 (self-attention) by a naming slip, and the hooks only fire without xformers. We implement what the paper
 describes: ``attn2`` probabilities over the text tokens (the decoupled ID tokens have their own softmax and are
 not part of it) at the same blocks, i.e. every cross-attention site below the full latent resolution
-(:func:`localization_sites`: 11 sites on SD1.5).
+(:func:`localization_sites`: 11 sites on SD1.5; on SDXL the official trainer's three middle blocks, 36 sites).
 
 The maps are recorded by :class:`AttentionMapRecorder`, an engine injector that contributes nothing: at the
 chosen sites it computes ``softmax(q k_text^T / sqrt(d))`` from the query and text keys the engine hands every
@@ -126,14 +126,22 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, selector: torc
 # ----------------------------------------------------------------------------------------------------------------
 # Recording through the engine
 
-def localization_sites(sites: Sequence[AttentionSite]) -> list[AttentionSite]:
-    """The cross-attention sites the loss uses: everything below the full latent resolution.
+def localization_sites(sites: Sequence[AttentionSite], sdxl: bool = False) -> list[AttentionSite]:
+    """The cross-attention sites the loss uses: the UNet blocks the official trainers hook.
 
-    On SD1.5 these are diffusers' ``down_blocks.1/.2``, ``mid_block`` and ``up_blocks.1/.2`` (11 sites), the five
-    blocks the official trainer hooks; ``down_blocks.0`` and ``up_blocks.3`` (full resolution) are left out.
-    Derived from the walked sites' resolution level, not tabulated.
+    The official ``unet_store_cross_attention_scores(layers=n)`` keeps the middle ``n`` of the names
+    ``down_blocks.0-2, mid_block, up_blocks.1-3``. SD1.5 (``n = 5``): ``down_blocks.1/.2``, ``mid_block`` and
+    ``up_blocks.1/.2``, i.e. every site below the full latent resolution (11 sites; ``down_blocks.0`` and
+    ``up_blocks.3`` are left out). SDXL (``train_SDXL.py``, ``n = 3``): ``down_blocks.2`` (the deepest level),
+    ``mid_block`` and ``up_blocks.1``, which in SDXL's three-level UNet is the half-resolution up block. Derived
+    from the walked sites' group and resolution level, not tabulated.
     """
-    chosen = [s for s in sites if s.level >= 1]
+    if sdxl:
+        deepest = max((s.level for s in sites if s.group == "input"), default=0)
+        chosen = [s for s in sites if s.group == "middle" or (s.group == "input" and s.level == deepest)
+                  or (s.group == "output" and s.level == 1)]
+    else:
+        chosen = [s for s in sites if s.level >= 1]
     return chosen or list(sites)
 
 

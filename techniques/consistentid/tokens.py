@@ -33,6 +33,10 @@ from ...errors import InvalidInputError
 
 FACIAL_MARKER = "<|facial|>"
 FIXED_FACIAL_CAPTION = "The person has one face, one nose, two eyes, two ears, and one mouth."
+# The SDXL pipeline's own template and joiner (pipline_StableDiffusionXL_ConsistentID.py) differ in two words.
+FIXED_FACIAL_CAPTION_SDXL = "The person has one face, one nose, two eyes, two ears, and a mouth."
+DETAIL = "Detail:"
+DETAIL_SDXL = "; Detail:"
 MAX_CAPTION_CHARS = 330
 CHUNK_TOKENS = 77
 
@@ -111,17 +115,17 @@ def mark_facial_caption(caption: str, regions: Sequence[str]) -> tuple[str, list
 
 
 def assemble_facial_prompt(prompt: str, marked_caption: str, token_count: Callable[[str], int],
-                           raw_caption: str = FIXED_FACIAL_CAPTION) -> str:
+                           raw_caption: str = FIXED_FACIAL_CAPTION, detail: str = DETAIL) -> str:
     """The text ConsistentID encodes: caption after the prompt, or before it when that would exceed 77 tokens.
 
     ``token_count(text)`` counts like the official tokenizer: BOS + EOS + content, each marker one token
-    (see :func:`official_token_count`).
+    (see :func:`official_token_count`). ``detail`` joins them (SD1.5 ``"Detail:"``, SDXL ``"; Detail:"``).
     """
     if len(raw_caption) > MAX_CAPTION_CHARS or not marked_caption:
         return prompt
-    text = prompt + "Detail:" + marked_caption
+    text = prompt + detail + marked_caption
     if token_count(text) > CHUNK_TOKENS:
-        text = "Detail:" + marked_caption + " Caption:" + prompt
+        text = detail + marked_caption + " Caption:" + prompt
     return text
 
 
@@ -243,7 +247,9 @@ def _special_ids(clip, key: str) -> set:
 
 
 def tokenize_facial_prompt(clip, text: str, key: str = "l") -> FacialPromptTokens:
-    """Tokenise a ``<|facial|>``-marked prompt with ComfyUI's tokenizer (SD1: text encoder ``"l"``)."""
+    """Tokenise a ``<|facial|>``-marked prompt with ComfyUI's tokenizer. The positions are found on text encoder
+    ``"l"`` (CLIP-L), as the official SDXL pipeline finds them on its first tokenizer; on SDXL they index the rows
+    of the ``cat(CLIP-L, CLIP-G)`` conditioning, whose two token streams hold the same BPE tokens."""
     special = _special_ids(clip, key)
     marker_ids = marker_token_ids(clip.tokenize(spaced_markers(FACIAL_MARKER))[key], special)
     marked = clip.tokenize(spaced_markers(text))[key]
@@ -253,7 +259,7 @@ def tokenize_facial_prompt(clip, text: str, key: str = "l") -> FacialPromptToken
 
 
 def facial_prompt(clip, prompt: str, regions: Sequence[str], caption: str = FIXED_FACIAL_CAPTION,
-                  key: str = "l") -> tuple[str, list[str]]:
+                  key: str = "l", detail: str = DETAIL) -> tuple[str, list[str]]:
     """The official prompt assembly on ComfyUI's tokenizer: ``(marked text, regions in pairing order)``."""
     marked_caption, paired = mark_facial_caption(caption, regions)
     special = _special_ids(clip, key)
@@ -262,5 +268,5 @@ def facial_prompt(clip, prompt: str, regions: Sequence[str], caption: str = FIXE
     def count(text: str) -> int:
         return official_token_count(clip.tokenize(spaced_markers(text))[key], marker_ids, special)
 
-    text = assemble_facial_prompt(prompt, marked_caption, count, caption)
+    text = assemble_facial_prompt(prompt, marked_caption, count, caption, detail)
     return text, (paired if FACIAL_MARKER in text else [])

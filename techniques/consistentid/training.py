@@ -14,13 +14,18 @@ Once, before training (frozen encoders, no gradients):
 3. the caption becomes ``caption + "Detail:" + marked facial caption`` (the encode node's assembly; the official
    trainer used "Caption:" + caption + " Detail:" + caption, the same shape), tokenised by ComfyUI with the
    feature-word positions; the plain text embedding comes from the frozen CLIP; the target goes through the VAE.
+4. SDXL (an SDXL model and its two text encoders): the encode node's SDXL caption and joiner, the
+   ``cat(CLIP-L, CLIP-G)`` text, and the model's pooled/size vector ``y = model.encode_adm(pooled, sizes)`` per
+   example with the official trainer's size conds (original size, centre-crop top-left after the shorter side is
+   resized to ``resolution``, target size); a dropped condition uses the empty caption's pooled output.
 
 Per micro-batch (all randomness from the loop's generator, so a resumed run is exact):
 
 - sigma uniform over the schedule, noise, ``x_t`` (the host's model sampling);
 - condition dropout (p = 0.1): the empty caption (hence no fused tokens) and the zero-image CLIP states for the
   ID projector; the ArcFace vector is kept (official behaviour);
-- ID tokens = projector(ArcFace, CLIP states) (no PlusV2 shortcut); they enter every cross-attention through
+- ID tokens = projector(ArcFace, CLIP states) (PlusV2 shortcut as the base's pipeline: SDXL only); they enter
+  every cross-attention through
   the engine's decoupled injector (``+ Attn(q, to_k_ip(id), to_v_ip(id))``), computed with autograd;
 - fused text = FacialEncoder(plain text, region features) at the feature-word rows;
 - the LoRA: frozen weight patches (processors not trained) or, when the processors train, a differentiable
@@ -63,8 +68,8 @@ from ..faceid.checkpoint import FaceIDCheckpoint
 from ..faceid.lora import apply_lora, check_adapter_fits, lora_factors, transformer_blocks
 from ..faceid.processors import LORA_TARGETS, AdapterWeights
 from ..faceid.projection import projector_tokens
-from .encode import REGION_LABEL, filled_region_mask, region_images
-from .loader import load_consistentid_state_dict
+from .encode import REGION_LABEL, PipelineStyle, filled_region_mask, pipeline_style, region_images
+from .loader import SDXL, check_base_matches, consistentid_base, load_consistentid_state_dict, model_base
 from .localization import AttentionMapRecorder, facial_localization_loss, localization_sites, token_selector
 from .tokens import facial_prompt, select_facial_regions, tokenize_facial_prompt
 
@@ -188,7 +193,7 @@ class ConsistentIDWeights:
         context_dims = {s.context_dim for s in sites}
         if len(context_dims) != 1:
             raise InvalidInputError(f"the model's cross-attentions take contexts of widths {sorted(context_dims)}; "
-                                    "ConsistentID needs one text width (SD1.5).")
+                                    "ConsistentID needs one text width (SD1.5 or SDXL).")
         context = context_dims.pop()
         a = architecture
         model_sd = model_patcher.model.state_dict()
@@ -255,7 +260,8 @@ class ConsistentIDWeights:
         return self
 
     def check_model(self, model_patcher) -> None:
-        """The processors fit the model's transformer blocks and its text width."""
+        """The weights' base (SD1.5 / SDXL) is the model's; the processors fit its blocks and its text width."""
+        check_base_matches(self.checkpoint, model_patcher)
         check_adapter_fits(self.adapter, transformer_blocks(model_patcher))
         widths = {s.context_dim for s in find_sites(model_patcher)}
         if widths != {self.adapter.context_dim}:
@@ -279,6 +285,8 @@ class ConsistentIDTrainingData:
     foreground: torch.Tensor              # [N, 1, h, w] "without background" mask (1 everywhere: no parse)
     empty_context: torch.Tensor           # [L0, C] the empty caption (condition dropout)
     zero_image_states: torch.Tensor       # [1, T, D] CLIP states of the zero image (condition dropout)
+    adm: torch.Tensor | None = None       # [N, A] SDXL: the model's pooled/size vector y per example
+    empty_adm: torch.Tensor | None = None  # [N, A] SDXL: y with the empty caption's pooled output (dropout)
     names: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     regions: list[list[str]] = field(default_factory=list)
@@ -293,7 +301,9 @@ class ConsistentIDTrainingData:
                 "arcface": self.arcfaces.index_select(0, index), "foreground": self.foreground.index_select(0, index),
                 "context": [self.contexts[i] for i in indices], "positions": [list(self.positions[i]) for i in indices],
                 "region_states": [self.region_states[i] for i in indices],
-                "region_masks": [self.region_masks[i] for i in indices]}
+                "region_masks": [self.region_masks[i] for i in indices],
+                **({} if self.adm is None else {"adm": self.adm.index_select(0, index),
+                                                "empty_adm": self.empty_adm.index_select(0, index)})}
 
 
 def identity_vector(analysis, id_dim: int) -> torch.Tensor:
@@ -322,9 +332,21 @@ def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[0] if squeeze else x
 
 
-def _encode_text(clip, tokens) -> torch.Tensor:
-    out = clip.encode_from_tokens(tokens)
-    return (out[0] if isinstance(out, tuple) else out).float().cpu()
+def _encode_text(clip, tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(context [1, L, C], pooled [1, P] or None)`` on the CPU in fp32."""
+    out = clip.encode_from_tokens(tokens, return_pooled=True)
+    context, pooled = out if isinstance(out, tuple) else (out, None)
+    return context.float().cpu(), None if pooled is None else pooled.float().cpu()
+
+
+def sdxl_size_conds(height: int, width: int, resolution: int) -> dict[str, int]:
+    """SDXL's size conds of a training image as the official trainer makes them (``encode_adm`` keywords): its
+    original size, the top-left of the centre crop after the shorter side is resized to ``resolution`` (the
+    rounding of :func:`resize_center_crop`), and the square target."""
+    scale = resolution / min(height, width)
+    resized_h, resized_w = max(resolution, round(height * scale)), max(resolution, round(width * scale))
+    return {"height": int(height), "width": int(width), "crop_h": (resized_h - resolution) // 2,
+            "crop_w": (resized_w - resolution) // 2, "target_height": resolution, "target_width": resolution}
 
 
 @dataclass
@@ -340,10 +362,12 @@ class _Example:
     image_states: torch.Tensor
     arcface: torch.Tensor
     foreground: torch.Tensor
+    pooled: torch.Tensor | None
+    size_conds: dict
 
 
 def _example(name: str, image: torch.Tensor, caption: str, settings: ConsistentIDTrainSettings, clip, clip_vision,
-             analyzer, parser, id_dim: int) -> _Example:
+             analyzer, parser, id_dim: int, style: PipelineStyle) -> _Example:
     from ...face_analysis.analyze import analyze
     from ...face_analysis.parsing import parse_faces
 
@@ -357,12 +381,12 @@ def _example(name: str, image: torch.Tensor, caption: str, settings: ConsistentI
     if result.faces.faces[0]:
         labels = parse_faces(parser, square.unsqueeze(0), result.faces).labels[0]
     regions = select_facial_regions(torch.unique(labels).tolist()) if labels is not None else []
-    text, paired = facial_prompt(clip, caption, regions)
+    text, paired = facial_prompt(clip, caption, regions, style.caption, detail=style.detail)
     prompt_tokens = tokenize_facial_prompt(clip, text)
     positions = prompt_tokens.flat_positions
     if len(positions) != len(paired):
         raise InvalidInputError(f"'{name}': {len(positions)} <|facial|> markers but {len(paired)} facial regions.")
-    context = _encode_text(clip, prompt_tokens.tokens)[0]
+    context, pooled = _encode_text(clip, prompt_tokens.tokens)
     image_states = clip_hidden_states(clip_vision, square.unsqueeze(0)).cpu()[0]
     if paired:
         crops = region_images(square.unsqueeze(0), labels, paired)
@@ -378,8 +402,9 @@ def _example(name: str, image: torch.Tensor, caption: str, settings: ConsistentI
 
         person = torch.from_numpy(binary_fill_holes((labels > 0).cpu().numpy()).astype("float32"))
         foreground = _resize_mask(person, latent_size)
-    return _Example(name, resize_center_crop(square, size), text, context, positions, list(paired), region_states,
-                    region_masks, image_states, arcface, foreground)
+    return _Example(name, resize_center_crop(square, size), text, context[0], positions, list(paired), region_states,
+                    region_masks, image_states, arcface, foreground, pooled,
+                    sdxl_size_conds(image.shape[0], image.shape[1], size))
 
 
 def _vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
@@ -396,14 +421,21 @@ def prepare_training_data(model_patcher, vae, clip, clip_vision, analyzer, parse
     if "buffalo_l" not in model_id and "w600k" not in model_id:
         logger.warning("ConsistentID training: the model expects insightface buffalo_l (w600k_r50) identity vectors; "
                        "the analyzer gives %s.", model_id or "unknown ones")
+    base = model_base(model_patcher)
     with torch.no_grad():
-        examples = [_example(n, img, cap, settings, clip, clip_vision, analyzer, parser, id_dim)
-                    for n, img, cap in sources]
+        examples = [_example(n, img, cap, settings, clip, clip_vision, analyzer, parser, id_dim,
+                             pipeline_style(base.base)) for n, img, cap in sources]
         if not examples:
             raise InvalidInputError("no training images")
+        widths = {int(e.context.shape[-1]) for e in examples}
+        if widths != {base.context_dim}:
+            raise InvalidInputError(f"the CLIP gives {sorted(widths)}-d text but the {base.base} model takes "
+                                    f"{base.context_dim}-d text; connect the model's own text encoder(s).")
         latents = model_patcher.model.process_latent_in(_vae_encode(vae, torch.stack([e.target for e in examples])))
-        empty = _encode_text(clip, clip.tokenize(""))[0]
+        empty, empty_pooled = _encode_text(clip, clip.tokenize(""))
+        empty = empty[0]
         zero_states = clip_hidden_states(clip_vision, None).cpu()
+        adm, empty_adm = _pooled_size_vectors(model_patcher, examples, empty_pooled)
     faceless = [e.name for e in examples if not bool(e.arcface.any())]
     if faceless:
         logger.warning("ConsistentID training: no face in %d of %d image(s) (%s); they train with a zero identity "
@@ -412,6 +444,8 @@ def prepare_training_data(model_patcher, vae, clip, clip_vision, analyzer, parse
     for e in examples:
         digest.update(f"{e.name}\0{e.text}\0{e.regions}\0".encode())
     digest.update(str((tuple(latents.shape), tuple(zero_states.shape))).encode())
+    if adm is not None:   # SDXL runs also depend on the size conds (SD1.5 fingerprints stay as they were)
+        digest.update(repr([e.size_conds for e in examples]).encode())
     return ConsistentIDTrainingData(
         latents=latents.float(), contexts=[e.context for e in examples], positions=[e.positions for e in examples],
         region_states=[e.region_states for e in examples], region_masks=[e.region_masks for e in examples],
@@ -419,7 +453,22 @@ def prepare_training_data(model_patcher, vae, clip, clip_vision, analyzer, parse
         arcfaces=torch.stack([e.arcface for e in examples]),
         foreground=torch.stack([e.foreground for e in examples]).unsqueeze(1), empty_context=empty,
         zero_image_states=zero_states, names=[e.name for e in examples], texts=[e.text for e in examples],
-        regions=[e.regions for e in examples], fingerprint=digest.hexdigest()[:16])
+        regions=[e.regions for e in examples], adm=adm, empty_adm=empty_adm, fingerprint=digest.hexdigest()[:16])
+
+
+def _pooled_size_vectors(model_patcher, examples: list[_Example], empty_pooled: torch.Tensor | None
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """SDXL: ``y`` of every example with its caption's and with the empty caption's pooled output ``[N, A]`` each
+    (what ComfyUI's ``encode_adm`` makes of CONDITIONING); ``(None, None)`` for a text-only model."""
+    model = model_patcher.model
+    if not getattr(model, "adm_channels", 0):
+        return None, None
+    if empty_pooled is None or any(e.pooled is None for e in examples):
+        raise InvalidInputError("this SDXL model needs the pooled output of its text encoders; connect its SDXL CLIP.")
+    cpu = torch.device("cpu")
+    adm = [model.encode_adm(pooled_output=e.pooled, device=cpu, **e.size_conds) for e in examples]
+    empty = [model.encode_adm(pooled_output=empty_pooled, device=cpu, **e.size_conds) for e in examples]
+    return torch.cat(adm).float(), torch.cat(empty).float()
 
 
 # --------------------------------------------------------------------------- the ID branch and the LoRA with autograd
@@ -472,9 +521,9 @@ def remove_lora_wrappers(model_patcher) -> int:
 
 def check_model(model_patcher) -> None:
     base = model_patcher.model
-    if getattr(base, "adm_channels", 0):
-        raise InvalidInputError("ConsistentID training supports SD1.5-family models (text conditioning only); this "
-                                "model also needs pooled/size conditioning (SDXL-style).")
+    if getattr(base, "adm_channels", 0) and model_base(model_patcher).base != SDXL:
+        raise InvalidInputError("ConsistentID training supports SD1.5- and SDXL-family models; this model needs "
+                                "another extra conditioning.")
     if getattr(base, "concat_keys", ()):
         raise InvalidInputError("ConsistentID training needs a normal (not an inpainting) model")
 
@@ -515,7 +564,8 @@ def open_session(model_patcher, weights: ConsistentIDWeights, train_processors: 
         logger.warning("ConsistentID training: the input model carries identity-attention patches (%s); they are "
                        "left out while training (connect the plain checkpoint model).", ", ".join(inherited))
     patch.add(DecoupledInjector(IDENTITY_NAME, identity))
-    recorder = AttentionMapRecorder(localization_sites(patch.sites))
+    sdxl = consistentid_base(weights.checkpoint).base == SDXL
+    recorder = AttentionMapRecorder(localization_sites(patch.sites, sdxl))
     patch.add(recorder)
     device = load_for_training(clone)
     weights.to(device)
@@ -612,7 +662,7 @@ class ConsistentIDTask(TrainingTask):
         states = torch.stack([self.zero_states if d else x
                               for d, x in zip(dropped, batch["image_states"], strict=True)])
         tokens = projector_tokens(self.weights.projector, batch["arcface"].to(device), states.to(device),
-                                  shortcut=False)
+                                  shortcut=self.weights.checkpoint.shortcut)
         text = self._text(batch, dropped)
         selector = valid = region_masks = None
         if s.localization_weight > 0 and text.masks:
@@ -626,7 +676,8 @@ class ConsistentIDTask(TrainingTask):
             x_t = losses.noised(self.model_sampling, sigma, noise, clean)
             denoised = state.clone.model.apply_model(x_t.to(self.dtype), sigma,
                                                      c_crossattn=text.context.to(device, self.dtype),
-                                                     transformer_options=self.options).float()
+                                                     transformer_options=self.options,
+                                                     **self._extra_conds(batch, dropped)).float()
         finally:
             records = state.recorder.end()
             state.identity.tokens = None
@@ -663,6 +714,13 @@ class ConsistentIDTask(TrainingTask):
                 positions.append([])
             contexts.append(plain)
         return _TextConditioning(_batch_contexts(contexts), [c.shape[0] for c in contexts], positions, masks, rows)
+
+    def _extra_conds(self, batch: dict, dropped: list[bool]) -> dict:
+        """SDXL: ``y`` per row (the empty caption's for dropped rows); nothing for a text-only model."""
+        if "adm" not in batch:
+            return {}
+        rows = [batch["empty_adm"][i] if drop else batch["adm"][i] for i, drop in enumerate(dropped)]
+        return {"y": torch.stack(rows).to(self.state.device, self.dtype)}
 
     def _background_weight(self, batch: dict, masked: list[bool]) -> torch.Tensor | None:
         """Per row: the "without background" mask (noise loss inside the person only) or all ones."""
