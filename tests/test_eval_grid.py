@@ -377,3 +377,14 @@ def test_cell_cost_measures_time_and_the_resident_peak_on_the_cpu():
         del block
     assert cost.memory_kind == "rss" and cost.seconds >= 0.1
     assert cost.peak_memory_mb >= before + 60 and resident_bytes() / MB < cost.peak_memory_mb
+
+
+def test_cell_cost_samples_the_resident_memory_where_the_kernel_peak_cannot_be_reset(monkeypatch):
+    from likeness.evaluation import cost as cost_module
+
+    monkeypatch.setattr(cost_module, "_reset_resident_peak", lambda: False)
+    with cost_module.measure_cell(cuda=False) as cost:
+        block = np.ones(16 << 20, np.uint8)
+    held = cost_module.resident_bytes() / cost_module.MB
+    del block
+    assert cost.memory_kind == "rss" and cost.peak_memory_mb >= held - 1  # at least what was held at the end

@@ -122,10 +122,10 @@ def test_fp32_copies_train_inside_a_half_precision_model(comfy_ready):
 
 
 def _tiny_controlnet():
-    from likeness.techniques.faceid.controlnet import build_face_makeup_controlnet
+    from likeness.techniques.faceid.controlnet import build_id_controlnet
     from test_face_makeup_controlnet import TINY_SHAPE, random_controlnet_group
 
-    return build_face_makeup_controlnet(random_controlnet_group(TINY_SHAPE), TINY_SHAPE)
+    return build_id_controlnet(random_controlnet_group(TINY_SHAPE), TINY_SHAPE)
 
 
 @pytest.fixture
