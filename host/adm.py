@@ -20,6 +20,15 @@ def needs_pooled(base_model: Any) -> bool:
     return bool(getattr(base_model, "adm_channels", 0))
 
 
+def size_conds(base_model: Any, height: int, width: int) -> dict:
+    """The conditioning values that make the sampler build the same ``y`` size part as :func:`adm_vector` for a
+    ``height`` x ``width`` image (``{}`` for a model without ``y``, so its sampling is unchanged)."""
+    if not needs_pooled(base_model):
+        return {}
+    return {"width": int(width), "height": int(height), "crop_w": 0, "crop_h": 0, "target_width": int(width),
+            "target_height": int(height)}
+
+
 def adm_vector(base_model: Any, pooled: torch.Tensor | None, height: int, width: int,
                device: torch.device | str = "cpu") -> torch.Tensor | None:
     """``y`` ``[B, adm]`` for pooled text embeddings ``[B, P]`` and a square-cropped ``height`` x ``width`` pixel

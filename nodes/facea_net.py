@@ -293,9 +293,10 @@ class ApplyIdentityLora:
 
     @shows_warnings
     def apply(self, model, identity, strength):
-        from ..techniques.facea_net.lora import apply_lora_to_model, identity_lora_state
+        from ..techniques.facea_net.lora import apply_lora_to_model, check_identity_fits, identity_lora_state
 
         identity = _check_identity(identity)
+        check_identity_fits(identity, model)
         state = identity_lora_state(identity)
         if state is None:
             logger.warning("FaceA-Net: identity '%s' has no LoRA; the model is unchanged", identity.name)

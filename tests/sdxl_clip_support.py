@@ -43,7 +43,7 @@ def _cached_sdxl_clip(seed: int):
                 textmodel_json_config=_tower_config(), return_projected_pooled=True,
                 special_tokens={"start": 49406, "end": 49407, "pad": 0}, model_options={**options, "model_name": "clip_g"})
             self.pooled_projection = torch.nn.Linear(TOWER_WIDTH, POOLED_DIM, bias=False, dtype=dtype,
-                                                     device=device)
+                                                     device=device).requires_grad_(False)   # frozen like the towers
             self.dtypes = {dtype}
 
         def encode_token_weights(self, token_weight_pairs):

@@ -80,6 +80,7 @@ class TaskTemplate:
     text: str
     cond: torch.Tensor          # [1, 77, C] text-encoder output without feats
     positions: list[int]
+    pooled: torch.Tensor | None = None   # [1, P] the encoder's pooled output (SDXL's y needs it)
 
     def with_feats(self, feats: torch.Tensor) -> torch.Tensor:
         return insert_feats(self.cond, self.positions, feats)
@@ -90,10 +91,11 @@ def encode_task_template(clip, class_word: str, task: str, n_tokens: int) -> Tas
     text = task_prompt(class_word, task)
     tokens = clip.tokenize(text, return_word_ids=True)
     positions = feat_positions(_first_chunk_word_ids(tokens), n_tokens)
-    cond = clip.encode_from_tokens(_strip_word_ids(tokens))
+    cond, pooled = clip.encode_from_tokens(_strip_word_ids(tokens), return_pooled=True)
     if cond.shape[1] != CHUNK:
         raise InvalidInputError(f"Task prompt '{text}' encoded to {cond.shape[1]} tokens, expected {CHUNK}.")
-    return TaskTemplate(task=task, text=text, cond=cond, positions=positions)
+    return TaskTemplate(task=task, text=text, cond=cond, positions=positions,
+                        pooled=None if pooled is None else pooled.detach().reshape(1, -1))
 
 
 def identity_chunks(clip, identity: Identity, tasks: Sequence[str] | None = None) -> torch.Tensor:
