@@ -15,7 +15,8 @@ Modes (:data:`CAPTURE_MODES`):
 Reference self-attention downsampling (``CaptureRequest.key_downsample``, Face Fusion's default 2): in the
 reference pass, the self-attention (attn1) of the highest-resolution level attends to keys and values
 average-pooled over ``k x k`` windows of its token grid (ToDo, Smith et al. 2024: SD's high-resolution
-self-attention keys are spatially redundant). The queries keep every token, so every ``h_f`` keeps its
+self-attention keys are spatially redundant). The level is the highest-resolution one that has attention
+(SD1.5: the latent grid; SDXL, whose first level is convolution only: latent / 2). The queries keep every token, so every ``h_f`` keeps its
 shape; the keys of one window are near-equal, and when they are equal the result is exact (a uniform
 ``log(k*k)`` logit bias on all keys cancels in the softmax). At 512 px that level's attention is ~20 % of
 a reference pass (4096 x 4096 tokens at five sites); 2x2 pooling cuts it to a quarter.
