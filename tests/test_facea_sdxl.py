@@ -194,3 +194,7 @@ def test_identity_of_the_other_family_is_refused_naming_both(trained, sdxl_model
         _inpaint(sdxl_models, sd15_identity)
     legacy = Identity(feats={"face": torch.zeros(4, 2048)})            # an older file without "base": its width
     assert legacy.family == "sdxl"
+    from likeness.techniques.facea_net.prompt import build_identity_conditioning
+
+    with pytest.raises(IncompatibleEmbedsError, match="trained on SDXL .*2048 wide.* text encoder is .*64 wide"):
+        build_identity_conditioning(host_support.build_tiny_clip(), legacy, "a photo")

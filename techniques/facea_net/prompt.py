@@ -20,8 +20,9 @@ from typing import Sequence
 
 import torch
 
+from ...attention_patches.sites import family_name
 from ...errors import IncompatibleEmbedsError, InvalidInputError
-from .identity import TASK_WORDS, TASKS, Identity
+from .identity import FEAT_WIDTH_FAMILY, TASK_WORDS, TASKS, Identity
 
 CHUNK = 77
 
@@ -103,9 +104,15 @@ def identity_chunks(clip, identity: Identity, tasks: Sequence[str] | None = None
     tasks = [t for t in (tasks or identity.tasks) if t in identity.feats]
     if not tasks:
         raise InvalidInputError(f"The identity has none of the requested tasks; it has {', '.join(identity.tasks)}.")
-    chunks = [encode_task_template(clip, identity.class_word, t, identity.n_tokens(t)).with_feats(identity.feats[t])
-              for t in tasks]
-    return torch.cat(chunks, dim=1)
+    templates = [encode_task_template(clip, identity.class_word, t, identity.n_tokens(t)) for t in tasks]
+    width = int(templates[0].cond.shape[-1])
+    if width != identity.embed_dim:   # e.g. an SD1.5 identity with SDXL's CLIP: name both families
+        raise IncompatibleEmbedsError(
+            f"The identity '{identity.name or 'just trained'}' was trained on {family_name(identity.family)} "
+            f"([feat] vectors {identity.embed_dim} wide) but this text encoder is "
+            f"{family_name(FEAT_WIDTH_FAMILY.get(width, 'unknown'))}'s ({width} wide); use the CLIP of the "
+            f"checkpoint the identity was trained on.")
+    return torch.cat([t.with_feats(identity.feats[t.task]) for t in templates], dim=1)
 
 
 def build_identity_conditioning(clip, identity: Identity, text: str, tasks: Sequence[str] | None = None,
