@@ -15,7 +15,8 @@ Modes (:data:`CAPTURE_MODES`):
 Reference self-attention downsampling (``CaptureRequest.key_downsample``, Face Fusion's default 2): in the
 reference pass, the self-attention (attn1) of the highest-resolution level attends to keys and values
 average-pooled over ``k x k`` windows of its token grid (ToDo, Smith et al. 2024: SD's high-resolution
-self-attention keys are spatially redundant). The queries keep every token, so every ``h_f`` keeps its
+self-attention keys are spatially redundant). The level is the highest-resolution one that has attention
+(SD1.5: the latent grid; SDXL, whose first level is convolution only: latent / 2). The queries keep every token, so every ``h_f`` keeps its
 shape; the keys of one window are near-equal, and when they are equal the result is exact (a uniform
 ``log(k*k)`` logit bias on all keys cancels in the softmax). At 512 px that level's attention is ~20 % of
 a reference pass (4096 x 4096 tokens at five sites); 2x2 pooling cuts it to a quarter.
@@ -98,6 +99,8 @@ class CaptureRequest:
     ``context``: ``[1 | n, L, ctx_dim]`` text the reference stream sees (model device), or None for zeros.
     ``sites``: site indices to record (None = all the injector uses).
     ``template_row``: batch row of the real call whose extra conds (e.g. SDXL ``y``) the references copy.
+    ``template_rows``: one row per reference instead (per-row references: reference i copies the extra conds
+    and concat of row ``template_rows[i]``, so a trainer's row i and its reference see the same ``y``).
     """
 
     latents: ReferenceLatents
@@ -108,6 +111,7 @@ class CaptureRequest:
     context: torch.Tensor | None = None
     template_row: int = 0
     key_downsample: int = 1               # >1: reference self-attention keys pooled k x k at the top level
+    template_rows: tuple[int, ...] | None = None
 
 
 def move_tensors(value: Any, device: torch.device) -> Any:
@@ -249,11 +253,24 @@ def reference_batch(request: CaptureRequest, x: torch.Tensor, c_concat, c_crossa
     if context is not None:
         context = context.expand(count, *context.shape[1:])
     batch = x.shape[0]
+    if request.template_rows is not None:
+        if len(request.template_rows) != count:
+            raise InvalidInputError(f"{len(request.template_rows)} template rows for {count} references")
+        rows = torch.tensor(request.template_rows, dtype=torch.long)
+        return ReferenceBatch(ref_x, ref_t, context, select_rows(c_concat, batch, rows),
+                              {name: select_rows(value, batch, rows) for name, value in kwargs.items()})
     ref_concat = None
     if isinstance(c_concat, torch.Tensor) and c_concat.shape[0] == batch:
         ref_concat = c_concat[request.template_row:request.template_row + 1].expand(count, *c_concat.shape[1:])
     return ReferenceBatch(ref_x, ref_t, context, ref_concat,
                           slice_extra_conds(kwargs, batch, request.template_row, count))
+
+
+def select_rows(value: Any, batch: int, rows: torch.Tensor) -> Any:
+    """``value``'s ``rows`` when it is a per-row tensor of the real batch (size ``batch``), else ``value``."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+        return value.index_select(0, rows.to(value.device))
+    return value
 
 
 def run_reference_passes(executor: Callable, request: CaptureRequest, ref: ReferenceBatch, options: dict,
@@ -283,15 +300,22 @@ def run_reference_passes(executor: Callable, request: CaptureRequest, ref: Refer
     return recorded, len(parts)
 
 
-def add_key_downsampling(options: dict, request: CaptureRequest, ref_x: torch.Tensor) -> bool:
+def add_key_downsampling(options: dict, request: CaptureRequest, ref_x: torch.Tensor, top_level: int = 0) -> bool:
     """Append the reference pass's self-attention key pooling to its own copy of the options. Returns False
-    when it was asked for but another pack replaces attn1 (its kernel might not expect fewer keys)."""
+    when it was asked for but another pack replaces attn1 (its kernel might not expect fewer keys).
+
+    ``top_level``: the highest-resolution level that has attention (SD1.5: 0, the latent grid; SDXL: 1, half
+    of it, since SDXL's first level has no transformer); its grid is the latent halved that many times,
+    rounding up like the UNet's stride-2 convolutions."""
     if request.key_downsample <= 1:
         return True
     if any(options.get("patches_replace", {}).get("attn1", {}).values()):
         return False
     patches = dict(options.get("patches", {}))
-    tokens = int(ref_x.shape[-2] * ref_x.shape[-1])
+    h, w = int(ref_x.shape[-2]), int(ref_x.shape[-1])
+    for _ in range(max(0, top_level)):
+        h, w = -(-h // 2), -(-w // 2)
+    tokens = h * w
     patches["attn1_patch"] = list(patches.get("attn1_patch", ())) + [
         ReferenceKeyDownsampling(request.key_downsample, tokens)]
     options["patches"] = patches

@@ -196,7 +196,8 @@ class IdentityAttentionPatch:
         options = dict(transformer_options)
         options["cond_or_uncond"] = [0]
         options["uuids"] = []
-        if not add_key_downsampling(options, request, ref.x):
+        top_level = min((s.level for s in self.sites if s.index in request.sites), default=0)
+        if not add_key_downsampling(options, request, ref.x, top_level):
             self._warn_once("attn1", "another patch replaces self-attention: the reference pass keeps every "
                             "self-attention key (reference_downsample ignored)")
         trim = self.trim_reference_text_attention and token_safe_patches(transformer_options, self.attn2_input)

@@ -160,3 +160,29 @@ def sites_by_key(sites: Iterable[AttentionSite]) -> dict[tuple, AttentionSite]:
 def describe_sites(sites: Iterable[AttentionSite]) -> str:
     """A multi-line table for logs and the CLI."""
     return "\n".join(site.describe() for site in sites)
+
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", "unknown": "an unknown model family"}
+
+
+def unet_family(sites: Iterable[AttentionSite]) -> str:
+    """``sd15`` / ``sd2`` / ``sdxl`` / ``unknown`` from the site structure, also for shrunken test UNets.
+
+    SD1.x and SD2.x have 16 sites with attention already at full latent resolution (level 0; SD2: 1024-wide
+    context); SDXL has none at level 0 (its first level is convolution only) and deep transformers below.
+    """
+    sites = list(sites)
+    if not sites:
+        return "unknown"
+    top = min(s.level for s in sites)
+    contexts = {s.context_dim for s in sites}
+    if top >= 1 and len(sites) > 16:
+        return "sdxl"
+    if top == 0 and len(sites) == 16:
+        return "sd2" if contexts == {1024} else "sd15"
+    return "unknown"
+
+
+def family_name(family: str) -> str:
+    """The family as users write it (``SD1.5``, ``SDXL``)."""
+    return FAMILY_NAMES.get(family, family)

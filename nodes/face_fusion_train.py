@@ -40,7 +40,7 @@ class TrainFaceFusion:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SD1.5-family model to train for (frozen; only the adapter learns)."}),
+                "model": ("MODEL", {"tooltip": "The SD1.5 or SDXL model to train for (frozen; only the adapter learns; SDXL: resolution 1024)."}),
                 "vae": ("VAE", {"tooltip": "Encodes the training images and the reference crops."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the captions (same-stem .txt files, or the captions text)."}),
                 "name": ("STRING", {"default": "my_face", "tooltip": "File name of the adapter in "

@@ -77,7 +77,8 @@ class TrainIdentity:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The identity model: an SD1.5 inpainting checkpoint (9-channel UNet) is "
-                      "best; a normal SD1.5 model works with a noise mask."}),
+                      "best; a normal SD1.5 model works with a noise mask; an SDXL inpainting checkpoint keeps the "
+                      "whole pipeline in SDXL (working size 1024)."}),
             "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint."}),
             "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint."}),
             "images": ("IMAGE", {"tooltip": "3-5 photos of the person (a batch; any sizes made equal by a batch node). "
@@ -293,9 +294,10 @@ class ApplyIdentityLora:
 
     @shows_warnings
     def apply(self, model, identity, strength):
-        from ..techniques.facea_net.lora import apply_lora_to_model, identity_lora_state
+        from ..techniques.facea_net.lora import apply_lora_to_model, check_identity_fits, identity_lora_state
 
         identity = _check_identity(identity)
+        check_identity_fits(identity, model)
         state = identity_lora_state(identity)
         if state is None:
             logger.warning("FaceA-Net: identity '%s' has no LoRA; the model is unchanged", identity.name)
@@ -334,7 +336,7 @@ def _mask_inputs() -> dict:
                              "feathered mask are returned unchanged."),
         "context": float_input(2.0, 1.0, 6.0, 0.05, "Crop side in face-box sizes: how much surrounding the model "
                                "sees."),
-        "working_size": int_input(512, 64, 2048, "Side of the square crop the model works at (512 for SD1.5).", step=8),
+        "working_size": int_input(512, 64, 2048, "Side of the square crop the model works at (512 for SD1.5, 1024 for SDXL).", step=8),
     }
 
 
@@ -353,7 +355,7 @@ class FaceInpaint:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL", {"tooltip": "The identity model the identity was trained on (SD1.5 inpainting)."}),
+            "model": ("MODEL", {"tooltip": "The identity model the identity was trained on (SD1.5 or SDXL inpainting)."}),
             "clip": ("CLIP", {"tooltip": "Its text encoder."}),
             "vae": ("VAE", {"tooltip": "Its VAE."}),
             "image": ("IMAGE", {"tooltip": "The scene (one image or a batch)."}),

@@ -15,7 +15,7 @@ from attn2's ``to_q``, so the match is approximate; training adapts it.
 File format (safetensors, seed_architectures.md §4): ``fusion.{2k+1}.to_k_f.weight`` and
 ``fusion.{2k+1}.to_v_f.weight``, ``[C, C]``, k = diffusers processor order of the site (SD1.5: 16
 sites → indices 1..31; SDXL: 70 → 1..139), plus string metadata: ``format=likeness.face_fusion``,
-``format_version``, ``base`` (sd15 / sdxl / unknown), ``sites``, ``init``, and anything the trainer adds
+``format_version``, ``base`` (sd15 / sd2 / sdxl / unknown, from the site structure), ``sites``, ``init``, and anything the trainer adds
 (steps, lr, dataset, timestep mode). Files live in ``models/likeness/fusion/``.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ...attention_patches.sites import AttentionSite, find_sites, transformer_blocks
+from ...attention_patches.sites import AttentionSite, family_name, find_sites, transformer_blocks, unet_family
 from ...errors import CheckpointLayoutError, InvalidInputError
 from ...safetensors_io import atomic_save, load_tensors
 
@@ -43,14 +43,8 @@ INIT_MODES = ("attn1",)
 
 
 def base_name(sites: Iterable[AttentionSite]) -> str:
-    """``sd15`` / ``sdxl`` from the site structure (count and context width), else ``unknown``."""
-    sites = list(sites)
-    contexts = {s.context_dim for s in sites}
-    if len(sites) == 16 and contexts == {768}:
-        return "sd15"
-    if len(sites) == 70 and contexts == {2048}:
-        return "sdxl"
-    return "unknown"
+    """``sd15`` / ``sd2`` / ``sdxl`` from the site structure (:func:`unet_family`), else ``unknown``."""
+    return unet_family(sites)
 
 
 class FusionSiteProjection(nn.Module):
@@ -158,14 +152,14 @@ class FusionAdapter(nn.Module):
         """Raise CheckpointLayoutError unless every site has a projection of its width."""
         sites = list(sites)
         missing = [s for s in sites if str(s.processor_index) not in self.sites]
-        if missing or len(sites) != len(self.sites):
+        widths_differ = not missing and any(self.sites[str(s.processor_index)].to_k_f.in_features != s.channels
+                                            for s in sites)
+        if missing or len(sites) != len(self.sites) or widths_differ:
+            made_for = family_name(self.metadata.get("base", "unknown"))
             raise CheckpointLayoutError(
-                f"this Fusion adapter has {len(self.sites)} sites (base {self.metadata.get('base', '?')}) but the "
-                f"model has {len(sites)} ({base_name(sites)}); use an adapter made for this model family")
-        for s in sites:
-            width = self.sites[str(s.processor_index)].to_k_f.in_features
-            if width != s.channels:
-                raise CheckpointLayoutError(f"site {s.key}: adapter width {width} != model width {s.channels}")
+                f"this Fusion adapter was made for {made_for} ({len(self.sites)} sites) but the model is "
+                f"{family_name(base_name(sites))} ({len(sites)} sites): an adapter only fits the model family it "
+                f"was made for; make or train one on this model (Fusion Adapter New / Train Face Fusion)")
 
     def weights_for(self, site: AttentionSite, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.sites[str(site.processor_index)]

@@ -10,8 +10,9 @@ Choices the paper leaves open (made here, used identically by the trainer):
   0 = off (exactly the unpatched model), >1 strengthens.
 - uncond (the CFG negative): ``none`` (default: the negative sees text only, so CFG pushes towards the
   face), ``zeros`` (the negative sees as many all-zero face keys), ``same`` (the negative sees the face too).
-- the reference stream's text: all zeros unless a reference prompt is given; SDXL's other conds (``y``)
-  are copied from the first positive row.
+- the reference stream's text: all zeros unless a reference prompt is given; SDXL's other conds (``y``:
+  pooled text and size/crop conds) are copied from the first positive row (per-row references, the
+  trainer's: reference i from row i, so training and sampling give the reference pass the same ``y``).
 - capture: ``per_step`` (paper: the reference noised to the current sigma with fixed noise),
   ``cached_clean`` / ``cached_sigma`` (one pass per model clone, K/V projected once: much faster).
 - one identity with a mask: its keys are visible only to queries inside the mask.
@@ -172,11 +173,14 @@ class FusionInjector(JointInjector):
         positives = layout.rows_of_kind(POSITIVE)
         template = positives[0] if positives else 0
         count = self.references.count
+        template_rows = None
+        if self.per_row:   # reference i copies row i's extra conds (SDXL y), as one reference copies its positive's
+            template_rows = tuple(layout.chunk_rows(layout.cond_or_uncond.index(POSITIVE) if positives else 0))
+            if len(template_rows) != count:
+                raise InvalidInputError(f"per-row references: {count} references for a batch of {len(template_rows)}")
         if self.capture_mode == "per_step":
             if self.per_row:
-                rows = layout.chunk_rows(layout.cond_or_uncond.index(POSITIVE) if positives else 0)
-                if len(rows) != count:
-                    raise InvalidInputError(f"per-row references: {count} references for a batch of {len(rows)}")
+                rows = template_rows
                 ref_sigma = t[rows[0]:rows[0] + len(rows)].float()
                 key = ("rows", tuple(ref_sigma.tolist()))
             else:
@@ -191,7 +195,7 @@ class FusionInjector(JointInjector):
             key = ("sigma", self.capture_percent, value)
         return CaptureRequest(self.references, ref_sigma, (self._version,) + key, cached=self.capture_mode != "per_step",
                               context=self.reference_context, template_row=template,
-                              key_downsample=self.reference_downsample)
+                              key_downsample=self.reference_downsample, template_rows=template_rows)
 
     def on_captured(self, states: CapturedStates, patch: Any) -> None:
         if not states.cached or self.training():

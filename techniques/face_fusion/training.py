@@ -12,6 +12,10 @@ the target. One step, per batch row i (paper §3, the pack's recorded choices in
    the host's noise loss (ε-MSE for SD1.5), optionally weighted up inside the face
    (``face_weight`` > 1, from the detected face box).
 
+SDXL-style models also get ``y`` (``host.adm``: the caption's pooled embedding and the training size as
+original and target size, crop 0, built by the model's own ``encode_adm`` as sampling builds it); row i's
+reference pass copies row i's ``y``, as a reference at sampling copies its positive's.
+
 :class:`FusionTask` is the trainer contract (:mod:`...trainers.task`); the shared loop
 (:mod:`...trainers.loop`) runs it: AdamW, gradient accumulation, seeded per-row randomness, progress +
 cancel, atomic checkpoints, the resume policy, data-parallel ranks, the loss curve.
@@ -35,6 +39,7 @@ import torch
 
 from ...attention_patches import ReferenceLatents, install
 from ...errors import InvalidInputError
+from ...host.adm import adm_vector, needs_pooled
 from ...host.attention import forward_transformer_options
 from ...host.folders import save_dir
 from ...host.training import load_for_training
@@ -189,6 +194,8 @@ class FusionTrainingData:
     weights: torch.Tensor | None     # [N, 1, h, w] loss weights, None = plain MSE
     fingerprint: str                 # names + captions + sizes (resume refuses another data set)
     aligned: int = 0                 # examples whose reference is an aligned face crop
+    pooled: torch.Tensor | None = None         # [N, P] pooled caption embeddings (SDXL-style models), else None
+    empty_pooled: torch.Tensor | None = None   # [1, P] of the empty caption
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
@@ -197,6 +204,7 @@ class FusionTrainingData:
         index = torch.tensor(indices, dtype=torch.long)
         return {"latent": self.latents.index_select(0, index), "reference": self.references.index_select(0, index),
                 "context": self.contexts.index_select(0, index),
+                "pooled": None if self.pooled is None else self.pooled.index_select(0, index),
                 "weight": None if self.weights is None else self.weights.index_select(0, index)}
 
 
@@ -211,15 +219,33 @@ def _repeat_to(context: torch.Tensor, length: int) -> torch.Tensor:
     return context.repeat(1, length // context.shape[1], 1) if context.shape[1] != length else context
 
 
-def encode_captions(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(contexts ``[N, L, C]``, empty-caption context ``[1, L, C]``), each caption encoded once."""
+@dataclass
+class EncodedCaptions:
+    contexts: torch.Tensor               # [N, L, C]
+    empty: torch.Tensor                  # [1, L, C] the empty caption (caption dropout)
+    pooled: torch.Tensor | None = None   # [N, P] pooled outputs, when asked for
+    empty_pooled: torch.Tensor | None = None
+
+
+def encode_captions(clip, captions: list[str], pooled: bool = False) -> EncodedCaptions:
+    """Every caption's context (and, ``pooled``, its pooled output: SDXL's ``y`` needs it), each encoded once."""
     cache: dict[str, torch.Tensor] = {}
+    pools: dict[str, torch.Tensor] = {}
     for text in list(dict.fromkeys(captions)) + [""]:
         if text not in cache:
-            cache[text] = clip.encode_from_tokens(clip.tokenize(text)).float().cpu()
+            cond, pool = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+            cache[text] = cond.float().cpu()
+            if pooled:
+                if pool is None:
+                    raise InvalidInputError("this model needs the text encoder's pooled output, which this CLIP "
+                                            "does not give; connect the CLIP of the model's checkpoint")
+                pools[text] = pool.float().cpu().reshape(1, -1)
     length = math.lcm(*(c.shape[1] for c in cache.values()))
     cache = {k: _repeat_to(v, length) for k, v in cache.items()}
-    return torch.cat([cache[c] for c in captions]), cache[""]
+    out = EncodedCaptions(torch.cat([cache[c] for c in captions]), cache[""])
+    if pooled:
+        out.pooled, out.empty_pooled = torch.cat([pools[c] for c in captions]), pools[""]
+    return out
 
 
 def encode_examples(model_patcher, vae, clip, examples: PreparedExamples,
@@ -228,7 +254,7 @@ def encode_examples(model_patcher, vae, clip, examples: PreparedExamples,
     base = model_patcher.model
     latents = base.process_latent_in(_vae_encode(vae, examples.targets)).float()
     references = _vae_encode(vae, examples.references)
-    contexts, empty = encode_captions(clip, examples.captions)
+    captions = encode_captions(clip, examples.captions, pooled=needs_pooled(base))
     weights = None
     if settings.face_weight != 1.0 and any(examples.aligned):
         weights = losses.region_weight(examples.face_masks, latents.shape, inside=settings.face_weight)
@@ -236,8 +262,8 @@ def encode_examples(model_patcher, vae, clip, examples: PreparedExamples,
     for name, caption in zip(examples.names, examples.captions, strict=True):
         digest.update(f"{name}\0{caption}\0".encode())
     digest.update(str((tuple(latents.shape), tuple(references.shape))).encode())
-    return FusionTrainingData(latents, references, contexts, empty, weights, digest.hexdigest()[:16],
-                              sum(examples.aligned))
+    return FusionTrainingData(latents, references, captions.contexts, captions.empty, weights,
+                              digest.hexdigest()[:16], sum(examples.aligned), captions.pooled, captions.empty_pooled)
 
 
 # --------------------------------------------------------------------------- training
@@ -251,10 +277,6 @@ class FusionTrainOutput:
 
 def check_model(model_patcher) -> None:
     base = model_patcher.model
-    if getattr(base, "adm_channels", 0):
-        raise InvalidInputError("Face Fusion training supports SD1.5-family models (text conditioning only); this "
-                                "model also needs pooled/size conditioning (SDXL-style), which the trainer does not "
-                                "provide yet")
     if getattr(base, "concat_keys", ()):
         raise InvalidInputError("Face Fusion training needs a normal (not an inpainting) model")
 
@@ -320,16 +342,30 @@ class FusionTask(TrainingTask):
         count = clean.shape[0]
         sigma = ctx.per_row(count, lambda n: losses.sample_sigmas(self.model_sampling, n, ctx.generator)).to(device)
         noise = ctx.randn(clean.shape, device=device)
-        context = batch["context"]
+        context, pooled = batch["context"], batch.get("pooled")
         drop = ctx.rand((count,))
         if s.caption_dropout > 0:
-            context = torch.where((drop < s.caption_dropout).view(-1, 1, 1), self.data.empty_context, context)
+            dropped = drop < s.caption_dropout
+            context = torch.where(dropped.view(-1, 1, 1), self.data.empty_context, context)
+            if pooled is not None:
+                pooled = torch.where(dropped.view(-1, 1), self.data.empty_pooled, pooled)
+        extra = self._extra_conds(pooled)
         self.patch.add(self._injector(batch["reference"], ctx))
         x_t = losses.noised(self.model_sampling, sigma, noise, clean)
         denoised = self.clone.model.apply_model(x_t.to(self.dtype), sigma, c_crossattn=context.to(device, self.dtype),
-                                                transformer_options=self.options).float()
+                                                transformer_options=self.options, **extra).float()
         weight = batch["weight"].to(device) if batch["weight"] is not None else None
         return losses.noise_prediction_loss(self.model_sampling, sigma, x_t, denoised, clean, weight)
+
+    def _extra_conds(self, pooled: torch.Tensor | None) -> dict:
+        """``{"y": ...}`` for an SDXL-style model (the training size as original and target size), else ``{}``."""
+        size = self.settings.resolution
+        if not needs_pooled(self.clone.model):
+            return {}
+        if pooled is None:
+            raise InvalidInputError("this model needs pooled caption embeddings (SDXL-style); encode the training "
+                                    "data for this model (encode_examples with its CLIP)")
+        return {"y": adm_vector(self.clone.model, pooled, size, size, self.device).to(self.dtype)}
 
     def _injector(self, references: torch.Tensor, ctx: StepContext) -> FusionInjector:
         """A fresh injector per micro-batch: its reference rows, their noise and its capture belong to this step."""

@@ -25,6 +25,8 @@ TASKS = ("face", "left_eye", "right_eye", "nose", "mouth")
 ATTRIBUTES = TASKS[1:]
 TASK_WORDS = {"face": "face", "left_eye": "left eye", "right_eye": "right eye", "nose": "nose", "mouth": "mouth"}
 DEFAULT_FEAT_TOKENS = {"man": 3, "woman": 4, "person": 4}  # the paper: 3 for men, 4 for women
+# the text-encoder width of each model family: an identity file without a recorded base still tells its family
+FEAT_WIDTH_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 
 FILE_KIND = "facea_net_identity"
 FILE_VERSION = "1"
@@ -58,6 +60,12 @@ class Identity:
 
     def n_tokens(self, task: str) -> int:
         return int(self.feats[task].shape[0])
+
+    @property
+    def family(self) -> str:
+        """The model family it was trained on (``sd15`` / ``sdxl`` ...: ``metadata["base"]``, else from the
+        [feat] width; ``unknown`` when neither tells)."""
+        return str(self.metadata.get("base") or FEAT_WIDTH_FAMILY.get(self.embed_dim, "unknown"))
 
     def detached(self) -> "Identity":
         """A copy whose tensors are plain (no autograd, not inference tensors) float32 CPU tensors."""

@@ -367,8 +367,10 @@ def sample_inpaint(model, vae, positive, negative, crop: torch.Tensor, mask: tor
 
     Inputs are prepared as ComfyUI's InpaintModelConditioning does: a 9-channel inpainting model gets
     the mask and the masked image's latent as ``concat_mask`` / ``concat_latent_image``; every model
-    also gets the mask as the latent's noise mask (a normal 4-channel model then inpaints by blending).
+    also gets the mask as the latent's noise mask (a normal 4-channel model then inpaints by blending). An
+    SDXL-style model also gets the crop's size as its size conds, as the identity trainer's ``y`` has them.
     """
+    from ...host.adm import size_conds
     from ...host.sampling import sample_latent
 
     concat_latent = vae.encode(masked_pixels(crop, mask)[..., :3])
@@ -376,5 +378,6 @@ def sample_inpaint(model, vae, positive, negative, crop: torch.Tensor, mask: tor
     mask_bchw = mask.reshape(-1, 1, *mask.shape[-2:])
     samples = sample_latent(model, positive, negative, latent, seed=seed, steps=steps, cfg=cfg,
                             sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, noise_mask=mask_bchw,
-                            cond_values={"concat_latent_image": concat_latent, "concat_mask": mask_bchw})
+                            cond_values={"concat_latent_image": concat_latent, "concat_mask": mask_bchw,
+                                         **size_conds(getattr(model, "model", model), *crop.shape[-3:-1])})
     return vae.decode(samples)[..., :3].clamp(0.0, 1.0)

@@ -21,7 +21,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ...errors import CheckpointLayoutError, InvalidInputError
+from ...attention_patches.sites import family_name, find_sites, unet_family
+from ...errors import CheckpointLayoutError, IncompatibleEmbedsError, InvalidInputError
 
 ATTENTION_TARGET = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 NATIVE_PREFIX = "diffusion_model."
@@ -213,6 +214,19 @@ def autograd_safe_weights(module: torch.nn.Module):
             table[name] = value
         for value in frozen:
             value.requires_grad_(True)
+
+
+def check_identity_fits(identity, model) -> None:
+    """Refuse an identity trained on another model family than ``model``'s (SD1.5 vs SDXL), naming both: its
+    LoRA would silently miss every layer (the stock loader skips unknown keys) and its [feat] vectors have
+    another text encoder's width. Families that cannot be told (test-sized models) are not compared."""
+    trained, given = identity.family, unet_family(find_sites(model))
+    if "unknown" in (trained, given) or trained == given:
+        return
+    raise IncompatibleEmbedsError(
+        f"The identity '{identity.name or 'just trained'}' was trained on {family_name(trained)} but the model is "
+        f"{family_name(given)}: its LoRA and [feat] vectors only fit the family they were trained on. Use a "
+        f"{family_name(trained)} (inpainting) model, or train the identity again on this one.")
 
 
 # ---- host-gated helpers (ComfyUI through host/) ----------------------------------------------------

@@ -29,7 +29,7 @@ from .inpaint import (
     region_mask_for,
     sample_inpaint,
 )
-from .lora import apply_lora_to_model, identity_lora_state
+from .lora import apply_lora_to_model, check_identity_fits, identity_lora_state
 from .prompt import build_identity_conditioning
 
 logger = logging.getLogger("likeness")
@@ -197,6 +197,8 @@ def inpaint_faces(model, clip, vae, image: torch.Tensor, analyzer, identities: S
     if image.ndim != 4 or image.shape[-1] < 3:
         raise InvalidInputError(f"Face Inpaint needs an IMAGE [B,H,W,3]; got {tuple(image.shape)}.")
     identities = [i for i in identities if i is not None]
+    for identity in identities:
+        check_identity_fits(identity, model)
     by_similarity = settings.assignment == "most_similar" and len(identities) > 1
     analysis = analyze_scene(analyzer, image, settings, embed=by_similarity)
     out = image.clone()

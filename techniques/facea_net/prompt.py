@@ -20,8 +20,9 @@ from typing import Sequence
 
 import torch
 
+from ...attention_patches.sites import family_name
 from ...errors import IncompatibleEmbedsError, InvalidInputError
-from .identity import TASK_WORDS, TASKS, Identity
+from .identity import FEAT_WIDTH_FAMILY, TASK_WORDS, TASKS, Identity
 
 CHUNK = 77
 
@@ -80,6 +81,7 @@ class TaskTemplate:
     text: str
     cond: torch.Tensor          # [1, 77, C] text-encoder output without feats
     positions: list[int]
+    pooled: torch.Tensor | None = None   # [1, P] the encoder's pooled output (SDXL's y needs it)
 
     def with_feats(self, feats: torch.Tensor) -> torch.Tensor:
         return insert_feats(self.cond, self.positions, feats)
@@ -90,10 +92,11 @@ def encode_task_template(clip, class_word: str, task: str, n_tokens: int) -> Tas
     text = task_prompt(class_word, task)
     tokens = clip.tokenize(text, return_word_ids=True)
     positions = feat_positions(_first_chunk_word_ids(tokens), n_tokens)
-    cond = clip.encode_from_tokens(_strip_word_ids(tokens))
+    cond, pooled = clip.encode_from_tokens(_strip_word_ids(tokens), return_pooled=True)
     if cond.shape[1] != CHUNK:
         raise InvalidInputError(f"Task prompt '{text}' encoded to {cond.shape[1]} tokens, expected {CHUNK}.")
-    return TaskTemplate(task=task, text=text, cond=cond, positions=positions)
+    return TaskTemplate(task=task, text=text, cond=cond, positions=positions,
+                        pooled=None if pooled is None else pooled.detach().reshape(1, -1))
 
 
 def identity_chunks(clip, identity: Identity, tasks: Sequence[str] | None = None) -> torch.Tensor:
@@ -101,9 +104,15 @@ def identity_chunks(clip, identity: Identity, tasks: Sequence[str] | None = None
     tasks = [t for t in (tasks or identity.tasks) if t in identity.feats]
     if not tasks:
         raise InvalidInputError(f"The identity has none of the requested tasks; it has {', '.join(identity.tasks)}.")
-    chunks = [encode_task_template(clip, identity.class_word, t, identity.n_tokens(t)).with_feats(identity.feats[t])
-              for t in tasks]
-    return torch.cat(chunks, dim=1)
+    templates = [encode_task_template(clip, identity.class_word, t, identity.n_tokens(t)) for t in tasks]
+    width = int(templates[0].cond.shape[-1])
+    if width != identity.embed_dim:   # e.g. an SD1.5 identity with SDXL's CLIP: name both families
+        raise IncompatibleEmbedsError(
+            f"The identity '{identity.name or 'just trained'}' was trained on {family_name(identity.family)} "
+            f"([feat] vectors {identity.embed_dim} wide) but this text encoder is "
+            f"{family_name(FEAT_WIDTH_FAMILY.get(width, 'unknown'))}'s ({width} wide); use the CLIP of the "
+            f"checkpoint the identity was trained on.")
+    return torch.cat([t.with_feats(identity.feats[t.task]) for t in templates], dim=1)
 
 
 def build_identity_conditioning(clip, identity: Identity, text: str, tasks: Sequence[str] | None = None,

@@ -9,7 +9,10 @@ the loss being eps-MSE inside each mask only, averaged per task and summed (the 
 
 Inputs are built the way ComfyUI's InpaintModelConditioning builds them at inference: a 9-channel
 inpainting UNet sees [noisy latent, mask, masked-image latent]; a normal 4-channel UNet sees the noisy
-latent only (it inpaints with a latent noise mask at inference).
+latent only (it inpaints with a latent noise mask at inference). SD1.5 inpainting is the default (the
+paper's); an SDXL (inpainting) model also gets ``y``: the task prompt's pooled embedding and the working
+crop's size as original and target size (``host.adm``, the model's own ``encode_adm``), and Face Inpaint
+gives the sampler the same size conds. The identity records the family it was trained on (``base``).
 
 Trainable: rank-r LoRA adapters on the attention projections (lr 1.2e-4) and the [feat] vectors
 (lr 2e-3), through the pack's one training loop (progress, cancel, atomic checkpoints, exact resume,
@@ -34,7 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...attention_patches.sites import find_sites, unet_family
 from ...errors import InvalidInputError, NoFaceError
+from ...host.adm import adm_vector, needs_pooled, size_conds
 from ...host.sampling import conditioning, sample_latent
 from ...host.training import load_for_training
 from ...trainers import losses as diffusion_losses
@@ -45,7 +50,7 @@ from ...trainers.task import TrainingTask, run_field
 from .files import identity_file, save_trained_identity
 from .identity import ATTRIBUTES, DEFAULT_FEAT_TOKENS, TASKS, Identity
 from .inpaint import CropInfo, crop_image, crop_region_masks, grow_mask, make_crop_info, masked_pixels
-from .lora import IdentityLoRA, autograd_safe_weights
+from .lora import IdentityLoRA, autograd_safe_weights, check_identity_fits
 from .prompt import TaskTemplate, encode_task_template
 
 logger = logging.getLogger("likeness")
@@ -229,6 +234,9 @@ class IdentityTask(TrainingTask):
         self.base_model = getattr(model, "model", model)
         self.unet = self.base_model.diffusion_model
         self.in_channels = model_in_channels(self.base_model)
+        self.family = unet_family(find_sites(self.unet))
+        if base_identity is not None:
+            check_identity_fits(base_identity, self.unet)
         self.vae = vae
         self.analyzer = analyzer
         self.refs = list(refs)
@@ -248,7 +256,8 @@ class IdentityTask(TrainingTask):
             if base_lora is not None:
                 self.lora.load_native(base_lora)
             self.data = encode_references(self.refs, vae, self.base_model, tasks)
-            self.negative = clip.encode_from_tokens(clip.tokenize(""))   # the previews' negative prompt
+            # the previews' negative prompt (and its pooled output, for SDXL's y)
+            self.negative, self.negative_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
         self.task_index = {t: i for i, t in enumerate(tasks)}
         self.compute_dtype = compute_dtype(settings.precision, next(self.unet.parameters()).device)
         logger.info("%s: computing in %s (precision %s)", settings.label,
@@ -317,6 +326,16 @@ class IdentityTask(TrainingTask):
     def conditioning(self, tasks: Sequence[str]) -> torch.Tensor:
         return torch.cat([self.templates[t].with_feats(self.feats[t]) for t in tasks], dim=0)
 
+    def pooled(self, tasks: Sequence[str]) -> torch.Tensor | None:
+        """The task prompts' pooled embeddings ``[B, P]`` (None when the text encoder gives none)."""
+        pools = [self.templates[t].pooled for t in tasks]
+        return None if any(p is None for p in pools) else torch.cat(pools, dim=0)
+
+    def extra_conds(self, tasks: Sequence[str], height: int, width: int, device) -> dict:
+        """``{"y": ...}`` for an SDXL-style model (pooled task prompts, the crop's size), else ``{}``."""
+        y = adm_vector(self.base_model, self.pooled(tasks), height, width, device)
+        return {} if y is None else {"y": y}
+
     def loss(self, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
         ms = self.base_model.model_sampling
         device = next(self.unet.parameters()).device
@@ -333,8 +352,9 @@ class IdentityTask(TrainingTask):
         if self.in_channels == 9:
             c_concat = torch.cat([batch["mask_in"][rows, cols], batch["masked"][rows, cols]], dim=1).to(device)
         cond = self.conditioning(tasks).to(device)
+        extra = self.extra_conds(tasks, latent.shape[-2] * LATENT_SCALE, latent.shape[-1] * LATENT_SCALE, device)
         with compute_precision(self.compute_dtype, device):
-            denoised = self.base_model.apply_model(x_t, sigma, c_concat=c_concat, c_crossattn=cond)
+            denoised = self.base_model.apply_model(x_t, sigma, c_concat=c_concat, c_crossattn=cond, **extra)
         prediction, target = diffusion_losses.native_space(ms, sigma, x_t, denoised, latent)
         error = ((prediction.float() - target.float()) ** 2 * loss_mask).flatten(1).sum(1)
         per_item = error / (loss_mask.flatten(1).sum(1) * latent.shape[1]).clamp_min(1e-8)
@@ -351,21 +371,27 @@ class IdentityTask(TrainingTask):
         """Inpaint the held-out reference's face with the current identity and score it."""
         ref = self.validation_ref or self.refs[0]
         mask = ref.masks["face"] if "face" in ref.masks else next(iter(ref.masks.values()))
-        cond = self.conditioning(["face"] if "face" in self.feats else [self.trained_feats[0]])
-        image = self.sample_preview(ref.crop, mask, cond)
+        tasks = ["face"] if "face" in self.feats else [self.trained_feats[0]]
+        image = self.sample_preview(ref.crop, mask, self.conditioning(tasks), self.pooled(tasks))
         score = identity_similarity(self.analyzer, image, ref.embedding)
         logger.info("%s: preview at step %d, identity similarity %s", self.settings.label, step,
                     "n/a" if score is None else f"{score:.3f}")
         return image, score
 
-    def sample_preview(self, crop: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def sample_preview(self, crop: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
+                       pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Inpaint ``crop`` [h,w,3] inside ``mask`` [h,w] with ComfyUI's sampler (euler, normal schedule),
         prepared as InpaintModelConditioning + a latent noise mask prepare inference; returns [h,w,3]."""
         s = self.settings
         pixels, mask = crop[None, ..., :3], mask[None].float()
         noise_mask = mask.reshape(1, 1, *mask.shape[-2:])
-        values = {"concat_latent_image": self.vae.encode(masked_pixels(pixels, mask)), "concat_mask": noise_mask}
-        samples = sample_latent(self.patcher, conditioning(cond), conditioning(self.negative),
+        values = {"concat_latent_image": self.vae.encode(masked_pixels(pixels, mask)), "concat_mask": noise_mask,
+                  **size_conds(self.base_model, *crop.shape[:2])}
+        positive, negative = conditioning(cond), conditioning(self.negative)
+        if needs_pooled(self.base_model):   # SDXL: each prompt's pooled output, as CLIPTextEncode gives it
+            positive, negative = (conditioning(cond, pooled_output=pooled),
+                                  conditioning(self.negative, pooled_output=self.negative_pooled))
+        samples = sample_latent(self.patcher, positive, negative,
                                 self.vae.encode(pixels), seed=s.seed, steps=s.preview_steps, cfg=s.preview_cfg,
                                 sampler_name=PREVIEW_SAMPLER, scheduler=PREVIEW_SCHEDULER, noise_mask=noise_mask,
                                 cond_values=values)
@@ -388,7 +414,7 @@ class IdentityTask(TrainingTask):
             model_id = getattr(self.analyzer, "model_id", "") if reference is not None else ""
         s = self.settings
         meta = dict(base.metadata) if base is not None else {}
-        meta.update({"technique": "FaceA-Net", "rank": s.rank, "in_channels": self.in_channels,
+        meta.update({"technique": "FaceA-Net", "rank": s.rank, "in_channels": self.in_channels, "base": self.family,
                      "working_size": s.working_size, "references": len(self.refs)})
         if base is not None:
             meta.setdefault("history", [])
