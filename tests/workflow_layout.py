@@ -66,6 +66,7 @@ class Example:
 
 MODELS_HINT = "'python <pack> models verify' lists what is missing; 'models fetch ID' downloads one."
 SD15 = ("Realistic_Vision_V4.0.safetensors (models fetch realistic-vision-v4) or any SD1.5 checkpoint.")
+SDXL = "sd_xl_base_1.0.safetensors (models fetch sdxl-base) or any SDXL checkpoint."
 M3FACE_MODELS = ("v1-5-pruned-emaonly.safetensors (models fetch sd15-base) or an SD1.5 checkpoint; "
                  "m3face_{branch}.safetensors (models fetch m3face-controlnet-...); the FaceConditioning-english "
                  "Muse folder in models/likeness/m3face/ (faceconditioning-english-*). " + MODELS_HINT)
@@ -243,6 +244,33 @@ EXAMPLES: tuple[Example, ...] = (
               "IP-Adapter FaceID PlusV2 with the same inputs as Face-MakeUp, for comparison.", ((7, 8), (9,)),
               GREEN),
         _sample_stage("4. Sample", "a 512x512 image in output/ (likeness_faceid_plusv2_*.png).", ((10, 11), (12, 13))),
+    )),
+    Example("FaceID PlusV2 - portrait (SDXL)", (
+        Stage("1. Models",
+              f"{SDXL} The official demo used RealVisXL V3.0.\nip-adapter-faceid-plusv2_sdxl.bin (models fetch "
+              f"ipadapter-faceid-plusv2-sdxl), CLIP-ViT-H-14, insightface buffalo_l. {MODELS_HINT}", ((1, 2), (3, 4))),
+        Stage("2. Reference face", "A clear photo of the person's face.", ((5,), (6,)), GREEN),
+        Stage("3. Prompt and FaceID Apply",
+              "IP-Adapter FaceID PlusV2 on SDXL: ID tokens (ArcFace + CLIP-H of the face) in every cross-attention "
+              "and the adapter's LoRA merged. weight 1, s_scale 1 (the official demo's).", ((7, 8), (9,)), GREEN),
+        _sample_stage("4. Sample", "a 1024x1024 image in output/ (likeness_faceid_plusv2_sdxl_*.png). 30 steps, "
+                      "CFG 7.5 (the official demo's).", ((10, 11), (12, 13))),
+    )),
+    Example("InstantID - portrait (SDXL)", (
+        Stage("1. Models",
+              f"{SDXL}\ninstantid-ip-adapter.bin (models fetch instantid-ip-adapter) in models/likeness/instantid/, "
+              "the IdentityNet instantid-controlnet.safetensors (models fetch instantid-controlnet), insightface "
+              f"antelopev2 (models fetch insightface-antelopev2; InstantID was trained on it). {MODELS_HINT}",
+              ((1, 2), (3, 4))),
+        Stage("2. Reference face",
+              "A clear photo of the person's face. Its 5 keypoints, drawn at the output size, give the pose.",
+              ((5,), (6, 7)), GREEN),
+        Stage("3. Prompt and InstantID Apply",
+              "ID tokens in every cross-attention plus the IdentityNet (a ControlNet fed the ID tokens) on the "
+              "conditioning. 0.8 and 0.8 are the official adapter and IdentityNet strengths: raise them for "
+              "likeness, lower the adapter for more prompt control.", ((8, 9), (10,)), GREEN),
+        _sample_stage("4. Sample", "a 1024x1024 image in output/ (likeness_instantid_*.png). Euler, 30 steps, CFG 5 "
+                      "(the official demo's).", ((11, 12), (13, 14))),
     )),
     Example("FaceA-Net - train an identity", (
         Stage("1. Photos of the person",

@@ -1,0 +1,187 @@
+"""The SDXL example workflows run through ComfyUI's real executor, on tiny models.
+
+The same graphs as the shipped files, with the model loaders swapped for test nodes registered here: the tiny
+SDXL-shaped UNet with the tiny SDXL text encoder (CLIP-L + CLIP-G layout) and VAE, the tiny CLIP vision, scaled-down
+random InstantID / FaceID-PlusV2 files and a scaled-down IdentityNet for that UNet. The tiny insightface pack
+(its detector finds white squares) stands in for antelopev2 / buffalo_l; sizes are divided by 8, 2 steps.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from test_example_workflows_faceid import (
+    IMAGES,
+    PACK,
+    TINY_INPUTS,
+    LikenessTestTinyClipVision,
+    face_photo,
+    pack_module,
+)
+
+pytestmark = pytest.mark.host
+
+WORKFLOWS = {"InstantID - portrait (SDXL)": "likeness_instantid",
+             "FaceID PlusV2 - portrait (SDXL)": "likeness_faceid_plusv2_sdxl"}
+
+
+class LikenessTestTinySDXLLoader:
+    """MODEL + CLIP + VAE: the tiny SDXL UNet (1280-d pooled + size conds), the tiny SDXL text encoder, tiny VAE."""
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        import host_support
+        from sdxl_clip_support import build_tiny_sdxl_clip
+
+        return host_support.build_tiny_sdxl(), build_tiny_sdxl_clip(), host_support.build_tiny_vae()
+
+
+class LikenessTestTinyInstantID:
+    """A scaled-down random InstantID ip-adapter.bin (Resampler + IP-only processors) for the tiny SDXL UNet."""
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("FACE_MAKEUP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def load(self, model):
+        from faceid_support import random_instantid_checkpoint
+        from likeness.techniques.faceid.lora import transformer_blocks
+
+        channels = [r.channels for r in transformer_blocks(model)]
+        return (pack_module("techniques.faceid.checkpoint").load_faceid_state_dict(
+            random_instantid_checkpoint(channels, 64), source="ip-adapter.bin"),)
+
+
+class LikenessTestTinyFaceIDPlusV2SDXL:
+    """A scaled-down random FaceID-PlusV2 SDXL file (projector + LoRA/IP processors) for the tiny SDXL UNet."""
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("FACE_MAKEUP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip_vision": ("CLIP_VISION",)}}
+
+    def load(self, model, clip_vision):
+        import host_support
+        from faceid_support import random_faceid_checkpoint
+        from likeness.techniques.faceid.lora import transformer_blocks
+
+        channels = [r.channels for r in transformer_blocks(model)]
+        groups = random_faceid_checkpoint(channels, 64, clip_dim=host_support.clip_vision_width(clip_vision), rank=4)
+        checkpoint = pack_module("techniques.faceid.checkpoint").load_faceid_state_dict(
+            groups, source="tiny-faceid-plusv2_sdxl.bin")
+        assert checkpoint.variant.value == "faceid_plusv2", checkpoint.variant
+        return (checkpoint,)
+
+
+class LikenessTestTinyIdentityNet:
+    """A scaled-down random IdentityNet (SDXL diffusers ControlNet, 64-d context) built as the pack builds it."""
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        import torch
+
+        from test_faceid_sdxl_host import TINY_SDXL_CONTROLNET
+
+        layout = pack_module("techniques.faceid.controlnet_layout")
+        generator = torch.Generator().manual_seed(5)
+        sd = {k: torch.randn(s, generator=generator) * (0.02 if len(s) > 1 else 0.1)
+              for k, s in layout.expected_controlnet_shapes(TINY_SDXL_CONTROLNET).items()}
+        shape = layout.validate_controlnet_state_dict(sd, "IdentityNet")
+        return (pack_module("techniques.faceid.controlnet").build_id_controlnet(sd, shape, "IdentityNet"),)
+
+
+TEST_NODES = {c.__name__: c for c in (LikenessTestTinySDXLLoader, LikenessTestTinyInstantID,
+                                      LikenessTestTinyFaceIDPlusV2SDXL, LikenessTestTinyIdentityNet,
+                                      LikenessTestTinyClipVision)}
+
+
+def _tiny_loader(node: dict, ckpt: str, vision: str | None) -> None:
+    """Model loaders become the test loaders (tiny models built in memory)."""
+    kind, inputs = node["class_type"], node["inputs"]
+    if kind == "CheckpointLoaderSimple":
+        node.update(class_type="LikenessTestTinySDXLLoader", inputs={})
+    elif kind == "CLIPVisionLoader":
+        node.update(class_type="LikenessTestTinyClipVision", inputs={})
+    elif kind == "ControlNetLoader" and inputs["control_net_name"] == "instantid-controlnet.safetensors":
+        node.update(class_type="LikenessTestTinyIdentityNet", inputs={})
+    elif kind == "LikenessFaceIDLoader" and inputs["model_name"].startswith("instantid/"):
+        node.update(class_type="LikenessTestTinyInstantID", inputs={"model": [ckpt, 0]})
+    elif kind == "LikenessFaceIDLoader" and inputs["model_name"] == "faceid/ip-adapter-faceid-plusv2_sdxl.bin":
+        node.update(class_type="LikenessTestTinyFaceIDPlusV2SDXL", inputs={"model": [ckpt, 0], "clip_vision": [vision, 0]})
+
+
+def tiny_prompt(prompt: dict) -> dict:
+    """Same graph, tiny: test loaders, the tiny insightface pack, sizes / 8, 2 steps. Every loader must be swapped."""
+    import json
+
+    prompt = json.loads(json.dumps(prompt))
+    ckpt = next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
+    vision = next((i for i, n in prompt.items() if n["class_type"] == "CLIPVisionLoader"), None)
+    for node in prompt.values():
+        TINY_INPUTS.get(node["class_type"], lambda inputs: None)(node["inputs"])
+        _tiny_loader(node, ckpt, vision)
+    loaders = [n["class_type"] for n in prompt.values() if n["class_type"].endswith("Loader")
+               and n["class_type"] not in TEST_NODES and n["class_type"] != "LikenessInsightFaceLoader"]
+    assert not loaders, f"no tiny stand-in for {loaders}"
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def sdxl_workflow_env(host_env, host_test_nodes):
+    import nodes
+    from PIL import Image
+
+    from onnx_face_models import write_tiny_insightface_pack
+
+    write_tiny_insightface_pack(os.path.join(host_env.models, "insightface", "models", PACK))
+    for name, (h, w) in IMAGES.items():
+        Image.fromarray(face_photo(h, w)).save(os.path.join(host_env.input, name))
+    saved = {k: nodes.NODE_CLASS_MAPPINGS.get(k) for k in TEST_NODES}
+    nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
+    yield host_env
+    for k, v in saved.items():
+        if v is None:
+            nodes.NODE_CLASS_MAPPINGS.pop(k, None)
+        else:
+            nodes.NODE_CLASS_MAPPINGS[k] = v
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_sdxl_example_workflow_runs(name, sdxl_workflow_env, execute_prompt):
+    pytest.importorskip("insightface")
+    from PIL import Image
+
+    from host_support import example_prompt
+
+    full = example_prompt(name)
+    latents = [n["inputs"] for n in full.values() if n["class_type"] == "EmptyLatentImage"]
+    assert all((i["width"], i["height"]) == (1024, 1024) for i in latents)   # SDXL's native size in the file
+    prompt = tiny_prompt(full)
+    outputs = execute_prompt(prompt)
+    (save,) = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
+    assert prompt[save]["inputs"]["filename_prefix"] == WORKFLOWS[name]
+    (item,) = outputs[save]["images"]
+    image = np.asarray(Image.open(os.path.join(sdxl_workflow_env.output, item["subfolder"], item["filename"])))
+    assert image.shape == (128, 128, 3) and image.std() > 0
