@@ -17,14 +17,17 @@ from test_example_workflows_faceid import (
     PACK,
     TINY_INPUTS,
     LikenessTestTinyClipVision,
+    LikenessTestTinyConsistentID,
     face_photo,
     pack_module,
 )
 
 pytestmark = pytest.mark.host
 
-WORKFLOWS = {"InstantID - portrait (SDXL)": "likeness_instantid",
-             "FaceID PlusV2 - portrait (SDXL)": "likeness_faceid_plusv2_sdxl"}
+# example -> (its SaveImage prefix, the output size in the file: 1024 px or the official script's)
+WORKFLOWS = {"InstantID - portrait (SDXL)": ("likeness_instantid", (1024, 1024)),
+             "FaceID PlusV2 - portrait (SDXL)": ("likeness_faceid_plusv2_sdxl", (1024, 1024)),
+             "ConsistentID - portrait (SDXL)": ("likeness_consistentid_sdxl", (864, 1152))}
 
 
 class LikenessTestTinySDXLLoader:
@@ -111,7 +114,7 @@ class LikenessTestTinyIdentityNet:
 
 TEST_NODES = {c.__name__: c for c in (LikenessTestTinySDXLLoader, LikenessTestTinyInstantID,
                                       LikenessTestTinyFaceIDPlusV2SDXL, LikenessTestTinyIdentityNet,
-                                      LikenessTestTinyClipVision)}
+                                      LikenessTestTinyClipVision, LikenessTestTinyConsistentID)}
 
 
 def _tiny_loader(node: dict, ckpt: str, vision: str | None) -> None:
@@ -121,6 +124,8 @@ def _tiny_loader(node: dict, ckpt: str, vision: str | None) -> None:
         node.update(class_type="LikenessTestTinySDXLLoader", inputs={})
     elif kind == "CLIPVisionLoader":
         node.update(class_type="LikenessTestTinyClipVision", inputs={})
+    elif kind == "LikenessConsistentIDLoader" and inputs["model_name"] == "ConsistentID_SDXL-v1.bin":
+        node.update(class_type="LikenessTestTinyConsistentID", inputs={"model": [ckpt, 0], "clip_vision": [vision, 0]})
     elif kind == "ControlNetLoader" and inputs["control_net_name"] == "instantid-controlnet.safetensors":
         node.update(class_type="LikenessTestTinyIdentityNet", inputs={})
     elif kind == "LikenessFaceIDLoader" and inputs["model_name"].startswith("instantid/"):
@@ -129,18 +134,29 @@ def _tiny_loader(node: dict, ckpt: str, vision: str | None) -> None:
         node.update(class_type="LikenessTestTinyFaceIDPlusV2SDXL", inputs={"model": [ckpt, 0], "clip_vision": [vision, 0]})
 
 
+def _tiny_latent(inputs: dict) -> None:
+    """About 1/8 of the size, on a multiple of 32 (the tiny UNet halves the latent twice)."""
+    inputs.update({name: max(32, round(inputs[name] / 256) * 32) for name in ("width", "height")})
+
+
 def tiny_prompt(prompt: dict) -> dict:
-    """Same graph, tiny: test loaders, the tiny insightface pack, sizes / 8, 2 steps. Every loader must be swapped."""
+    """Same graph, tiny: test loaders, the tiny insightface pack and the landmark face parser, sizes about / 8,
+    2 steps. Every loader must be swapped."""
     import json
+
+    from likeness.face_analysis.parsing import LANDMARKS_CHOICE
 
     prompt = json.loads(json.dumps(prompt))
     ckpt = next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
     vision = next((i for i, n in prompt.items() if n["class_type"] == "CLIPVisionLoader"), None)
     for node in prompt.values():
-        TINY_INPUTS.get(node["class_type"], lambda inputs: None)(node["inputs"])
+        if node["class_type"] == "LikenessFaceParserLoader":
+            node["inputs"].update(parser=LANDMARKS_CHOICE, device="cpu")
+        {**TINY_INPUTS, "EmptyLatentImage": _tiny_latent}.get(node["class_type"], lambda inputs: None)(node["inputs"])
         _tiny_loader(node, ckpt, vision)
     loaders = [n["class_type"] for n in prompt.values() if n["class_type"].endswith("Loader")
-               and n["class_type"] not in TEST_NODES and n["class_type"] != "LikenessInsightFaceLoader"]
+               and n["class_type"] not in TEST_NODES
+               and n["class_type"] not in ("LikenessInsightFaceLoader", "LikenessFaceParserLoader")]
     assert not loaders, f"no tiny stand-in for {loaders}"
     return prompt
 
@@ -175,13 +191,15 @@ def test_sdxl_example_workflow_runs(name, sdxl_workflow_env, execute_prompt):
 
     from host_support import example_prompt
 
+    prefix, size = WORKFLOWS[name]
     full = example_prompt(name)
-    latents = [n["inputs"] for n in full.values() if n["class_type"] == "EmptyLatentImage"]
-    assert all((i["width"], i["height"]) == (1024, 1024) for i in latents)   # SDXL's native size in the file
+    (latent,) = [n["inputs"] for n in full.values() if n["class_type"] == "EmptyLatentImage"]
+    assert (latent["width"], latent["height"]) == size
     prompt = tiny_prompt(full)
     outputs = execute_prompt(prompt)
     (save,) = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
-    assert prompt[save]["inputs"]["filename_prefix"] == WORKFLOWS[name]
+    assert prompt[save]["inputs"]["filename_prefix"] == prefix
     (item,) = outputs[save]["images"]
     image = np.asarray(Image.open(os.path.join(sdxl_workflow_env.output, item["subfolder"], item["filename"])))
-    assert image.shape == (128, 128, 3) and image.std() > 0
+    (tiny,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "EmptyLatentImage"]
+    assert image.shape == (tiny["height"], tiny["width"], 3) and image.std() > 0

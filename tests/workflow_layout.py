@@ -174,6 +174,18 @@ EXAMPLES: tuple[Example, ...] = (
         _sample_stage("4. Sample", "a 512x512 portrait in output/ (likeness_consistentid_*.png).",
                       ((10, 11), (12, 13))),
     )),
+    Example("ConsistentID - portrait (SDXL)", (
+        Stage("1. Models",
+              f"{SDXL}\nConsistentID_SDXL-v1.bin (models fetch consistentid-sdxl), CLIP-ViT-H-14, insightface "
+              f"buffalo_l and BiSeNet face_parsing.pth. {MODELS_HINT}", ((1, 2, 3), (4, 14))),
+        Stage("2. Reference face", "A clear photo of the person's face.", ((5,), (6,)), GREEN),
+        Stage("3. ConsistentID Encode",
+              "Write the prompt here, not in a CLIP Text Encode: the node adds the facial words (both SDXL text "
+              "encoders) and returns the model, positive and negative. merge_at 0.62 = the official step 30 of 50.",
+              ((9,),), GREEN),
+        _sample_stage("4. Sample", "an 864x1152 portrait in output/ (likeness_consistentid_sdxl_*.png). Euler, 50 "
+                      "steps, CFG 5 (the official SDXL script's).", ((10, 11), (12, 13))),
+    )),
     Example("ConsistentID - identity in a masked region", (
         Stage("1. Models",
               f"{SD15}\nConsistentID-v1.bin, CLIP-ViT-H-14, insightface buffalo_l and BiSeNet face_parsing.pth. "
