@@ -36,8 +36,8 @@ def pack_widgets(node: dict) -> dict:
 
 def test_the_folder_holds_exactly_the_examples_each_with_a_thumbnail():
     files = sorted(os.listdir(EXAMPLES_DIR))
-    assert [f for f in files if f.endswith(".json")] == [n + ".json" for n in NAMES]
-    assert [f for f in files if f.endswith(".jpg")] == [n + ".jpg" for n in NAMES]
+    assert [f for f in files if f.endswith(".json")] == sorted(n + ".json" for n in NAMES)  # "x (SDXL)" before "x."
+    assert [f for f in files if f.endswith(".jpg")] == sorted(n + ".jpg" for n in NAMES)
     assert set(files) == {n + ext for n in NAMES for ext in (".json", ".jpg")}
     for name in NAMES:
         assert os.path.getsize(os.path.join(EXAMPLES_DIR, name + ".jpg")) < 100_000, name
