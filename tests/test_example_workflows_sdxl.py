@@ -2,8 +2,10 @@
 
 The same graphs as the shipped files, with the model loaders swapped for test nodes registered here: the tiny
 SDXL-shaped UNet with the tiny SDXL text encoder (CLIP-L + CLIP-G layout) and VAE, the tiny CLIP vision, scaled-down
-random InstantID / FaceID-PlusV2 files and a scaled-down IdentityNet for that UNet. The tiny insightface pack
-(its detector finds white squares) stands in for antelopev2 / buffalo_l; sizes are divided by 8, 2 steps.
+random InstantID / FaceID-PlusV2 / ConsistentID files and a scaled-down IdentityNet for that UNet; Face Fusion
+starts from a new (untrained) adapter, as its example does. The tiny insightface pack (its detector finds white
+squares) stands in for antelopev2 / buffalo_l, the landmark parser for BiSeNet; dlib examples get the astronaut
+photo. Sizes are divided by about 8, 2 steps.
 """
 from __future__ import annotations
 
@@ -27,7 +29,11 @@ pytestmark = pytest.mark.host
 # example -> (its SaveImage prefix, the output size in the file: 1024 px or the official script's)
 WORKFLOWS = {"InstantID - portrait (SDXL)": ("likeness_instantid", (1024, 1024)),
              "FaceID PlusV2 - portrait (SDXL)": ("likeness_faceid_plusv2_sdxl", (1024, 1024)),
-             "ConsistentID - portrait (SDXL)": ("likeness_consistentid_sdxl", (864, 1152))}
+             "ConsistentID - portrait (SDXL)": ("likeness_consistentid_sdxl", (864, 1152)),
+             "Face Fusion - one identity (SDXL)": ("likeness_fusion_sdxl", (1024, 1024))}
+# loaders the tests run as they are: the tiny pack / the landmark parser / dlib's own detector
+NO_FILE_LOADERS = ("LikenessInsightFaceLoader", "LikenessFaceParserLoader", "LikenessDlibFaceLoader")
+DLIB_PHOTO = "likeness_sdxl_astronaut.png"   # dlib (Face Fusion, FaceA-Net) needs a real face, not a white square
 
 
 class LikenessTestTinySDXLLoader:
@@ -134,6 +140,10 @@ def _tiny_loader(node: dict, ckpt: str, vision: str | None) -> None:
         node.update(class_type="LikenessTestTinyFaceIDPlusV2SDXL", inputs={"model": [ckpt, 0], "clip_vision": [vision, 0]})
 
 
+def _tiny_fusion(inputs: dict) -> None:
+    inputs["reference_size"] = 64
+
+
 def _tiny_latent(inputs: dict) -> None:
     """About 1/8 of the size, on a multiple of 32 (the tiny UNet halves the latent twice)."""
     inputs.update({name: max(32, round(inputs[name] / 256) * 32) for name in ("width", "height")})
@@ -149,14 +159,18 @@ def tiny_prompt(prompt: dict) -> dict:
     prompt = json.loads(json.dumps(prompt))
     ckpt = next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
     vision = next((i for i, n in prompt.items() if n["class_type"] == "CLIPVisionLoader"), None)
+    dlib = any(n["class_type"] == "LikenessDlibFaceLoader" for n in prompt.values())
+    tiny = {**TINY_INPUTS, "EmptyLatentImage": _tiny_latent, "LikenessApplyFaceFusion": _tiny_fusion}
     for node in prompt.values():
         if node["class_type"] == "LikenessFaceParserLoader":
             node["inputs"].update(parser=LANDMARKS_CHOICE, device="cpu")
-        {**TINY_INPUTS, "EmptyLatentImage": _tiny_latent}.get(node["class_type"], lambda inputs: None)(node["inputs"])
+        if node["class_type"] == "LoadImage" and dlib:
+            node["inputs"]["image"] = DLIB_PHOTO
+        tiny.get(node["class_type"], lambda inputs: None)(node["inputs"])
         _tiny_loader(node, ckpt, vision)
     loaders = [n["class_type"] for n in prompt.values() if n["class_type"].endswith("Loader")
                and n["class_type"] not in TEST_NODES
-               and n["class_type"] not in ("LikenessInsightFaceLoader", "LikenessFaceParserLoader")]
+               and n["class_type"] not in NO_FILE_LOADERS]
     assert not loaders, f"no tiny stand-in for {loaders}"
     return prompt
 
@@ -166,11 +180,13 @@ def sdxl_workflow_env(host_env, host_test_nodes):
     import nodes
     from PIL import Image
 
+    from face_fixtures import astronaut
     from onnx_face_models import write_tiny_insightface_pack
 
     write_tiny_insightface_pack(os.path.join(host_env.models, "insightface", "models", PACK))
     for name, (h, w) in IMAGES.items():
         Image.fromarray(face_photo(h, w)).save(os.path.join(host_env.input, name))
+    Image.fromarray(astronaut()).save(os.path.join(host_env.input, DLIB_PHOTO))
     saved = {k: nodes.NODE_CLASS_MAPPINGS.get(k) for k in TEST_NODES}
     nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
     yield host_env
@@ -187,6 +203,7 @@ def sdxl_workflow_env(host_env, host_test_nodes):
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
 def test_sdxl_example_workflow_runs(name, sdxl_workflow_env, execute_prompt):
     pytest.importorskip("insightface")
+    pytest.importorskip("dlib")
     from PIL import Image
 
     from host_support import example_prompt

@@ -112,6 +112,23 @@ EXAMPLES: tuple[Example, ...] = (
         _sample_stage("4. Prompt and sample", "a 512x512 image of the person in output/ (likeness_fusion_*.png).",
                       ((8, 9, 10), (11,), (12, 13))),
     )),
+    Example("Face Fusion - one identity (SDXL)", (
+        Stage("1. Model and adapter",
+              f"{SDXL}\nFace Fusion has no released weights. Fusion Adapter New starts an untrained SDXL adapter "
+              "(each layer's face keys and values from its self-attention: reference-only attention). For the "
+              "trained effect run 'Face Fusion - train an adapter' with this checkpoint, then load its file with "
+              "Fusion Adapter Loader instead (an SD1.5 adapter is refused here).", ((1, 2),)),
+        Stage("2. Reference face",
+              "A photo of the person. dlib finds the face (no downloads); Align Faces makes the 512 px reference "
+              "crop.", ((3,), (4, 5, 6)), GREEN),
+        Stage("3. Apply Face Fusion",
+              "The reference face's keys and values join every cross-attention (the reference pass gets the "
+              "prompt's pooled and size conds). weight 1 = full effect, 0 = off. capture 'per step' is the paper's; "
+              "the cached modes are faster.", ((7,),), GREEN),
+        _sample_stage("4. Prompt and sample",
+                      "a 1024x1024 image of the person in output/ (likeness_fusion_sdxl_*.png).",
+                      ((8, 9, 10), (11,), (12, 13))),
+    )),
     Example("Face Fusion - several photos of one person", (
         Stage("1. Model and adapter",
               f"{SD15}\nThe adapter comes from 'Face Fusion - train an adapter' (my_face.safetensors); press R to "
