@@ -505,8 +505,39 @@ WORKFLOWS = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT,
                    if f.startswith("FaceA-Net - ") and f.endswith(".json"))
 
 
+def tiny_models(name: str, channels: int):
+    """Tiny stand-ins of a checkpoint: SDXL (tiny SDXL UNet and two-tower text encoder) for an SDXL file name,
+    else SD1.5; ``channels`` 9 is the inpainting UNet."""
+    import host_support
+
+    if "sdxl" in name or "sd_xl" in name:
+        from sdxl_clip_support import build_tiny_sdxl_clip
+
+        return (host_support.build_tiny_sdxl(in_channels=channels), build_tiny_sdxl_clip(),
+                host_support.build_tiny_vae())
+    return (host_support.build_tiny_sd15(in_channels=channels), host_support.build_tiny_clip(),
+            host_support.build_tiny_vae())
+
+
+class TinyUNetLoader:
+    """Stands in for UNETLoader (the SDXL examples' inpainting UNet): the tiny 9-channel SDXL UNet."""
+
+    DESCRIPTION = "Test only"
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unet_name": ("STRING", {"default": "", "tooltip": "diffusion model name"}),
+                             "weight_dtype": ("STRING", {"default": "default", "tooltip": "ignored"})}}
+
+    def load(self, unet_name, weight_dtype):
+        return tiny_models(unet_name, 9 if "inpaint" in unet_name else 4)[:1]
+
+
 class TinyCheckpointLoader:
-    """Stands in for CheckpointLoaderSimple: inpainting checkpoints give a 9-channel tiny UNet."""
+    """Stands in for CheckpointLoaderSimple: inpainting checkpoints give a 9-channel tiny UNet, SDXL ones SDXL."""
 
     DESCRIPTION = "Test only"
     CATEGORY = "Likeness/Tests"
@@ -518,11 +549,7 @@ class TinyCheckpointLoader:
         return {"required": {"ckpt_name": ("STRING", {"default": "", "tooltip": "checkpoint name"})}}
 
     def load(self, ckpt_name):
-        import host_support
-
-        channels = 9 if "inpaint" in ckpt_name else 4
-        return (host_support.build_tiny_sd15(in_channels=channels), host_support.build_tiny_clip(),
-                host_support.build_tiny_vae())
+        return tiny_models(ckpt_name, 9 if "inpaint" in ckpt_name else 4)
 
 
 @pytest.fixture(scope="module")
@@ -545,17 +572,23 @@ def workflow_env(pack_loaded, host_env):
         identity.lora_name = f"likeness/{name}.safetensors"
         atomic_save(identity.lora, os.path.join(host_env.models, "loras", "likeness", f"{name}.safetensors"))
         save_identity(identity, os.path.join(host_env.models, "likeness", "identities", f"{name}.safetensors"))
+    sdxl_identity = synthetic_identity("anna_sdxl", host_support.build_tiny_sdxl(in_channels=9), 3)
+    sdxl_identity.lora_name = "likeness/anna_sdxl.safetensors"   # what the SDXL train example writes
+    atomic_save(sdxl_identity.lora, os.path.join(host_env.models, "loras", "likeness", "anna_sdxl.safetensors"))
+    save_identity(sdxl_identity, os.path.join(host_env.models, "likeness", "identities", "anna_sdxl.safetensors"))
     return host_env
 
 
+TEST_LOADERS = {"CheckpointLoaderSimple": "LikenessTestFaceACheckpoint", "UNETLoader": "LikenessTestFaceAUNet"}
+
+
 def tiny_overrides(prompt: dict) -> dict:
-    """Shrink a workflow for the tiny models: test checkpoint loader, few steps, small sizes, the t1 scene."""
+    """Shrink a workflow for the tiny models: test loaders (SD1.5 or SDXL), few steps, small sizes, the t1 scene."""
     prompt = json.loads(json.dumps(prompt))
     for node in list(prompt.values()):
         inputs, kind = node["inputs"], node["class_type"]
-        if kind == "CheckpointLoaderSimple":
-            node["class_type"] = "LikenessTestFaceACheckpoint"
-        elif kind == "EmptyLatentImage":
+        node["class_type"] = TEST_LOADERS.get(kind, kind)
+        if kind == "EmptyLatentImage":
             inputs.update(width=64, height=64)
         elif kind == "KSampler":
             inputs["steps"] = 2
@@ -582,6 +615,7 @@ def test_example_workflow_runs_on_tiny_models(name, workflow_env, execute_prompt
     import nodes
 
     monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "LikenessTestFaceACheckpoint", TinyCheckpointLoader)
+    monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "LikenessTestFaceAUNet", TinyUNetLoader)
     from host_support import example_prompt
 
     outputs = execute_prompt(tiny_overrides(example_prompt(name)))
@@ -590,6 +624,12 @@ def test_example_workflow_runs_on_tiny_models(name, workflow_env, execute_prompt
     if name == "FaceA-Net - train an identity":
         assert os.path.isfile(os.path.join(workflow_env.models, "likeness", "identities", "anna.safetensors"))
         assert os.path.isfile(os.path.join(workflow_env.models, "loras", "likeness", "anna.safetensors"))
+    if name == "FaceA-Net - train an identity (SDXL)":
+        from likeness.techniques.facea_net.identity import load_identity
+
+        path = os.path.join(workflow_env.models, "likeness", "identities", "anna_sdxl.safetensors")
+        assert load_identity(path).family == "sdxl"   # trained now (the stand-in written above records no base)
+        assert os.path.isfile(os.path.join(workflow_env.models, "loras", "likeness", "anna_sdxl.safetensors"))
     if name == "FaceA-Net - attribute transfer (nose)":
         assert os.path.isfile(os.path.join(workflow_env.models, "likeness", "identities",
                                            "anna_with_bens_nose.safetensors"))

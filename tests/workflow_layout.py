@@ -67,6 +67,8 @@ class Example:
 MODELS_HINT = "'python <pack> models verify' lists what is missing; 'models fetch ID' downloads one."
 SD15 = ("Realistic_Vision_V4.0.safetensors (models fetch realistic-vision-v4) or any SD1.5 checkpoint.")
 SDXL = "sd_xl_base_1.0.safetensors (models fetch sdxl-base) or any SDXL checkpoint."
+SDXL_BASE_NAME = "sd_xl_base_1.0.safetensors"
+SDXL_INPAINT_UNET = "sdxl-inpainting-0.1-unet.fp16.safetensors (models fetch sdxl-inpainting-unet)"
 M3FACE_MODELS = ("v1-5-pruned-emaonly.safetensors (models fetch sd15-base) or an SD1.5 checkpoint; "
                  "m3face_{branch}.safetensors (models fetch m3face-controlnet-...); the FaceConditioning-english "
                  "Muse folder in models/likeness/m3face/ (faceconditioning-english-*). " + MODELS_HINT)
@@ -339,6 +341,33 @@ EXAMPLES: tuple[Example, ...] = (
         Stage("3. Face Inpaint",
               "Finds the face, inpaints it with the identity at 512 px and blends it back. Expect the scene before "
               "and after in output/facea/.", ((10,), (11, 12)), GREEN),
+    )),
+    Example("FaceA-Net - train an identity (SDXL)", (
+        Stage("1. Photos of the person",
+              "3 to 5 photos of one person, one clearly visible face each (any sizes).", ((2, 3), (4,)), GREEN),
+        Stage("2. Same size, one batch", "Scaled to 1536x1536 and batched for the trainer.", ((5, 6, 7), (8, 9)),
+              GREEN),
+        Stage("3. Models",
+              f"{SDXL_INPAINT_UNET} in models/diffusion_models/ (Load Diffusion Model) with the text encoders and VAE "
+              f"of {SDXL_BASE_NAME} (models fetch sdxl-base). dlib finds the faces (no downloads).",
+              ((1, 14), (10,))),
+        Stage("4. Train",
+              "Trains at 1024 px and saves the identity 'anna_sdxl' (models/likeness/identities/anna_sdxl.safetensors "
+              "and its LoRA) that 'FaceA-Net - put an identity into a scene (SDXL)' loads; press R to list it there. "
+              "An SDXL identity only fits SDXL models. Cancel keeps the last checkpoint: Run again continues from it.",
+              ((11,), (12, 13)), PURPLE),
+    )),
+    Example("FaceA-Net - put an identity into a scene (SDXL)", (
+        Stage("1. Scene (any SDXL model)",
+              f"Generate the scene with any SDXL checkpoint: {SDXL} The identity only redraws the face.",
+              ((1, 4), (2, 3), (5, 6)), YELLOW),
+        Stage("2. Identity",
+              f"The SDXL inpainting UNet the identity was trained on ({SDXL_INPAINT_UNET}, with the base "
+              "checkpoint's text encoders and VAE) and the identity from 'FaceA-Net - train an identity (SDXL)' "
+              "(anna_sdxl.safetensors).", ((7,), (8, 9))),
+        Stage("3. Face Inpaint",
+              "Finds the face, inpaints it with the identity at 1024 px and blends it back. Expect the scene before "
+              "and after in output/facea/ (scene_sdxl_*).", ((10,), (11, 12)), GREEN),
     )),
     Example("FaceA-Net - two identities in one scene", (
         Stage("1. Scene (any model)",
