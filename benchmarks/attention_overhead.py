@@ -46,6 +46,12 @@ SD15_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_
              'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': 768, 'num_heads': 8,
              'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
              'use_temporal_attention': False, 'use_temporal_resblock': False}  # comfy/model_detection.py SD15
+SDXL_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+             'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
+             'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
+             'channel_mult': [1, 2, 4], 'transformer_depth_middle': 10, 'use_linear_in_transformer': True,
+             'context_dim': 2048, 'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             'use_temporal_attention': False, 'use_temporal_resblock': False}   # comfy/model_detection.py SDXL
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -359,13 +365,21 @@ def prepare_comfy(path: str) -> None:
 
 
 def build_model(seed: int = 0):
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
     import torch
 
-    config = comfy.supported_models.SD15(dict(SD15_UNET))
-    config.set_inference_dtype(torch.float32, None)
+    return random_model(comfy.supported_models.SD15, SD15_UNET, torch.float32, seed)
+
+
+def random_model(config_class, unet_config: dict, dtype, seed: int = 0):
+    """A ModelPatcher of ``config_class`` (e.g. ``comfy.supported_models.SD15``) with random weights: norms 1/0,
+    biases 0, the rest N(0, 0.02) (outputs stay in range through every block, as trained weights do)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+
+    config = config_class(dict(unet_config))
+    config.set_inference_dtype(dtype, None)
     model = config.get_model({})
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

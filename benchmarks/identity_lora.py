@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +36,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
+from worker_process import RESULT_PREFIX, run_worker  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ worker side
 
@@ -263,19 +264,12 @@ def worker(args) -> dict:
 
 # ------------------------------------------------------------------------------------------ parent side
 
-def run_worker(kind: str, args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--comfyui", args.comfyui,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank), "--size", str(args.size),
-               "--model", args.model, "--threads", str(args.threads), "--native-dtype", args.native_dtype,
-               "--native-checkpointing", args.native_checkpointing, "--ours-checkpointing", args.ours_checkpointing,
-               "--ours-precision", args.ours_precision]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        sys.stderr.write(result.stderr[-5000:])
-        raise SystemExit(f"the {kind} worker failed (exit {result.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+def run_kind(kind: str, args) -> dict:
+    return run_worker(__file__, kind, [
+        "--comfyui", args.comfyui, "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank),
+        "--size", str(args.size), "--model", args.model, "--threads", str(args.threads),
+        "--native-dtype", args.native_dtype, "--native-checkpointing", args.native_checkpointing,
+        "--ours-checkpointing", args.ours_checkpointing, "--ours-precision", args.ours_precision], args.threads)
 
 
 def main(argv=None) -> int:
@@ -303,12 +297,12 @@ def main(argv=None) -> int:
     if not args.comfyui:
         parser.error("set --comfyui or COMFYUI_PATH")
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        print(RESULT_PREFIX + json.dumps(worker(args)), flush=True)
         return 0
     print(f"UNet: SD1.5-inpainting config ({args.model}), random weights, fp32 weights, CPU, {args.threads} threads; "
           f"crops {args.size}x{args.size} (latent {args.size // 8}x{args.size // 8}); batch {args.batch}; "
           f"rank {args.rank}; {args.steps} steps; one subprocess per trainer", flush=True)
-    results = {kind: run_worker(kind, args) for kind in ("ours", "native")}
+    results = {kind: run_kind(kind, args) for kind in ("ours", "native")}
     for kind, r in results.items():
         print(f"[{kind}] {r['config']}")
         print(f"[{kind}] UNet params {r['unet_params'] / 1e6:.1f} M, trainable {r['trainable_params'] / 1e6:.2f} M, "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -32,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from identity_lora import RssSampler, StepClock, _rss_kib, _setup, unet_config  # noqa: E402
+from worker_process import RESULT_PREFIX, run_worker  # noqa: E402
 
 MODES = ("up_blocks", "lora")
 
@@ -126,18 +126,11 @@ class _Quiet:
         pass
 
 
-def run_worker(mode: str, args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--comfyui", args.comfyui,
-               "--steps", str(args.steps), "--rank", str(args.rank), "--size", str(args.size),
-               "--threads", str(args.threads), "--precision", args.precision, "--checkpointing", args.checkpointing,
-               "--weights-dtype", args.weights_dtype]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        sys.stderr.write(result.stderr[-5000:])
-        raise SystemExit(f"the {mode} worker failed (exit {result.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+def run_mode(mode: str, args) -> dict:
+    return run_worker(__file__, mode, ["--comfyui", args.comfyui, "--steps", str(args.steps), "--rank", str(args.rank),
+                                       "--size", str(args.size), "--threads", str(args.threads),
+                                       "--precision", args.precision, "--checkpointing", args.checkpointing,
+                                       "--weights-dtype", args.weights_dtype], args.threads)
 
 
 def main(argv=None) -> int:
@@ -158,14 +151,14 @@ def main(argv=None) -> int:
     if not args.comfyui:
         parser.error("set --comfyui or COMFYUI_PATH")
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        print(RESULT_PREFIX + json.dumps(worker(args)), flush=True)
         return 0
     print(f"Imagic stage 2 on the SD1.5 UNet + SD1.5 ControlNet (random weights, {args.weights_dtype}, SDPA), CPU, "
           f"{args.threads} "
           f"threads; {args.size}x{args.size} px (latent {args.size // 8}x{args.size // 8}), batch 1; layers 2and3; "
           f"LoRA rank {args.rank}; precision {args.precision}; gradient checkpointing {args.checkpointing}; "
           f"{args.steps} steps (1 warm-up); one subprocess per mode", flush=True)
-    results = {mode: run_worker(mode, args) for mode in MODES}
+    results = {mode: run_mode(mode, args) for mode in MODES}
     for mode, r in results.items():
         print(f"[{mode}] UNet {r['unet_params'] / 1e6:.1f} M + ControlNet {r['controlnet_params'] / 1e6:.1f} M params, "
               f"trainable {r['trainable_params'] / 1e6:.2f} M, compute {r['compute']}, setup {r['setup_s']} s, "

@@ -38,13 +38,6 @@ sys.path.insert(0, HERE)
 
 import attention_overhead as shared  # noqa: E402  (the timing machinery of the SD1.5 benchmark)
 
-SDXL_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-             'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
-             'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
-             'channel_mult': [1, 2, 4], 'transformer_depth_middle': 10, 'use_linear_in_transformer': True,
-             'context_dim': 2048, 'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
-             'use_temporal_attention': False, 'use_temporal_resblock': False}   # comfy/model_detection.py SDXL
-
 ROWS = {
     "unpatched": ("the model as loaded", None, None),
     "cached": ("Face Fusion, 1 reference (image-sized), cached capture (clean), uncond none", 1.12,
@@ -59,25 +52,9 @@ DEFAULT_ROWS = ("unpatched", "cached", "per-step")
 
 
 def build_sdxl(dtype, seed: int = 0):
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
-    import torch
 
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
-    config.set_inference_dtype(dtype, None)
-    model = config.get_model({})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if "norm" in name or name.endswith(("in_layers.0.weight", "out_layers.0.weight", "out.0.weight")):
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+    return shared.random_model(comfy.supported_models.SDXL, shared.SDXL_UNET, dtype, seed)
 
 
 def sdxl_conds(side_px: int):

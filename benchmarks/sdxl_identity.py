@@ -42,13 +42,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-             "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-             "use_temporal_attention": False, "use_temporal_resblock": False}  # comfy/supported_models.py SDXL
+import attention_overhead as shared  # noqa: E402  (prepare_comfy and the SDXL UNet config)
+
 TARGETS = {"faceid-sdxl": 1.03}
 
 
@@ -89,7 +86,7 @@ def build_model(dtype, folder: str):
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    config = comfy.supported_models.SDXL(dict(shared.SDXL_UNET))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device="meta")
     mmap_random_weights(model.diffusion_model, os.path.join(folder, "sdxl_unet"), 0, dtype)
@@ -205,23 +202,6 @@ def sample(row, latent_side: int, steps: int, cfg: float) -> tuple[float, float]
     return time.perf_counter() - wall0, time.process_time() - cpu0
 
 
-def prepare_comfy(path: str) -> None:
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    from comfy.cli_args import args
-
-    args.cpu = True
-    args.use_pytorch_cross_attention = True
-    import comfy.utils
-
-    comfy.utils.set_progress_bar_enabled(False)
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from _bootstrap import load_pack
-
-    load_pack()
-
-
 def report(results: dict, args, dtype) -> None:
     import torch
 
@@ -257,7 +237,7 @@ def main() -> int:
     args = parser.parse_args()
     if not args.comfyui or not os.path.isfile(os.path.join(args.comfyui, "comfy", "model_patcher.py")):
         parser.error("set COMFYUI_PATH or --comfyui to a ComfyUI checkout")
-    prepare_comfy(os.path.abspath(args.comfyui))
+    shared.prepare_comfy(os.path.abspath(args.comfyui))
     import torch
 
     dtype = getattr(torch, args.dtype)
