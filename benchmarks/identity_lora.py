@@ -101,6 +101,20 @@ def unet_config(kind: str, in_channels: int) -> dict:
     return config
 
 
+def init_random(module, seed: int) -> None:
+    """N(0, 1/fan_in) matrices and kernels, norm weights 1, everything else 0: activations keep their scale."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(module.named_parameters()):
+        if p.ndim >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+        elif "norm" in name and name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
 def build_models(args):
     """(ModelPatcher, CLIP, VAE), weights created under inference mode as ComfyUI's loaders do."""
     import functools
@@ -114,21 +128,11 @@ def build_models(args):
     import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    def init(module, seed):
-        g = torch.Generator().manual_seed(seed)
-        for name, p in sorted(module.named_parameters()):
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-
     with torch.inference_mode():
         config = comfy.supported_models.SD15(unet_config(args.model, 9))
         config.set_inference_dtype(torch.float32, None)
         base = config.get_model({})
-        init(base.diffusion_model, 0)
+        init_random(base.diffusion_model, 0)
         patcher = comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
         text_config = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
                        "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0,
@@ -145,12 +149,12 @@ def build_models(args):
 
         clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, SmallClip),
                              model_options={"dtype": torch.float32})
-        init(clip.cond_stage_model, 1)
+        init_random(clip.cond_stage_model, 1)
         params = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
                                                "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
                                                "attn_resolutions": [], "dropout": 0.0}}
         ae = AutoencoderKL(**params)
-        init(ae, 2)
+        init_random(ae, 2)
         vae = comfy.sd.VAE(sd=ae.state_dict(), config={"params": params})
     return patcher, clip, vae
 

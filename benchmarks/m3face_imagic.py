@@ -30,24 +30,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from identity_lora import RssSampler, StepClock, _rss_kib, _setup, unet_config  # noqa: E402
+from identity_lora import RssSampler, StepClock, _rss_kib, _setup, init_random, unet_config  # noqa: E402
 from worker_process import RESULT_PREFIX, run_worker  # noqa: E402
 
 MODES = ("up_blocks", "lora")
-
-
-def _init(module, seed: int) -> None:
-    """N(0, 1/fan_in) matrices and kernels, norm weights 1, everything else 0 (as identity_lora.py)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(module.named_parameters()):
-        if p.ndim >= 2:
-            p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-        elif "norm" in name and name.endswith("weight"):
-            p.fill_(1.0)
-        else:
-            p.zero_()
 
 
 def build_models(size: int, weights_dtype: str):
@@ -68,18 +54,18 @@ def build_models(size: int, weights_dtype: str):
         config = comfy.supported_models.SD15(unet_config("full", 4))
         config.set_inference_dtype(dtype, None)
         base = config.get_model({})
-        _init(base.diffusion_model, 0)
+        init_random(base.diffusion_model, 0)
         patcher = comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
         cn_config = {k: v for k, v in unet_config("full", 4).items() if k != "out_channels"}
         control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=dtype, device="cpu",
                                                    operations=comfy.ops.disable_weight_init, **cn_config)
-        _init(control_model, 1)
+        init_random(control_model, 1)
         control = comfy.controlnet.ControlNet(control_model, load_device=mm.get_torch_device())
         params = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
                                                "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
                                                "attn_resolutions": [], "dropout": 0.0}}
         ae = AutoencoderKL(**params)
-        _init(ae, 2)
+        init_random(ae, 2)
         vae = comfy.sd.VAE(sd=ae.state_dict(), config={"params": params})
         g = torch.Generator().manual_seed(3)
         photo = torch.rand(1, size, size, 3, generator=g)
