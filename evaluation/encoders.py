@@ -184,12 +184,20 @@ class DinoEncoder:
             return _batched(images, batch_size, encode)
 
 
+def _checked_folder(name: str, what: str, kind: str, model_type: str, needs: str) -> str:
+    """The local folder of ``name``, refused (naming the folder and what is needed) when its config declares
+    another transformers ``model_type``."""
+    path = resolve_model_folder(name, what, kind)
+    found = _model_type(path)
+    if found != model_type:
+        raise ModelFileError(f"{path} holds a '{found}' model; {needs}")
+    return path
+
+
 def load_clip(name: str, device="auto") -> ClipEncoder:
     """A CLIP model with a text tower from a local transformers folder (see the module doc)."""
-    path = resolve_model_folder(name, "CLIP model", "clip")
-    if _model_type(path) != "clip":
-        raise ModelFileError(f"{path} holds a '{_model_type(path)}' model; CLIP-T and CLIP-I need a full CLIP model "
-                             f"(model_type 'clip', image and text towers), e.g. openai/clip-vit-large-patch14.")
+    path = _checked_folder(name, "CLIP model", "clip", "clip", "CLIP-T and CLIP-I need a full CLIP model (model_type "
+                           "'clip', image and text towers), e.g. openai/clip-vit-large-patch14.")
     target = _device(device)
 
     def build() -> ClipEncoder:
@@ -209,10 +217,8 @@ def load_clip(name: str, device="auto") -> ClipEncoder:
 
 def load_dino(name: str, device="auto") -> DinoEncoder:
     """A DINO ViT (transformers ``ViTModel``, e.g. facebook/dino-vits16) from a local folder."""
-    path = resolve_model_folder(name, "DINO model", "dino")
-    if _model_type(path) != "vit":
-        raise ModelFileError(f"{path} holds a '{_model_type(path)}' model; the DINO metric needs a ViT (model_type "
-                             f"'vit'), e.g. facebook/dino-vits16.")
+    path = _checked_folder(name, "DINO model", "dino", "vit", "the DINO metric needs a ViT (model_type 'vit'), "
+                           "e.g. facebook/dino-vits16.")
     target = _device(device)
 
     def build() -> DinoEncoder:

@@ -270,3 +270,16 @@ def test_node_prompt_input_is_one_prompt_or_one_line_per_image():
     assert split_prompts("  ", 2) is None
     assert split_prompts("a cat\na dog", 2) == ["a cat", "a dog"]
     assert split_prompts("a portrait\nsoft light", 3) == "a portrait soft light"
+
+
+def test_a_model_folder_of_the_wrong_kind_is_refused_naming_it(tmp_path):
+    from evaluation_support import write_tiny_clip, write_tiny_dino
+
+    from likeness.evaluation.encoders import load_clip, load_dino
+
+    dino = write_tiny_dino(str(tmp_path / "dino"))
+    clip = write_tiny_clip(str(tmp_path / "clip"))
+    with pytest.raises(ModelFileError, match="holds a 'vit' model; CLIP-T and CLIP-I need a full CLIP model"):
+        load_clip(dino)
+    with pytest.raises(ModelFileError, match="holds a 'clip' model; the DINO metric needs a ViT"):
+        load_dino(clip)
