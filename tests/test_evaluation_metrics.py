@@ -274,7 +274,6 @@ def test_node_prompt_input_is_one_prompt_or_one_line_per_image():
 
 def test_a_model_folder_of_the_wrong_kind_is_refused_naming_it(tmp_path):
     from evaluation_support import write_tiny_clip, write_tiny_dino
-
     from likeness.evaluation.encoders import load_clip, load_dino
 
     dino = write_tiny_dino(str(tmp_path / "dino"))
