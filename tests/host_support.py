@@ -11,11 +11,12 @@ Fixtures
     host_test_nodes (session) the test-only nodes of ``tests/host_nodes`` (tiny MODEL/CLIP/VAE loaders)
     execute_prompt  a function ``prompt -> ui outputs`` running ComfyUI's real executor in-process
     tiny_sd15, tiny_sdxl               fresh ModelPatcher clones of session-cached tiny UNets
+    tiny_flux       a fresh clone of a session-cached tiny FLUX.1 DiT (ComfyUI's Flux class, 4 double + 8 single blocks)
     tiny_clip       a fresh clone of a tiny comfy.sd.CLIP (real SD1 tokenizer, width 64)
     tiny_vae, tiny_clip_vision   shared comfy.sd.VAE / comfy.clip_vision.ClipVisionModel (do not mutate)
 
 Builders (for variants): :func:`build_tiny_sd15` (e.g. ``in_channels=9`` for an inpainting-shaped
-model), :func:`build_tiny_sdxl`, :func:`build_tiny_clip`, :func:`build_tiny_sdxl_clip` (SDXL's two text
+model), :func:`build_tiny_sdxl`, :func:`build_tiny_flux` (+ :func:`flux_conditioning`), :func:`build_tiny_clip`, :func:`build_tiny_sdxl_clip` (SDXL's two text
 encoders), :func:`build_tiny_vae`, :func:`build_tiny_clip_vision`, :func:`conditioning`, :func:`sdxl_conditioning`,
 :func:`write_tiny_sd15_checkpoint` (a single-file checkpoint the stock CheckpointLoaderSimple loads),
 :func:`example_prompt` (an example workflow as the API prompt the runner makes of it).
@@ -321,6 +322,54 @@ def build_tiny_sdxl(seed: int = 0, context_dim: int = TINY_CONTEXT_DIM, model_ch
     if cached:
         return _cached_sdxl(seed, context_dim, model_channels, in_channels, adm_in_channels).clone()
     return _cached_sdxl.__wrapped__(seed, context_dim, model_channels, in_channels, adm_in_channels)
+
+
+def flux_dit_config(hidden: int = 64, heads: int = 4, depth: int = 4, depth_single: int = 8,
+                    context_dim: int = TINY_CONTEXT_DIM, vec_dim: int = 32, guidance_embed: bool = True) -> dict:
+    """FLUX.1's DiT layout (model_detection.py's flux branch: double then single blocks, RoPE axes, QK norm,
+    qkv bias, patch 2, 16 latent channels) shrunk: ``depth`` double and ``depth_single`` single blocks of
+    width ``hidden``. The defaults give PuLID's schedule (every 2nd double, every 4th single block) 2 + 2 sites."""
+    dim_head = hidden // heads
+    axes = [dim_head - 2 * (3 * dim_head // 8), 3 * dim_head // 8, 3 * dim_head // 8]
+    return {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": vec_dim,
+        "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth,
+        "depth_single_blocks": depth_single, "axes_dim": axes, "theta": 10000, "qkv_bias": True,
+        "guidance_embed": guidance_embed,
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_flux(seed, hidden, depth, depth_single, guidance_embed):
+    import comfy.supported_models
+    config_cls = comfy.supported_models.Flux if guidance_embed else comfy.supported_models.FluxSchnell
+    return _patcher(config_cls, flux_dit_config(hidden=hidden, depth=depth, depth_single=depth_single,
+                                                guidance_embed=guidance_embed), seed)
+
+
+def build_tiny_flux(seed: int = 0, hidden: int = 64, depth: int = 4, depth_single: int = 8,
+                    guidance_embed: bool = True, cached: bool = True):
+    """A ``ModelPatcher`` of a tiny FLUX.1 DiT built from ComfyUI's own ``model_base.Flux`` (dev-style with the
+    guidance embedding, or schnell-style without); takes :func:`flux_conditioning`."""
+    if cached:
+        return _cached_flux(seed, hidden, depth, depth_single, guidance_embed).clone()
+    return _cached_flux.__wrapped__(seed, hidden, depth, depth_single, guidance_embed)
+
+
+def flux_conditioning(seed: int = 0, tokens: int = 16, context_dim: int = TINY_CONTEXT_DIM, vec_dim: int = 32,
+                      guidance: float = 3.5) -> list:
+    """A Flux CONDITIONING ``[[t5 [1, tokens, ctx], {"pooled_output": [1, vec], "guidance": g}]]``, seeded."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, tokens, context_dim, generator=generator)
+    pooled = torch.randn(1, vec_dim, generator=generator)
+    return [[context, {"pooled_output": pooled, "guidance": guidance}]]
+
+
+@pytest.fixture
+def tiny_flux(comfy_ready):
+    return build_tiny_flux()
 
 
 @pytest.fixture
