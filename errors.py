@@ -29,6 +29,10 @@ class InvalidInputError(LikenessError, ValueError):
     """An input tensor or value has the wrong shape, range or type."""
 
 
+class UnsupportedModelError(InvalidInputError):
+    """The MODEL is of a family this technique does not run on (e.g. a UNet technique given a Flux DiT)."""
+
+
 class PathNotAllowedError(InvalidInputError):
     """A path named by a workflow lies outside the folders the ComfyUI server may read (host/paths.py)."""
 

@@ -8,6 +8,10 @@ Sites
     ``channels``/``heads``/``dim_head``/``context_dim``, ``order`` and ``processor_index`` (``2k+1``, the
     IP-Adapter/diffusers state-dict index), ``transformer_index``, ``level``.
 
+    On a Flux-family DiT (FLUX.1 dev / schnell / Kontext, Chroma) ``find_sites`` returns one ``DitSite`` per
+    block (``kind`` double/single, ``block_id``, ``key`` = ComfyUI's ``patches_replace["dit"]`` key); see
+    :mod:`.dit`. ``find_unet_sites`` is for the UNet-only techniques (a DiT raises ``UnsupportedModelError``).
+
 Installing on a model (always on a clone you own: ``m = model.clone()``)
     ``add_injector(m, injector) -> IdentityAttentionPatch``: installs the one patch object of ``m`` on
     every site (if not there yet) and appends ``injector``. ``find_patch(m)`` returns it or None.
@@ -27,7 +31,11 @@ Injectors
     1 (negative); None = nothing for that kind (uncond "none"). Memoise per site in the provider; a provider
     owning tensors implements ``to(device)``. ``Injector.to(device)`` / ``models()``: extend them in a
     subclass that owns more tensors or holds ModelPatchers.
-    ``JointInjector``: subclass, return ``KeyGroup`` s from ``key_groups(call, weight)`` (Face Fusion).
+    ``JointInjector``: subclass, return ``KeyGroup`` s from ``key_groups(call, weight)`` (Face Fusion; on a DiT
+    the keys join the block's joint attention, ``call.image_span`` locates the image queries, ``dit_query_bias``
+    widens a per-person grid bias to every query).
+    ``ResidualInjector`` (DiT): subclass, return ``[(rows, delta)]`` from ``residual(call: BlockCall, weight)``,
+    added to a block's output image tokens; the engine applies the region mask (PuLID-FLUX).
 
 When and where
     ``SigmaRange(start_percent, end_percent)`` (resolved to sigmas once per model sampling),
@@ -44,15 +52,18 @@ Reference capture (:mod:`.capture`)
 from __future__ import annotations
 
 from .capture import CAPTURE_MODES, CapturedStates, CaptureRequest, PassContext, ReferenceLatents
+from .dit import DIT_CHECKPOINT_KEY, DitBlockEntry, dit_query_bias, token_grid
 from .injectors import (
                         NEGATIVE,
                         POSITIVE,
                         AttentionCall,
+                        BlockCall,
                         ChunkLayout,
                         DecoupledInjector,
                         Injector,
                         JointInjector,
                         KeyGroup,
+                        ResidualInjector,
 )
 from .masks import RegionMask, eq7_additive_mask, eq7_allowed, eq7_bias, resize_to_grid
 from .patch import (
@@ -65,11 +76,21 @@ from .patch import (
                         install,
 )
 from .sigma import SigmaRange, SiteWeights
-from .sites import AttentionSite, describe_sites, diffusion_model_of, find_sites
+from .sites import (
+                        AttentionSite,
+                        DitSite,
+                        describe_sites,
+                        diffusion_model_of,
+                        dit_model_of,
+                        find_dit_sites,
+                        find_sites,
+                        find_unet_sites,
+)
 from .stats import EngineStats
 
 __all__ = [
-    "AttentionCall", "AttentionSite", "CAPTURE_MODES", "CaptureRequest", "CapturedStates", "ChunkLayout",
+    "AttentionCall", "AttentionSite", "BlockCall", "CAPTURE_MODES", "DIT_CHECKPOINT_KEY", "DitBlockEntry", "DitSite",
+    "ResidualInjector", "dit_model_of", "dit_query_bias", "find_dit_sites", "find_unet_sites", "token_grid", "CaptureRequest", "CapturedStates", "ChunkLayout",
     "DecoupledInjector", "EngineStats", "IdentityAttentionPatch", "Injector", "JointInjector", "KeyGroup", "NEGATIVE",
     "PASS_KEY", "POSITIVE", "PassContext", "ReferenceLatents", "RegionMask", "SigmaRange", "SiteWeights",
     "add_injector", "attach_stats", "describe_sites", "diffusion_model_of", "eq7_additive_mask", "eq7_allowed",

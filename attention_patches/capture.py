@@ -151,7 +151,7 @@ class CapturedStates:
         self.states = {}
 
     def to(self, device: torch.device) -> "CapturedStates":
-        self.states = {site: t.to(device) for site, t in self.states.items()}
+        self.states = {site: move_tensors(t, device) for site, t in self.states.items()}
         self.derived = {slot: move_tensors(value, device) for slot, value in self.derived.items()}
         return self
 
@@ -165,9 +165,11 @@ class CaptureRecorder:
         self.zero_context = zero_context   # the reference stream sees an all-zero text context
         self.trim_text_attention = trim_text_attention   # ... and attn2 runs on one query token
 
-    def record(self, site: AttentionSite, hidden: torch.Tensor) -> None:
+    def record(self, site: Any, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        """Keep ``hidden`` (a UNet site's ``h_f``; a DiT block's ``(k, v)``) for ``site``."""
         if site.index in self.wanted:
-            self.states[site.index] = hidden.detach()
+            self.states[site.index] = tuple(t.detach() for t in hidden) if isinstance(hidden, tuple) \
+                else hidden.detach()
             if len(self.states) == len(self.wanted):
                 raise CaptureComplete()
 
@@ -181,6 +183,8 @@ class PassContext:
     active: tuple = ()                            # the injectors active at this sigma
     captures: dict = field(default_factory=dict)  # injector uid -> CapturedStates
     recorder: CaptureRecorder | None = None      # a reference pass: record, inject nothing
+    txt_tokens: int = 0                           # DiT: text tokens ahead of the image tokens (set by the blocks)
+    grid: tuple[int, int] | None = None           # DiT: the generated image's token grid (set by the wrapper)
 
     def __deepcopy__(self, memo):  # never copied with the options it travels in
         return self
@@ -241,15 +245,20 @@ def reference_input(request: CaptureRequest, model_sampling: Any, process_latent
 
 
 def reference_batch(request: CaptureRequest, x: torch.Tensor, c_concat, c_crossattn, kwargs: dict, base_model: Any,
-                    model_sampling: Any) -> ReferenceBatch:
-    """The reference pass's inputs, shaped like the real call ``(x, c_concat, c_crossattn, kwargs)``."""
+                    model_sampling: Any, zero_text_tokens: int | None = None) -> ReferenceBatch:
+    """The reference pass's inputs, shaped like the real call ``(x, c_concat, c_crossattn, kwargs)``.
+
+    ``zero_text_tokens``: length of the all-zero text context (None: as long as the real text; a DiT's joint
+    attention pays for every text token, so its reference pass uses one)."""
     ref_x = reference_input(request, model_sampling, getattr(base_model, "process_latent_in", None), x.dtype)
     count = ref_x.shape[0]
     sigma = request.sigma.float()
     ref_t = sigma.expand(count) if sigma.numel() == 1 else sigma
     context = request.context
     if context is None and c_crossattn is not None:
-        context = torch.zeros((1,) + tuple(c_crossattn.shape[1:]), device=c_crossattn.device, dtype=c_crossattn.dtype)
+        tokens = c_crossattn.shape[1] if zero_text_tokens is None else zero_text_tokens
+        context = torch.zeros((1, tokens) + tuple(c_crossattn.shape[2:]), device=c_crossattn.device,
+                              dtype=c_crossattn.dtype)
     if context is not None:
         context = context.expand(count, *context.shape[1:])
     batch = x.shape[0]

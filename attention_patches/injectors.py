@@ -95,6 +95,9 @@ class AttentionCall:
     grid: tuple[int, int]           # (h, w) of this site's token grid, from activations_shape
     extra_options: dict
     captures: dict = field(default_factory=dict)   # injector uid -> captured reference states
+    # DiT joint attention: q/k/v cover text + image tokens; (start, stop) of the generated image's h*w tokens.
+    # None on a UNet (every query is an image token of ``grid``).
+    image_span: tuple[int, int] | None = None
 
     def captured(self, injector: "Injector") -> Any:
         return self.captures.get(injector.uid)
@@ -261,6 +264,42 @@ class DecoupledInjector(Injector):
                 extra = extra * weight
             out.append((rows, extra))
         return out
+
+
+@dataclass
+class BlockCall:
+    """What a :class:`ResidualInjector` sees after one DiT block.
+
+    ``img``: the block's output image tokens ``[B, N_img, C]`` (the first ``grid[0] * grid[1]`` are the generated
+    image's, any further ones e.g. Kontext reference tokens); never modified in place by an injector.
+    """
+
+    img: torch.Tensor
+    site: Any                      # attention_patches.sites.DitSite
+    layout: ChunkLayout
+    sigma: float
+    grid: tuple[int, int]
+    txt_tokens: int
+    transformer_options: dict
+    captures: dict = field(default_factory=dict)
+
+    def captured(self, injector: "Injector") -> Any:
+        return self.captures.get(injector.uid)
+
+
+class ResidualInjector(Injector):
+    """Adds a residual to the image tokens after a DiT block (PuLID-FLUX's cross-attention to the ID tokens).
+
+    Override :meth:`residual`. The engine multiplies each returned delta by the injector's region mask on the
+    token grid (tokens past the grid get 0), so a masked identity changes nothing outside its mask.
+    """
+
+    kind = "residual"
+
+    def residual(self, call: BlockCall, weight: float) -> list[tuple[list[int], torch.Tensor]]:
+        """``[(rows, delta [len(rows), N_img, C])]`` to add to ``call.img``; ``weight`` includes the site weight
+        (multiply by it). Return ``[]`` at blocks the injector does not use."""
+        raise NotImplementedError
 
 
 class JointInjector(Injector):

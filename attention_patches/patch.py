@@ -30,10 +30,12 @@ import copy
 import logging
 import math
 import time
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
 
+from ..errors import UnsupportedModelError
 from .capture import (
     CapturedStates,
     CaptureRequest,
@@ -44,11 +46,12 @@ from .capture import (
     run_reference_passes,
     token_safe_patches,
 )
+from .dit import DitBlockEntry, run_block, token_grid
 from .injectors import AttentionCall, ChunkLayout, Injector, KeyGroup, row_index
 from .joint import joint_attention
 from .kernels import sdpa
 from .placement import place
-from .sites import AttentionSite, find_sites, sites_by_key
+from .sites import AttentionSite, dit_model_of, find_sites, is_dit_sites, sites_by_key
 from .stats import EngineStats
 
 __all__ = ["PASS_KEY", "IdentityAttentionPatch", "PassContext", "add_injector", "attach_stats", "find_patch",
@@ -85,8 +88,11 @@ class IdentityAttentionPatch:
     def __init__(self, sites: Iterable[AttentionSite], base_attention: BaseAttention | None = None,
                  model_sampling: Any = None, *, capture_batch: int = 4, trim_reference_text_attention: bool = True,
                  device: torch.device | None = None, stats: EngineStats | None = None):
-        self.sites: tuple[AttentionSite, ...] = tuple(sites)
-        self.table = sites_by_key(self.sites)
+        self.sites: tuple = tuple(sites)
+        self.dit = is_dit_sites(self.sites)   # Flux-family blocks (see .dit) instead of UNet attn2 sites
+        self.patch_size = 2                   # DiT latent patch size (install reads the model's)
+        self.dit_ref: Callable[[], Any] = lambda: None   # weakref to the DiT (install sets it): blocks by site
+        self.table = {} if self.dit else sites_by_key(self.sites)
         self.base_attention: BaseAttention = base_attention or torch_base_attention
         self.model_sampling = model_sampling
         self.capture_batch = int(capture_batch)
@@ -105,6 +111,7 @@ class IdentityAttentionPatch:
     # ------------------------------------------------------------------ injectors
     def add(self, injector: Injector) -> None:
         """Append ``injector``; one with the same name is replaced in place (re-applying a technique)."""
+        check_injector_kind(injector, self.dit)
         if self.device is not None:
             injector.to(self.device)
         for i, old in enumerate(self.injectors):
@@ -167,6 +174,9 @@ class IdentityAttentionPatch:
         model_sampling = getattr(base_model, "model_sampling", None) or self.model_sampling
         sigma = float(t.max())  # the one host read per UNet call
         ctx = PassContext(sigma, model_sampling, self.active_at(sigma, model_sampling))
+        if self.dit:
+            ctx.grid = token_grid(x.shape, self.patch_size)
+            ctx.txt_tokens = int(c_crossattn.shape[1]) if isinstance(c_crossattn, torch.Tensor) else 0
         if any(i.needs_capture for i in ctx.active):
             layout = ChunkLayout.from_options(transformer_options, x.shape[0])
             for injector in ctx.active:
@@ -178,7 +188,8 @@ class IdentityAttentionPatch:
                 stored = self.captures.get(injector.uid)
                 if stored is None or stored.key != request.key:
                     self.captures.pop(injector.uid, None)  # free the previous step's states first
-                    ref = reference_batch(request, x, c_concat, c_crossattn, kwargs, base_model, model_sampling)
+                    ref = reference_batch(request, x, c_concat, c_crossattn, self._reference_kwargs(kwargs), base_model,
+                                          model_sampling, zero_text_tokens=1 if self.dit else None)
                     stored = self._capture(executor, request, injector, ref, transformer_options, model_sampling)
                 ctx.captures[injector.uid] = stored
         options = dict(transformer_options)
@@ -186,6 +197,10 @@ class IdentityAttentionPatch:
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
     # ------------------------------------------------------------------ reference capture
+    def _reference_kwargs(self, kwargs: dict) -> dict:
+        """The real call's extra conds a reference pass keeps (a DiT's Kontext images are not the reference's)."""
+        return {k: v for k, v in kwargs.items() if k != "ref_latents"} if self.dit else kwargs
+
     def _capture(self, executor: Callable, request: CaptureRequest, injector: Injector, ref: ReferenceBatch,
                  transformer_options: dict, model_sampling: Any) -> CapturedStates:
         """The reference pass(es) of ``request`` (see :func:`.capture.run_reference_passes`), handed to the
@@ -196,11 +211,13 @@ class IdentityAttentionPatch:
         options = dict(transformer_options)
         options["cond_or_uncond"] = [0]
         options["uuids"] = []
-        top_level = min((s.level for s in self.sites if s.index in request.sites), default=0)
-        if not add_key_downsampling(options, request, ref.x, top_level):
-            self._warn_once("attn1", "another patch replaces self-attention: the reference pass keeps every "
-                            "self-attention key (reference_downsample ignored)")
-        trim = self.trim_reference_text_attention and token_safe_patches(transformer_options, self.attn2_input)
+        trim = False
+        if not self.dit:   # UNet-only savings: pooled top-level self-attention keys, one-token attn2
+            top_level = min((s.level for s in self.sites if s.index in request.sites), default=0)
+            if not add_key_downsampling(options, request, ref.x, top_level):
+                self._warn_once("attn1", "another patch replaces self-attention: the reference pass keeps every "
+                                "self-attention key (reference_downsample ignored)")
+            trim = self.trim_reference_text_attention and token_safe_patches(transformer_options, self.attn2_input)
         recorded, passes = run_reference_passes(executor, request, ref, options, model_sampling, self.capture_batch,
                                                 trim, PASS_KEY)
         states = CapturedStates(request.key, recorded, cached=request.cached)
@@ -233,6 +250,20 @@ class IdentityAttentionPatch:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning("Likeness: " + message, *args)
+
+    # ------------------------------------------------------------------ DiT block calls (see .dit)
+    def dit_block(self, site: Any) -> torch.nn.Module:
+        dit = self.dit_ref()
+        if dit is None:
+            raise RuntimeError("the DiT this identity patch was installed on no longer exists")
+        return getattr(dit, f"{site.kind}_blocks")[site.block_id]
+
+    def run_block(self, entry: DitBlockEntry, args: dict, extra: dict) -> dict:
+        options = args.get("transformer_options") or extra.get("transformer_options") or {}
+        ctx = options.get(PASS_KEY)
+        if ctx is None:
+            ctx = self._fallback_pass(options)
+        return run_block(self, entry, args, extra, ctx)
 
     # ------------------------------------------------------------------ site calls
     def _site(self, extra_options: dict) -> AttentionSite | None:
@@ -328,12 +359,25 @@ def is_identity_patch(obj: Any) -> bool:
 
 
 def find_patch_in_options(transformer_options: dict) -> IdentityAttentionPatch | None:
-    """The patch object among ``transformer_options["patches_replace"]["attn2"]`` (or None)."""
-    replaces = transformer_options.get("patches_replace", {}).get("attn2", {})
-    for value in replaces.values():
+    """The patch object among ``transformer_options["patches_replace"]["attn2"]`` (UNet) or ``["dit"]`` (or None)."""
+    replaces = transformer_options.get("patches_replace", {})
+    for value in replaces.get("attn2", {}).values():
         if is_identity_patch(value):
             return value
+    for value in replaces.get("dit", {}).values():
+        if getattr(value, "_likeness_dit_entry", None) is not None:
+            return value.patch
     return None
+
+
+def check_injector_kind(injector: Injector, dit: bool) -> None:
+    """Decoupled injectors need a UNet's cross-attention, residual ones a DiT's blocks."""
+    if dit and injector.kind == "decoupled":
+        raise UnsupportedModelError(f"{injector.name} is an SD1.5/SDXL (UNet) technique; the MODEL is a "
+                                    "Flux-family DiT: use PuLID-FLUX or Face Fusion on Flux")
+    if not dit and injector.kind == "residual":
+        raise UnsupportedModelError(f"{injector.name} runs on Flux-family DiT blocks; the MODEL is a UNet "
+                                    "(SD1.5/SDXL)")
 
 
 def find_patch(model: Any) -> IdentityAttentionPatch | None:
@@ -373,6 +417,29 @@ def install(model_patcher: Any, **options) -> IdentityAttentionPatch:
     sites = find_sites(model_patcher)
     patch = IdentityAttentionPatch(sites, host_base_attention(), _model_object(model_patcher, "model_sampling"),
                                    device=_current_device(model_patcher), **options)
+    if patch.dit:
+        _install_dit(model_patcher, patch)
+    else:
+        _install_unet(model_patcher, patch)
+    _ensure_wrapper(model_patcher)
+    return patch
+
+
+def _install_dit(model_patcher: Any, patch: IdentityAttentionPatch) -> None:
+    """One :class:`~.dit.DitBlockEntry` per block, keeping another pack's block replacement found there."""
+    dit = dit_model_of(model_patcher)
+    patch.patch_size = int(getattr(dit, "patch_size", 2))
+    patch.dit_ref = weakref.ref(dit)
+    replaces = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for site in patch.sites:
+        previous = replaces.get(site.key)
+        if previous is not None:
+            logger.info("Likeness: keeping another pack's block patch at %s", site.key)
+        model_patcher.set_model_patch_replace(DitBlockEntry(patch, site, previous), "dit", site.key[0], site.block_id)
+
+
+def _install_unet(model_patcher: Any, patch: IdentityAttentionPatch) -> None:
+    sites = patch.sites
     replaces = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for site in sites:
         previous = replaces.get(site.key) or replaces.get(site.block)
@@ -381,8 +448,6 @@ def install(model_patcher: Any, **options) -> IdentityAttentionPatch:
             logger.info("Likeness: keeping another pack's attention patch at %s", site.key)
         model_patcher.set_model_attn2_replace(patch, site.block[0], site.block[1], site.block_index)
     model_patcher.set_model_attn2_patch(patch.attn2_input)
-    _ensure_wrapper(model_patcher)
-    return patch
 
 
 def _model_object(model_patcher: Any, name: str) -> Any:

@@ -13,7 +13,9 @@ from typing import Any, Callable, Sequence
 from ..errors import InvalidInputError
 from .sites import AttentionSite
 
-SITE_WEIGHT_MODES = ("all", "input", "middle", "output", "custom")
+SITE_WEIGHT_MODES = ("all", "input", "middle", "output", "double", "single", "custom")
+UNET_SITE_WEIGHT_MODES = ("all", "input", "middle", "output", "custom")
+DIT_SITE_WEIGHT_MODES = ("all", "double", "single", "custom")
 
 
 @dataclass
@@ -69,7 +71,7 @@ class SiteWeights:
     """A weight multiplier per site.
 
     Modes: ``all`` (1 everywhere); ``input`` / ``middle`` / ``output`` (1 on that part of the UNet,
-    ``others`` elsewhere); ``custom`` (``values`` in site call order, or ``{site index: weight}``;
+    ``others`` elsewhere); ``double`` / ``single`` (1 on that kind of DiT block, ``others`` elsewhere); ``custom`` (``values`` in site call order, or ``{site index: weight}``;
     sites not listed get ``others``).
     """
 

@@ -13,6 +13,11 @@ a hard-coded ``("middle", 1)`` never fires) and SDXL's depth-10 blocks yield 10 
 block): IP-Adapter-style checkpoints name the k-th cross-attention ``"{2k+1}.to_k_ip.weight"``.
 It is derived by sorting the walked sites, not tabulated.
 
+DiT models (FLUX.1 dev / schnell / Kontext, Chroma: ``double_blocks`` then ``single_blocks`` of joint
+attention) have one :class:`DitSite` per block instead, keyed as ComfyUI's ``patches_replace["dit"]`` looks
+block replacements up (``("double_block", i)``, ``("single_block", i)``); :func:`find_sites` returns those
+for a DiT and :func:`find_unet_sites` refuses a DiT for the UNet-only techniques.
+
 Plain torch: no ``comfy`` import; works on the meta device.
 """
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from torch import nn
+
+from ..errors import UnsupportedModelError
 
 # diffusers registers down_blocks, up_blocks, then mid_block: that order numbers the processors.
 _DIFFUSERS_GROUP_RANK = {"input": 0, "output": 1, "middle": 2}
@@ -75,22 +82,39 @@ class AttentionSite:
                 f"proc={self.processor_index} level={self.level}")
 
 
+def _unwrap(model: Any, is_target) -> nn.Module | None:
+    """The network inside a ModelPatcher / BaseModel (or ``model`` itself) for which ``is_target`` holds."""
+    seen = model
+    for _ in range(4):
+        if is_target(seen):
+            return seen
+        seen = getattr(seen, "diffusion_model", None) or getattr(seen, "model", None)
+        if seen is None:
+            return None
+    return None
+
+
+def _is_unet(module: Any) -> bool:
+    return hasattr(module, "input_blocks") and hasattr(module, "output_blocks")
+
+
+def _is_dit(module: Any) -> bool:
+    return isinstance(getattr(module, "double_blocks", None), nn.ModuleList) and \
+        isinstance(getattr(module, "single_blocks", None), nn.ModuleList)
+
+
 def diffusion_model_of(model: Any) -> nn.Module:
     """The UNet inside a ModelPatcher, a BaseModel, or the UNet itself."""
-    seen = model
-    for _ in range(3):
-        if hasattr(seen, "input_blocks") and hasattr(seen, "output_blocks"):
-            return seen
-        if hasattr(seen, "diffusion_model"):
-            seen = seen.diffusion_model
-        elif hasattr(seen, "model"):
-            seen = seen.model
-        else:
-            break
-    if hasattr(seen, "input_blocks") and hasattr(seen, "output_blocks"):
-        return seen
-    raise TypeError(f"{type(model).__name__} is not a UNet (no input_blocks/output_blocks); "
-                    "identity attention supports SD1.5/SD2/SDXL-style UNets")
+    unet = _unwrap(model, _is_unet)
+    if unet is None:
+        raise UnsupportedModelError(f"{type(model).__name__} is not a UNet (no input_blocks/output_blocks); "
+                                    "this needs an SD1.5/SD2/SDXL-style model")
+    return unet
+
+
+def dit_model_of(model: Any) -> nn.Module | None:
+    """The Flux-family DiT inside a ModelPatcher / BaseModel (or the DiT itself), or None for other models."""
+    return _unwrap(model, _is_dit)
 
 
 def _layers(block: nn.Module | None) -> Iterable[nn.Module]:
@@ -135,8 +159,20 @@ def _walk(unet: nn.Module) -> list[tuple[dict, nn.Module]]:
     return found
 
 
-def find_sites(model: Any) -> tuple[AttentionSite, ...]:
-    """Every text cross-attention site of ``model`` (ModelPatcher, BaseModel or UNet), in call order."""
+def find_sites(model: Any) -> tuple:
+    """Every site of ``model`` (ModelPatcher, BaseModel or network) in call order: the text cross-attention
+    sites of a UNet (:class:`AttentionSite`), or the blocks of a Flux-family DiT (:class:`DitSite`)."""
+    dit = dit_model_of(model)
+    if dit is not None:
+        return find_dit_sites(dit)
+    return find_unet_sites(model)
+
+
+def find_unet_sites(model: Any) -> tuple[AttentionSite, ...]:
+    """The UNet's text cross-attention sites; a DiT (or anything else) raises :class:`UnsupportedModelError`."""
+    if dit_model_of(model) is not None:
+        raise UnsupportedModelError("this technique runs on SD1.5/SDXL UNets; the MODEL is a Flux-family DiT "
+                                    "(use PuLID-FLUX or Face Fusion on Flux)")
     raw = [fields for fields, _ in _walk(diffusion_model_of(model))]
     ranked = sorted(range(len(raw)), key=lambda i: (_DIFFUSERS_GROUP_RANK[raw[i]["block"][0]], i))
     order = {site: k for k, site in enumerate(ranked)}
@@ -146,6 +182,65 @@ def find_sites(model: Any) -> tuple[AttentionSite, ...]:
 def transformer_blocks(model: Any) -> dict[int, nn.Module]:
     """``{site.index: BasicTransformerBlock}`` (to read a site's ``attn1`` / ``attn2`` weights)."""
     return {i: tb for i, (_, tb) in enumerate(_walk(diffusion_model_of(model)))}
+
+
+# ---------------------------------------------------------------------- DiT blocks
+DIT_KINDS = ("double", "single")
+
+
+@dataclass(frozen=True)
+class DitSite:
+    """One joint-attention block of a Flux-family DiT.
+
+    Attributes:
+        index: position in call order (all double blocks, then all single blocks).
+        kind: ``"double"`` (separate text and image streams, one joint attention) or ``"single"`` (one stream).
+        block_id: index inside ``double_blocks`` / ``single_blocks``.
+        hidden: model width C (the attention's inner width; q/k/v are ``[B, H, N, C/H]``).
+        heads, dim_head: attention heads and their width.
+    """
+
+    index: int
+    kind: str
+    block_id: int
+    hidden: int
+    heads: int
+    dim_head: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """ComfyUI's ``patches_replace["dit"]`` key of this block."""
+        return (f"{self.kind}_block", self.block_id)
+
+    @property
+    def group(self) -> str:
+        """``double`` / ``single`` (what :class:`~.sigma.SiteWeights` modes select)."""
+        return self.kind
+
+    def describe(self) -> str:
+        return f"{self.kind}[{self.block_id}] C={self.hidden} heads={self.heads}x{self.dim_head}"
+
+
+def _block_width(block: nn.Module) -> tuple[int, int]:
+    """``(hidden, heads)`` of a double or single block, read from its layers."""
+    heads = int(block.num_heads)
+    hidden = int(getattr(block, "hidden_size", 0) or getattr(block, "hidden_dim", 0))
+    return hidden, heads
+
+
+def find_dit_sites(dit: nn.Module) -> tuple[DitSite, ...]:
+    """One :class:`DitSite` per block of ``dit`` (a module with ``double_blocks`` and ``single_blocks``)."""
+    sites: list[DitSite] = []
+    for kind in DIT_KINDS:
+        for block_id, block in enumerate(getattr(dit, f"{kind}_blocks")):
+            hidden, heads = _block_width(block)
+            sites.append(DitSite(len(sites), kind, block_id, hidden, heads, hidden // heads))
+    return tuple(sites)
+
+
+def is_dit_sites(sites: Iterable[Any]) -> bool:
+    """Whether ``sites`` are DiT blocks (else UNet cross-attention sites)."""
+    return any(isinstance(s, DitSite) for s in sites)
 
 
 def sites_by_key(sites: Iterable[AttentionSite]) -> dict[tuple, AttentionSite]:

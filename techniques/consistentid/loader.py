@@ -65,11 +65,11 @@ def consistentid_base(checkpoint: FaceIDCheckpoint) -> BaseInfo:
 
 def model_base(model_patcher) -> BaseInfo:
     """The base of a ComfyUI model, from its own transformer blocks and cross-attention sites."""
-    from ...attention_patches import find_sites
+    from ...attention_patches import find_unet_sites
     from ..faceid.lora import transformer_blocks
 
     blocks = transformer_blocks(model_patcher)
-    contexts = sorted({s.context_dim for s in find_sites(model_patcher)})
+    contexts = sorted({s.context_dim for s in find_unet_sites(model_patcher)})
     return BaseInfo(base_from_widths([b.channels for b in blocks]), len(blocks), contexts[0] if contexts else 0)
 
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ...attention_patches import DecoupledInjector, find_sites, install
+from ...attention_patches import DecoupledInjector, find_unet_sites, install
 from ...errors import CheckpointLayoutError, InvalidInputError
 from ...host.attention import forward_transformer_options
 from ...host.folders import save_dir
@@ -189,7 +189,7 @@ class ConsistentIDWeights:
         from .facial_encoder import FacialEncoder
 
         blocks = transformer_blocks(model_patcher)
-        sites = find_sites(model_patcher)
+        sites = find_unet_sites(model_patcher)
         context_dims = {s.context_dim for s in sites}
         if len(context_dims) != 1:
             raise InvalidInputError(f"the model's cross-attentions take contexts of widths {sorted(context_dims)}; "
@@ -263,7 +263,7 @@ class ConsistentIDWeights:
         """The weights' base (SD1.5 / SDXL) is the model's; the processors fit its blocks and its text width."""
         check_base_matches(self.checkpoint, model_patcher)
         check_adapter_fits(self.adapter, transformer_blocks(model_patcher))
-        widths = {s.context_dim for s in find_sites(model_patcher)}
+        widths = {s.context_dim for s in find_unet_sites(model_patcher)}
         if widths != {self.adapter.context_dim}:
             raise CheckpointLayoutError(f"this ConsistentID takes {self.adapter.context_dim}-d text but the model's "
                                         f"cross-attentions take {sorted(widths)}-d; use the matching base model.")

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ...attention_patches.sites import AttentionSite, family_name, find_sites, transformer_blocks, unet_family
+from ...attention_patches.sites import AttentionSite, family_name, find_unet_sites, transformer_blocks, unet_family
 from ...errors import CheckpointLayoutError, InvalidInputError
 from ...safetensors_io import atomic_save, load_tensors
 
@@ -81,7 +81,7 @@ class FusionAdapter(nn.Module):
         block ``attn1.to_k`` / ``attn1.to_v`` (see the module doc)."""
         if init not in INIT_MODES:
             raise InvalidInputError(f"init must be one of {INIT_MODES}, got {init!r}")
-        sites = find_sites(model)
+        sites = find_unet_sites(model)
         blocks = transformer_blocks(model)
         adapter = cls({s.processor_index: s.channels for s in sites},
                       {"base": base_name(sites), "sites": str(len(sites)), "init": init})

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ...attention_patches.sites import family_name, find_sites, unet_family
+from ...attention_patches.sites import family_name, find_unet_sites, unet_family
 from ...errors import CheckpointLayoutError, IncompatibleEmbedsError, InvalidInputError
 
 ATTENTION_TARGET = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -220,7 +220,7 @@ def check_identity_fits(identity, model) -> None:
     """Refuse an identity trained on another model family than ``model``'s (SD1.5 vs SDXL), naming both: its
     LoRA would silently miss every layer (the stock loader skips unknown keys) and its [feat] vectors have
     another text encoder's width. Families that cannot be told (test-sized models) are not compared."""
-    trained, given = identity.family, unet_family(find_sites(model))
+    trained, given = identity.family, unet_family(find_unet_sites(model))
     if "unknown" in (trained, given) or trained == given:
         return
     raise IncompatibleEmbedsError(

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...attention_patches.sites import find_sites, unet_family
+from ...attention_patches.sites import find_unet_sites, unet_family
 from ...errors import InvalidInputError, NoFaceError
 from ...host.adm import adm_vector, needs_pooled, size_conds
 from ...host.sampling import conditioning, sample_latent
@@ -234,7 +234,7 @@ class IdentityTask(TrainingTask):
         self.base_model = getattr(model, "model", model)
         self.unet = self.base_model.diffusion_model
         self.in_channels = model_in_channels(self.base_model)
-        self.family = unet_family(find_sites(self.unet))
+        self.family = unet_family(find_unet_sites(self.unet))
         if base_identity is not None:
             check_identity_fits(base_identity, self.unet)
         self.vae = vae
