@@ -92,6 +92,22 @@ def test_sites_of_the_real_flux_dev_config_on_meta(comfy_ready):
         find_unet_sites(model)
 
 
+def test_sites_of_a_chroma_config_on_meta(comfy_ready):
+    """Chroma keeps FLUX's double/single blocks (its modulations come from a separate approximator)."""
+    import comfy.supported_models
+    from likeness.attention_patches import find_sites
+
+    config = dict(FLUX_DEV_CONFIG, image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=3072,
+                  hidden_dim=5120, n_layers=5)
+    for key in ("vec_in_dim", "guidance_embed"):
+        config.pop(key)
+    model_config = comfy.supported_models.Chroma(config)
+    model_config.set_inference_dtype(torch.bfloat16, None)
+    sites = find_sites(model_config.get_model({}, device=torch.device("meta")))
+    assert len(sites) == 57 and {(s.hidden, s.heads) for s in sites} == {(3072, 24)}
+    assert sites[-1].key == ("single_block", 37)
+
+
 def test_install_puts_one_entry_per_block_and_weight_zero_is_the_unpatched_model(tiny_flux):
     from likeness.attention_patches import add_injector, find_patch, find_sites
 
