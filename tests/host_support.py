@@ -445,7 +445,7 @@ def build_tiny_clip(seed: int = 0, hidden: int = TINY_CONTEXT_DIM):
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_sdxl_clip(seed, l_hidden, g_hidden):
+def _cached_sdxl_clip(seed, l_hidden, g_hidden, pooled_dim=None):
     import comfy.sd
     import comfy.sd1_clip
     import comfy.sdxl_clip
@@ -463,6 +463,9 @@ def _cached_sdxl_clip(seed, l_hidden, g_hidden):
         def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
             torch.nn.Module.__init__(self)
             options = model_options or {}
+            # pooled_dim: CLIP-G's pooled output widened by one fixed Linear (1280: the real model's y width)
+            self.pooled_projection = None if pooled_dim is None else torch.nn.Linear(
+                g_hidden, pooled_dim, bias=False, dtype=dtype, device=device).requires_grad_(False)
             self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
                                                      layer_norm_hidden_state=False, model_options=options,
                                                      textmodel_json_config=dict(l_config),
@@ -474,20 +477,28 @@ def _cached_sdxl_clip(seed, l_hidden, g_hidden):
                                                      model_options={**options, "model_name": "clip_g"})
             self.dtypes = {dtype}
 
+        def encode_token_weights(self, token_weight_pairs):
+            cond, pooled = super().encode_token_weights(token_weight_pairs)
+            if self.pooled_projection is None:
+                return cond, pooled
+            return cond, self.pooled_projection(pooled.to(self.pooled_projection.weight.dtype))
+
     target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
     clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
     init_weights(clip.cond_stage_model, seed)
     return clip
 
 
-def build_tiny_sdxl_clip(seed: int = 0, l_hidden: int = TINY_CONTEXT_DIM // 2, g_hidden: int = TINY_CONTEXT_DIM // 2):
+def build_tiny_sdxl_clip(seed: int = 0, l_hidden: int = TINY_CONTEXT_DIM // 2, g_hidden: int = TINY_CONTEXT_DIM // 2,
+                         pooled_dim: int | None = None):
     """A ``comfy.sd.CLIP`` shaped like SDXL's: the real SDXL tokenizer ("g" and "l" streams), two tiny text models.
 
     ``CLIPTextEncode`` on it gives ``[1, 77*k, l_hidden + g_hidden]`` (the tiny SDXL UNet's context) and a
     ``pooled_output`` ``g_hidden`` wide (ComfyUI's text projection is square): use it with
-    ``build_tiny_sdxl(adm_in_channels=TINY_SDXL_CLIP_ADM)``.
+    ``build_tiny_sdxl(adm_in_channels=TINY_SDXL_CLIP_ADM)``. ``pooled_dim=TINY_SDXL_POOLED_DIM`` widens the pooled
+    output to the real 1280 (one fixed Linear) for the default ``build_tiny_sdxl()``.
     """
-    return _cached_sdxl_clip(seed, l_hidden, g_hidden).clone()
+    return _cached_sdxl_clip(seed, l_hidden, g_hidden, pooled_dim).clone()
 
 
 def tiny_ddconfig() -> dict:

@@ -95,6 +95,7 @@ def test_sites_of_the_real_flux_dev_config_on_meta(comfy_ready):
 def test_sites_of_a_chroma_config_on_meta(comfy_ready):
     """Chroma keeps FLUX's double/single blocks (its modulations come from a separate approximator)."""
     import comfy.supported_models
+
     from likeness.attention_patches import find_sites
 
     config = dict(FLUX_DEV_CONFIG, image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=3072,

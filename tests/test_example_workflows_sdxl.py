@@ -48,9 +48,9 @@ class LikenessTestTinySDXLLoader:
 
     def load(self):
         import host_support
-        from sdxl_clip_support import build_tiny_sdxl_clip
+        from host_support import TINY_SDXL_POOLED_DIM, build_tiny_sdxl_clip
 
-        return host_support.build_tiny_sdxl(), build_tiny_sdxl_clip(), host_support.build_tiny_vae()
+        return host_support.build_tiny_sdxl(), build_tiny_sdxl_clip(pooled_dim=TINY_SDXL_POOLED_DIM), host_support.build_tiny_vae()
 
 
 class LikenessTestTinyInstantID:

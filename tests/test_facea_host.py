@@ -511,9 +511,9 @@ def tiny_models(name: str, channels: int):
     import host_support
 
     if "sdxl" in name or "sd_xl" in name:
-        from sdxl_clip_support import build_tiny_sdxl_clip
+        from host_support import TINY_SDXL_POOLED_DIM, build_tiny_sdxl_clip
 
-        return (host_support.build_tiny_sdxl(in_channels=channels), build_tiny_sdxl_clip(),
+        return (host_support.build_tiny_sdxl(in_channels=channels), build_tiny_sdxl_clip(pooled_dim=TINY_SDXL_POOLED_DIM),
                 host_support.build_tiny_vae())
     return (host_support.build_tiny_sd15(in_channels=channels), host_support.build_tiny_clip(),
             host_support.build_tiny_vae())

@@ -27,11 +27,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def sdxl_models(comfy_ready):
     import host_support
-    from sdxl_clip_support import build_tiny_sdxl_clip
+    from host_support import TINY_SDXL_POOLED_DIM, build_tiny_sdxl_clip
     from test_facea_host import well_conditioned
 
     model = well_conditioned(host_support.build_tiny_sdxl(in_channels=9, cached=False))
-    return {"model": model, "clip": build_tiny_sdxl_clip(), "vae": host_support.build_tiny_vae()}
+    return {"model": model, "clip": build_tiny_sdxl_clip(pooled_dim=TINY_SDXL_POOLED_DIM), "vae": host_support.build_tiny_vae()}
 
 
 @pytest.fixture(scope="module")

@@ -40,14 +40,14 @@ def sdxl_setup(comfy_ready, one_thread):
     import comfy.supported_models
 
     import host_support
+    from host_support import TINY_SDXL_POOLED_DIM, build_tiny_sdxl_clip
     from likeness.techniques.face_fusion import training as T
-    from sdxl_clip_support import build_tiny_sdxl_clip
 
     settings = T.FusionTrainSettings(**LEARN)
     with torch.inference_mode():
         model = host_support._patcher(comfy.supported_models.SDXL, host_support.sdxl_unet_config(), 3)
         host_support.init_weights(model.model.diffusion_model, 3, fan_in_gain=1.0)
-        vae, clip = host_support.build_tiny_vae(), build_tiny_sdxl_clip()
+        vae, clip = host_support.build_tiny_vae(), build_tiny_sdxl_clip(pooled_dim=TINY_SDXL_POOLED_DIM)
         examples = T.prepare_examples(sources(), settings)
         data = T.encode_examples(model, vae, clip, examples, settings)
     return dict(model=model, clip=clip, vae=vae, data=data, settings=settings)
