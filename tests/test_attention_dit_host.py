@@ -371,3 +371,23 @@ def test_unet_techniques_refuse_a_dit_with_a_clear_message(tiny_flux):
 
     with pytest.raises(UnsupportedModelError, match="Flux-family DiT"):
         add_injector(tiny_flux.clone(), DecoupledInjector("faceid", provider=lambda site, kind: None))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_sigma_range_in_sampling_guidance_distilled_and_real_cfg(tiny_flux, cfg):
+    """Sampling a Flux dev model: cfg 1 is one conditional pass per step (guidance-distilled), cfg 3 batches the
+    negative chunk with it; the injector acts only inside its start/end range and only on positive rows."""
+    from host_support import flux_conditioning, sample_tiny
+    from likeness.attention_patches import POSITIVE, SigmaRange, add_injector
+
+    model = tiny_flux.clone()
+    injector = ConstantResidual.make("late", 0.1, blocks={("double_block", 0)}, kind=POSITIVE,
+                                     sigma_range=SigmaRange(0.5, 1.0))
+    add_injector(model, injector)
+    latent = torch.zeros(1, 16, 8, 8)
+    sample_tiny(model, steps=4, cfg=cfg, positive=flux_conditioning(1), negative=flux_conditioning(2), latent=latent)
+    layouts = {(tuple(seen[3]),) for seen in injector.seen}
+    assert layouts == {((1, 16, 64),)} if cfg == 1.0 else {((2, 16, 64),)}
+    sigmas = model.get_model_object("model_sampling").percent_to_sigma
+    calls = len([s for s in injector.seen if s[0] == ("double_block", 0)])
+    assert 0 < calls < 4, f"{calls} of 4 steps inside [{sigmas(0.5):.3f}, 0]"
