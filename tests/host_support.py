@@ -16,7 +16,7 @@ Fixtures
     tiny_vae, tiny_clip_vision   shared comfy.sd.VAE / comfy.clip_vision.ClipVisionModel (do not mutate)
 
 Builders (for variants): :func:`build_tiny_sd15` (e.g. ``in_channels=9`` for an inpainting-shaped
-model), :func:`build_tiny_sdxl`, :func:`build_tiny_flux` (+ :func:`flux_conditioning`), :func:`build_tiny_clip`, :func:`build_tiny_sdxl_clip` (SDXL's two text
+model), :func:`build_tiny_sdxl`, :func:`build_tiny_flux` (+ :func:`flux_conditioning`, :func:`build_tiny_flux_clip`, :func:`build_tiny_flux_vae`), :func:`build_tiny_clip`, :func:`build_tiny_sdxl_clip` (SDXL's two text
 encoders), :func:`build_tiny_vae`, :func:`build_tiny_clip_vision`, :func:`conditioning`, :func:`sdxl_conditioning`,
 :func:`write_tiny_sd15_checkpoint` (a single-file checkpoint the stock CheckpointLoaderSimple loads),
 :func:`example_prompt` (an example workflow as the API prompt the runner makes of it).
@@ -367,6 +367,53 @@ def flux_conditioning(seed: int = 0, tokens: int = 16, context_dim: int = TINY_C
     return [[context, {"pooled_output": pooled, "guidance": guidance}]]
 
 
+def tiny_t5_config(width: int = TINY_CONTEXT_DIM, layers: int = 2, heads: int = 4) -> dict:
+    """ComfyUI's ``t5_config_xxl.json`` (gated GELU, relative position buckets, T5's vocabulary) shrunk."""
+    return {"d_ff": width * 2, "d_kv": width // heads, "d_model": width, "decoder_start_token_id": 0,
+            "dropout_rate": 0.0, "eos_token_id": 1, "dense_act_fn": "gelu_pytorch_tanh", "initializer_factor": 1.0,
+            "is_encoder_decoder": True, "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5",
+            "num_decoder_layers": layers, "num_heads": heads, "num_layers": layers, "output_past": True,
+            "pad_token_id": 0, "relative_attention_num_buckets": 32, "tie_word_embeddings": False, "vocab_size": 32128}
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_flux_clip(seed, t5_width, clip_width):
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.t5
+    import torch
+
+    class TinyFluxClipModel(comfy.text_encoders.flux.FluxClipModel):
+        """FLUX's text encoders as ComfyUI wires them (T5 states as the context, CLIP-L's pooled output as ``y``),
+        each tiny."""
+
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            torch.nn.Module.__init__(self)
+            options = dict(model_options or {})
+            self.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, return_projected_pooled=False,
+                                                     textmodel_json_config=tiny_text_config(clip_width),
+                                                     model_options=options)
+            self.t5xxl = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, special_tokens={"end": 1, "pad": 0},
+                                                    textmodel_json_config=tiny_t5_config(t5_width),
+                                                    model_class=comfy.text_encoders.t5.T5,
+                                                    model_options={**options, "model_name": "t5xxl"})
+            self.dtypes = {dtype}
+
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_tiny_flux_clip(seed: int = 0, t5_width: int = TINY_CONTEXT_DIM, clip_width: int = 32):
+    """A ``comfy.sd.CLIP`` shaped like FLUX's (DualCLIPLoader type flux): the real CLIP-L and T5 tokenizers, two tiny
+    encoders. ``CLIPTextEncode`` gives ``[1, 256, t5_width]`` (the tiny Flux's context) and a ``pooled_output``
+    ``clip_width`` wide (the tiny Flux's ``vec_in_dim``)."""
+    return _cached_flux_clip(seed, t5_width, clip_width).clone()
+
+
 @pytest.fixture
 def tiny_flux(comfy_ready):
     return build_tiny_flux()
@@ -501,21 +548,29 @@ def build_tiny_sdxl_clip(seed: int = 0, l_hidden: int = TINY_CONTEXT_DIM // 2, g
     return _cached_sdxl_clip(seed, l_hidden, g_hidden, pooled_dim).clone()
 
 
-def tiny_ddconfig() -> dict:
-    """An SD-VAE-shaped autoencoder (8x downscale, 4 latent channels) with 32 channels per level."""
-    return {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+def tiny_ddconfig(z_channels: int = 4) -> dict:
+    """An SD-VAE-shaped autoencoder (8x downscale, 4 latent channels; FLUX's: 16) with 32 channels per level."""
+    return {"double_z": True, "z_channels": z_channels, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
             "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 
 @functools.lru_cache(maxsize=4)
-def build_tiny_vae(seed: int = 0):
-    """A ``comfy.sd.VAE`` (AutoencoderKL, tiny ddconfig, random init): encode/decode like the SD VAE."""
+def build_tiny_vae(seed: int = 0, latent_channels: int = 4):
+    """A ``comfy.sd.VAE`` (AutoencoderKL, tiny ddconfig, random init): encode/decode like the SD VAE (FLUX's
+    16-channel autoencoder with ``latent_channels=16``)."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    params = {"embed_dim": 4, "ddconfig": tiny_ddconfig()}
+    params = {"embed_dim": latent_channels, "ddconfig": tiny_ddconfig(latent_channels)}
     module = init_weights(AutoencoderKL(**params), seed)
-    return comfy.sd.VAE(sd=module.state_dict(), config={"params": params})
+    vae = comfy.sd.VAE(sd=module.state_dict(), config={"params": params})
+    vae.latent_channels = latent_channels
+    return vae
+
+
+def build_tiny_flux_vae(seed: int = 0):
+    """A tiny 16-channel autoencoder standing in for FLUX's ``ae.safetensors``."""
+    return build_tiny_vae(seed, latent_channels=16)
 
 
 def tiny_clip_vision_config(hidden: int = 64, layers: int = 3, heads: int = 4, projection_dim: int = 32) -> dict:
