@@ -81,3 +81,60 @@ def tiny_state_dict(seed: int = 0, count: int = 4, **kw) -> dict[str, torch.Tens
 def vit_hidden(config: IDFormerConfig, batch: int = 1, tokens: int = 7, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, tokens, config.vit_dim, generator=generator) for _ in range(5)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EVA02-CLIP: a tiny tower of the same class (21 blocks so that the states entering block 20 exist)
+
+TINY_EVA = {"img_size": 28, "patch_size": 14, "embed_dim": 32, "depth": 21, "num_heads": 2, "mlp_ratio": 4 * 2 / 3,
+            "qkv_fused": False, "swiglu_mlp": True, "scale_mlp": True, "scale_attn_inner": True,
+            "use_rot_pos_emb": True, "ref_feat_shape": (16, 16), "global_pool": "token", "num_classes": 24}
+# an IDFormer reading the tiny tower (width 32) and a 512-d ArcFace vector + the tower's 24-d projection
+EMBED_ENCODER = IDFormerConfig(dim=32, depth=5, dim_head=8, heads=4, num_id_tokens=2, num_queries=4, output_dim=24,
+                               ff_mult=2, vit_dim=32, id_dim=512 + 24, mapping_dim=16)
+EVA_FILES = ("eva_vit_model", "transformer", "rope", "utils")
+
+
+@functools.lru_cache(maxsize=1)
+def official_eva_vit():
+    """The official ``eva_clip.eva_vit_model`` module (its four files as a package in a temp folder), or None."""
+    import sys
+
+    folder = tempfile.mkdtemp(prefix="pulid_official_eva_")
+    package = os.path.join(folder, "pulid_official_eva")
+    os.makedirs(package)
+    for name in EVA_FILES:
+        try:
+            text = subprocess.run(["git", "-C", OFFICIAL_REPO, "show", f"HEAD:eva_clip/{name}.py"], check=True,
+                                  capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            plain = os.path.join(OFFICIAL_REPO, "eva_clip", f"{name}.py")
+            if not os.path.isfile(plain):
+                return None
+            with open(plain, encoding="utf-8") as handle:
+                text = handle.read()
+        with open(os.path.join(package, f"{name}.py"), "w", encoding="utf-8") as handle:
+            handle.write(text)
+    open(os.path.join(package, "__init__.py"), "w").close()
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("pulid_official_eva.eva_vit_model")
+    except ImportError:
+        return None
+    finally:
+        sys.path.remove(folder)
+
+
+def official_tiny_eva(seed: int = 0):
+    """The official ``EVAVisionTransformer`` with EVA02-CLIP-L-14-336's switches at :data:`TINY_EVA`'s size, every
+    parameter seeded."""
+    from functools import partial
+
+    module = official_eva_vit()
+    c = TINY_EVA
+    model = module.EVAVisionTransformer(
+        img_size=c["img_size"], patch_size=c["patch_size"], num_classes=c["num_classes"], use_mean_pooling=False,
+        init_values=None, embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"],
+        mlp_ratio=2.6667, qkv_bias=True, drop_path_rate=0.0, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        xattn=False, rope=True, postnorm=False, pt_hw_seq_len=16, intp_freq=True, naiveswiglu=True, subln=True)
+    return seeded_(model.eval(), seed, std=0.1)
