@@ -13,6 +13,7 @@ pipeline takes one image).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -91,6 +92,19 @@ def id_tokens(pulid: PulidFluxModel, eva: EvaClipVision, arcface: torch.Tensor, 
     return tokens.float(), uncond.float()
 
 
+@contextlib.contextmanager
+def on_device(device: torch.device, *modules: torch.nn.Module):
+    """Run ``modules`` on ``device`` for the block, then put each back where it was (the offload device)."""
+    before = [next(m.parameters()).device for m in modules]
+    try:
+        for module in modules:
+            module.to(device)
+        yield
+    finally:
+        for module, where in zip(modules, before, strict=True):
+            module.to(where)
+
+
 def _check_analyzer(analysis: FaceAnalysis) -> None:
     if analysis.embedding_dim not in (None, ARCFACE_DIM):
         raise IncompatibleEmbedsError(
@@ -122,8 +136,12 @@ def embed_faces(images: torch.Tensor, analyzer, parser: FaceParser, eva: EvaClip
         raise InvalidInputError("the analyzer gave no identity embedding; load it with a recognition model "
                                 "(insightface antelopev2)")
     arcface = torch.from_numpy(np.stack([np.asarray(face.embedding, dtype=np.float32) for face in faces]))
-    face_images = face_feature_images(images, analysis, parser, device)
-    tokens, uncond = id_tokens(pulid, eva, arcface, face_images)
+    if device is None:
+        from ...host.devices import torch_device
+        device = torch_device()
+    with on_device(device, eva.model, pulid.encoder):
+        face_images = face_feature_images(images, analysis, parser, device)
+        tokens, uncond = id_tokens(pulid, eva, arcface, face_images.to(device))
     sources = [f"image {face.image_index}" for face in faces]
     if len(faces) > 1:
         sources.append(f"mean of {len(faces)} faces")
