@@ -188,3 +188,20 @@ def test_refused_inputs(tiny_flux, tiny_sd15, pulid):
         apply_pulid_flux(tiny_flux, pulid, make_embeds(), start_at=0.8, end_at=0.2)
     with pytest.raises(InvalidInputError, match="PuLID-FLUX Loader"):
         apply_pulid_flux(tiny_flux, object(), make_embeds())
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_sampling_loads_the_cross_attentions_with_the_model(tiny_flux, pulid, cfg):
+    """Through ComfyUI's sampler: the cross-attentions' ModelPatcher is one of the patch's models (loaded with the
+    DiT), cfg 1 (one conditional pass) and real CFG (negative rows get the zero-ID tokens) both sample."""
+    from host_support import flux_conditioning, sample_tiny
+    from likeness.attention_patches import find_patch
+    from likeness.techniques.pulid_flux.injector import apply_pulid_flux
+
+    model = apply_pulid_flux(tiny_flux, pulid, make_embeds(6), weight=1.0)
+    assert find_patch(model).models() == [pulid.patcher] and pulid.patcher.model is pulid.cross_attentions
+    latent = torch.zeros(1, 16, 8, 8)
+    kwargs = dict(steps=2, cfg=cfg, positive=flux_conditioning(1), negative=flux_conditioning(2), latent=latent)
+    patched = sample_tiny(model, **kwargs)
+    plain = sample_tiny(tiny_flux, **kwargs)
+    assert torch.isfinite(patched).all() and not torch.allclose(patched, plain)

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ class PulidFluxModel:
     encoder: IDFormer
     cross_attentions: nn.ModuleList
     source: str
+    patcher: Any = None   # ComfyUI's ModelPatcher of the cross-attentions (made by apply, host only)
 
     @property
     def encoder_config(self) -> IDFormerConfig:

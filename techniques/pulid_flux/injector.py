@@ -25,7 +25,9 @@ from ...attention_patches import (
     install,
 )
 from ...attention_patches.injectors import row_index, stacking_name, take_rows
+from ...attention_patches.placement import place
 from ...errors import IncompatibleEmbedsError, InvalidInputError, UnsupportedModelError
+from ...host import comfy_available
 from .checkpoint import PulidFluxModel
 from .embeds import PulidFluxEmbeds
 
@@ -75,9 +77,17 @@ class PulidFluxInjector(ResidualInjector):
     def to(self, device) -> "PulidFluxInjector":
         super().to(device)
         if isinstance(device, torch.device | str):   # dtypes are followed per call (an fp8 model computes in bf16)
-            self.model.cross_attentions.to(device)
+            # the cross-attentions may serve other injectors (another Apply node, another model): one holder's
+            # offload must not pull them from under a holder still on the GPU
+            modules = self.model.cross_attentions
+            modules.to(place(modules, self, torch.device(device)))
             self._cast.clear()
         return self
+
+    def models(self) -> list:
+        """The cross-attentions' ModelPatcher (when running in ComfyUI), so they load and offload with the model
+        and count in ComfyUI's memory budget."""
+        return [self.model.patcher] if self.model.patcher is not None else []
 
     def _tokens(self, kind: int, like: torch.Tensor) -> torch.Tensor | None:
         master = self.tokens[kind]
@@ -140,6 +150,15 @@ def check_model(sites, pulid: PulidFluxModel, schedule: dict[int, int]) -> None:
                        "cross-attentions are used", needed, len(pulid.cross_attentions), needed)
 
 
+def manage_cross_attentions(pulid: PulidFluxModel) -> None:
+    """Inside ComfyUI: one ModelPatcher around the file's cross-attentions (made once per loaded file)."""
+    if pulid.patcher is None and comfy_available():
+        from ...host.devices import offload_device, torch_device
+        from ...host.diffusers_models import managed_module
+
+        pulid.patcher = managed_module(pulid.cross_attentions, torch_device(), offload_device())
+
+
 def apply_pulid_flux(model: Any, pulid: PulidFluxModel, embeds: PulidFluxEmbeds, weight: float = 1.0,
                      start_at: float = 0.0, end_at: float = 1.0, mask: torch.Tensor | None = None,
                      uncond: str = "zero_id") -> Any:
@@ -164,6 +183,7 @@ def apply_pulid_flux(model: Any, pulid: PulidFluxModel, embeds: PulidFluxEmbeds,
                                     "UNet (SD1.5/SDXL): use the FaceID / InstantID nodes for it")
     schedule = ca_schedule(patch.sites)
     check_model(patch.sites, pulid, schedule)
+    manage_cross_attentions(pulid)
     patch.add(PulidFluxInjector(pulid, embeds, schedule, uncond=uncond, name=stacking_name(patch.injectors,
                                 INJECTOR_NAME), weight=weight, sigma_range=SigmaRange(start_at, end_at), region=mask))
     return clone
