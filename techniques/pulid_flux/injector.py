@@ -126,7 +126,9 @@ class PulidFluxInjector(ResidualInjector):
         extra = img.shape[1] - grid_tokens
         if extra > 0:   # Kontext reference tokens after the generated image keep their content
             img = img[:, :grid_tokens]
-        delta = ca(tokens, img) * weight
+        delta = ca(tokens, img)
+        if weight != 1.0:
+            delta = delta * weight
         if extra > 0:
             delta = torch.cat((delta, delta.new_zeros(delta.shape[0], extra, delta.shape[2])), dim=1)
         return [(rows, delta)]
