@@ -172,3 +172,17 @@ def test_embeds_round_trip_and_refused_files(tmp_path):
         PulidFluxEmbeds(torch.zeros(4, 24), torch.zeros(4, 24), "x")
     with pytest.raises(InvalidInputError, match="NaN"):
         PulidFluxEmbeds(torch.full((1, 2, 3), float("nan")), torch.zeros(1, 2, 3), "x")
+
+
+def test_eva_inputs_are_the_official_resize_and_normalisation():
+    """``resize(img, 336, BICUBIC)`` + ``normalize(OpenAI mean/std)`` as pipeline_flux.get_id_embedding calls them."""
+    functional = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+
+    from likeness.techniques.pulid_flux.encode import eva_inputs
+    from likeness.techniques.pulid_flux.eva_clip import OPENAI_MEAN, OPENAI_STD, EvaClipVision
+
+    eva = EvaClipVision(build_eva_vision(dict(TINY_EVA, img_size=336, depth=21)), "tiny")
+    faces = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    expected = functional.normalize(functional.resize(faces, 336, InterpolationMode.BICUBIC), OPENAI_MEAN, OPENAI_STD)
+    torch.testing.assert_close(eva_inputs(faces, eva), expected, atol=1e-5, rtol=1e-5)
