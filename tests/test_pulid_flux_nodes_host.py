@@ -118,3 +118,50 @@ def test_bad_inputs_are_clear_messages(tiny_flux, tiny_sd15, pulid_files):
         ApplyPulidFlux().apply(tiny_flux, pulid, torch.zeros(1, 4, 24), 1.0, 0.0, 1.0, "none")
     with pytest.raises(InvalidInputError, match="'mask'"):
         ApplyPulidFlux().apply(tiny_flux, pulid, embeds, 1.0, 0.0, 1.0, "none", mask=torch.full((1, 8, 8), 3.0))
+
+
+def test_embed_chain_in_the_real_executor(execute_prompt, host_env, pack_loaded, monkeypatch):
+    """Load Image -> insightface (antelopev2) + landmark parser + PuLID-FLUX / EVA-CLIP loaders -> Embed -> Save, in
+    ComfyUI's own executor with the files in its models folder; the saved file loads back."""
+    import importlib
+
+    import numpy as np
+    from PIL import Image
+
+    from likeness.techniques.pulid_flux import checkpoint, eva_clip
+    from likeness.techniques.pulid_flux.embeds import load_pulid_embeds
+    from onnx_face_models import square_image, write_tiny_insightface_pack
+
+    models = host_env.models
+    os.makedirs(os.path.join(models, "pulid"), exist_ok=True)
+    save_file(checkpoint.state_dict_of(tiny_pulid(seed=2, count=4, encoder=EMBED_ENCODER, ca=TINY_CA)),
+              os.path.join(models, "pulid", "pulid_tiny_exec.safetensors"))
+    os.makedirs(os.path.join(models, "clip_vision"), exist_ok=True)
+    eva = seeded_(eva_clip.build_eva_vision(TINY_EVA), 5, 0.05)
+    torch.save({f"visual.{k}": v for k, v in eva.state_dict().items()},
+               os.path.join(models, "clip_vision", "eva_tiny_exec.pt"))
+    write_tiny_insightface_pack(os.path.join(models, "insightface", "models", "antelopev2"))
+    # the executor runs the pack as ComfyUI imported it: swap the release EVA config for the tiny one there
+    hosted = importlib.import_module(f"{pack_loaded.__name__}.techniques.pulid_flux.eva_clip")
+    monkeypatch.setattr(hosted, "EVA02_L_336", TINY_EVA)
+    Image.fromarray(square_image(x=320, y=192, side=64)).save(os.path.join(host_env.input, "pulid_face.png"))
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "pulid_face.png"}},
+        "2": {"class_type": "LikenessInsightFaceLoader", "inputs": {
+            "pack": "antelopev2", "provider": "auto", "landmarks": "106", "det_size": 640, "det_threshold": 0.5}},
+        "3": {"class_type": "LikenessFaceParserLoader", "inputs": {"parser": "landmarks (no weights)",
+                                                                   "device": "auto"}},
+        "4": {"class_type": "LikenessPulidFluxLoader", "inputs": {"pulid_file": "pulid_tiny_exec.safetensors"}},
+        "5": {"class_type": "LikenessEvaClipLoader", "inputs": {"eva_file": "eva_tiny_exec.pt"}},
+        "6": {"class_type": "LikenessPulidFluxEmbed", "inputs": {
+            "pulid_flux": ["4", 0], "eva_clip": ["5", 0], "analyzer": ["2", 0], "face_parser": ["3", 0],
+            "image": ["1", 0], "selection": "largest", "face_index": 0}},
+        "7": {"class_type": "LikenessSavePulidFluxEmbeds", "inputs": {"embeds": ["6", 0], "name": "exec_person",
+                                                                      "overwrite": True}},
+    }
+    outputs = execute_prompt(prompt)
+    (path,) = outputs["7"]["text"]
+    assert path == os.path.join(models, "likeness", "pulid_embeds", "exec_person.safetensors")
+    embeds = load_pulid_embeds(path)
+    assert embeds.tokens.shape == (1, EMBED_ENCODER.num_queries, EMBED_ENCODER.output_dim)
+    assert embeds.encoder == "pulid_tiny_exec.safetensors" and np.isfinite(embeds.tokens.numpy()).all()
