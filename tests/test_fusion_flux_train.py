@@ -157,3 +157,105 @@ def test_settings_for_a_flux_model_from_node_values(flux_setup, tiny_sd15):
     assert (flux.guidance, flux.rank, flux.reference_downsample, flux.gradient_checkpointing) == (2.0, 4, 1, False)
     unet = T.make_settings(tiny_sd15, **values)
     assert type(unet) is T.FusionTrainSettings and unet.reference_downsample == 2
+
+
+def test_train_node_on_a_flux_model_saves_a_flux_adapter(flux_setup, host_env):
+    """The Train Face Fusion node with a Flux MODEL, FLUX's two text encoders and 16-channel VAE (tiny): it trains a
+    Flux adapter with the node's Flux inputs and writes it where the loader finds it."""
+    import os
+
+    from host_support import build_tiny_flux_clip, build_tiny_flux_vae
+    from likeness.nodes.face_fusion_train import TrainFaceFusion
+    from likeness.techniques.face_fusion import FluxFusionAdapter, load_fusion_adapter
+
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        out = TrainFaceFusion().train(flux_setup["model"], build_tiny_flux_vae(), build_tiny_flux_clip(), "flux_face",
+                                      steps=2, learning_rate=1e-3, batch_size=2, grad_accumulation=1, seed=0,
+                                      checkpoint_every=0, resume="fresh", resolution=64, reference_size=256,
+                                      images=images, captions="a photo of a person", guidance=2.5, rank=4,
+                                      precision="fp32", gradient_checkpointing=True)
+    result = out["result"] if isinstance(out, dict) else out
+    adapter, curve = result
+    assert isinstance(adapter, FluxFusionAdapter) and adapter.rank == 4 and curve.shape[-1] == 3
+    saved = load_fusion_adapter(os.path.join(host_env.models, "likeness", "fusion", "flux_face.safetensors"))
+    assert isinstance(saved, FluxFusionAdapter) and saved.metadata["layout"] == "dit"
+    assert saved.metadata["guidance"] == "2.5" and saved.metadata["trained_steps"] == "2"
+
+
+@pytest.fixture
+def isolated_cli_state(monkeypatch):
+    """The command sets ComfyUI's temp folder and the log handlers/levels of its process: restore them."""
+    import logging
+
+    import folder_paths
+
+    for name in ("output_directory", "temp_directory"):
+        monkeypatch.setattr(folder_paths, name, getattr(folder_paths, name))
+    root, pack = logging.getLogger(), logging.getLogger("likeness")
+    saved = root.level, list(root.handlers), pack.level
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    pack.setLevel(saved[2])
+
+
+def test_cli_trains_a_flux_adapter_from_separate_model_files(flux_setup, host_env, tmp_path, monkeypatch,
+                                                             isolated_cli_state, capsys):
+    """``train fusion --diffusion-model --text-encoder x2 --vae`` with the Flux options. ComfyUI detects a Flux file's
+    width as FLUX.1's (3072), so the tiny model cannot come from a file: the host loaders are replaced by ones that
+    record the paths and return the tiny FLUX parts."""
+    import os
+
+    from PIL import Image
+
+    from host_support import build_tiny_flux_clip, build_tiny_flux_vae
+    from likeness.cli import main as cli_main
+    from likeness.host import training as host_training
+    from likeness.techniques.face_fusion import FluxFusionAdapter, load_fusion_adapter
+
+    asked = {}
+    monkeypatch.setattr(host_training, "load_diffusion_model_file",
+                        lambda path: asked.setdefault("model", path) and flux_setup["model"])
+    monkeypatch.setattr(host_training, "load_text_encoder_files",
+                        lambda paths, kind: asked.setdefault("clip", (tuple(paths), kind)) and build_tiny_flux_clip())
+    monkeypatch.setattr(host_training, "load_vae_file", lambda path: asked.setdefault("vae", path) and
+                        build_tiny_flux_vae())
+    files = {name: tmp_path / f"{name}.safetensors" for name in ("flux1", "clip_l", "t5xxl", "ae")}
+    for path in files.values():
+        path.write_bytes(b"")
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(2):
+        pixels = (torch.rand(48, 48, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
+        Image.fromarray(pixels).save(data / f"p{i}.png")
+        (data / f"p{i}.txt").write_text("a photo of a person")
+    code = cli_main.main(["train", "fusion", "--data", str(data), "--diffusion-model", str(files["flux1"]),
+                          "--text-encoder", str(files["clip_l"]), "--text-encoder", str(files["t5xxl"]),
+                          "--vae", str(files["ae"]), "--name", "cli_flux", "--comfyui", host_env.comfy_path,
+                          "--steps", "2", "--resolution", "64", "--reference-size", "256", "--batch-size", "2",
+                          "--guidance", "4.0", "--rank", "2", "--precision", "fp32", "--no-gradient-checkpointing",
+                          "--device", "cpu"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert asked == {"model": str(files["flux1"]), "clip": ((str(files["clip_l"]), str(files["t5xxl"])), "flux"),
+                     "vae": str(files["ae"])}
+    adapter = load_fusion_adapter(os.path.join(host_env.models, "likeness", "fusion", "cli_flux.safetensors"))
+    assert isinstance(adapter, FluxFusionAdapter) and adapter.rank == 2
+    assert (adapter.metadata["guidance"], adapter.metadata["gradient_checkpointing"]) == ("4.0", "false")
+
+
+def test_cli_usage_for_separate_model_files(tmp_path, capsys):
+    from likeness.cli import main as cli_main
+    from likeness.cli import train as cli_train
+
+    model = tmp_path / "flux1.safetensors"
+    model.write_bytes(b"")
+    base = ["train", "fusion", "--data", str(tmp_path)]
+    assert cli_main.main(base) == cli_train.EXIT_USAGE
+    assert "give --checkpoint FILE" in capsys.readouterr().err
+    assert cli_main.main([*base, "--diffusion-model", str(model)]) == cli_train.EXIT_USAGE
+    assert "needs --text-encoder" in capsys.readouterr().err
+    assert cli_main.main([*base, "--diffusion-model", str(model), "--text-encoder", str(tmp_path / "t5.sft"),
+                          "--vae", str(model)]) == cli_train.EXIT_USAGE
+    assert "t5.sft: no such file" in capsys.readouterr().err
