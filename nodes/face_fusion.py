@@ -163,7 +163,8 @@ class ApplyFaceFusion:
                                           "per layer: with more references each one's keys are averaged over small "
                                           "blocks (with matching attention weight), so 8 references cost about "
                                           "what 2 do. Up to this many references are exact. 0 = no limit."),
-            "reference_downsample": int_input(2, 1, 4, "The reference pass's highest-resolution self-attention uses "
+            "reference_downsample": int_input(2, 1, 4, "SD1.5/SDXL (not used on Flux): the reference pass's "
+                                              "highest-resolution self-attention uses "
                                               "keys averaged over NxN blocks (ToDo): 2 makes the reference pass "
                                               "~15% faster with every reference token kept; 1 = exact. Match the "
                                               "adapter's training (the trainer uses 2)."),

@@ -235,3 +235,25 @@ def test_nodes_make_a_flux_adapter_and_refuse_one_made_for_the_other_model(tiny_
     other, = FusionAdapterNew().create(__import__("host_support").build_tiny_flux(depth=2, depth_single=3))
     with pytest.raises(CheckpointLayoutError, match="2 double \\+ 3 single blocks"):
         node.apply(tiny_flux, other, build_tiny_flux_vae(), **common)
+
+
+def test_a_bf16_flux_with_an_fp32_adapter(comfy_ready):
+    """ComfyUI runs FLUX in bf16: the fp32 adapter's weights are cast to the keys' dtype (cached), the reference pass
+    and the merged joint attention run in bf16, and the result stays close to the same model in fp32."""
+    from host_support import build_tiny_flux
+    from likeness.techniques.face_fusion import FusionIdentityLatents, new_fusion_adapter
+
+    fp32 = build_tiny_flux(seed=4, cached=False)
+    bf16 = build_tiny_flux(seed=4, cached=False)
+    bf16.model.to(torch.bfloat16)
+    bf16.model.diffusion_model.dtype = torch.bfloat16
+    bf16.model.manual_cast_dtype = None
+    people = [FusionIdentityLatents(_refs(1, 5))]
+    adapter = _trained_like(new_fusion_adapter(fp32), scale=0.2)
+    out_fp32 = _call(_fusion(fp32, people, adapter=adapter, capture_mode="cached_clean")[0])
+    model, patch, _ = _fusion(bf16, people, adapter=adapter, capture_mode="cached_clean")
+    out_bf16 = _call(model)
+    k, _ = patch.captures[patch.injectors[0].uid].derived[(0, "kv")]
+    assert k.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in adapter.parameters())
+    assert torch.isfinite(out_bf16).all()
+    assert float((out_bf16.float() - out_fp32).abs().max()) < 0.1 * float(out_fp32.abs().max())

@@ -25,6 +25,7 @@ from ...attention_patches import DIT_CHECKPOINT_KEY, dit_model_of
 from ...errors import InvalidInputError, UnsupportedModelError
 from ...trainers.loop import TrainResult
 from ...trainers.precision import check_precision, compute_dtype, compute_precision
+from ...trainers.task import run_field
 from .adapter import FusionAdapterBase
 from .flux_adapter import DEFAULT_RANK, FluxFusionAdapter
 from .training import FusionTask, FusionTrainingData, FusionTrainSettings
@@ -34,11 +35,13 @@ logger = logging.getLogger("likeness")
 
 @dataclass
 class FluxFusionTrainSettings(FusionTrainSettings):
-    """:class:`~.training.FusionTrainSettings` plus what a Flux run needs (all part of the resume fingerprint)."""
+    """:class:`~.training.FusionTrainSettings` plus what a Flux run needs."""
 
     guidance: float = 3.5                  # FLUX.1 dev's distilled guidance per row (schnell ignores it)
     precision: str = "auto"                # "auto" (bf16 where native, else fp32), "bf16", "fp32"
-    gradient_checkpointing: bool = True    # recompute each block in the backward pass (less memory, ~1.3x time)
+    # recompute each block in the backward pass (less memory, ~1.3x time); the same gradients, so a run may resume
+    # with the other choice (a run field, not part of the fingerprint)
+    gradient_checkpointing: bool = run_field(True)
     rank: int = DEFAULT_RANK               # a new adapter's rank (a given adapter keeps its own)
     reference_downsample: int = 1          # UNet only: a DiT's reference pass keeps every key
 
