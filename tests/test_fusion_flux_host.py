@@ -257,3 +257,33 @@ def test_a_bf16_flux_with_an_fp32_adapter(comfy_ready):
     assert k.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in adapter.parameters())
     assert torch.isfinite(out_bf16).all()
     assert float((out_bf16.float() - out_fp32).abs().max()) < 0.1 * float(out_fp32.abs().max())
+
+
+def test_an_untrained_adapter_joins_the_keys_kontext_gives_the_reference(tiny_flux):
+    """Plain reference-joining, FLUX.1 Kontext style: at the first block the keys an untrained adapter joins are the
+    keys Kontext gives the same (clean) latent as a reference image in the same call."""
+    from host_support import flux_conditioning
+    from likeness.attention_patches.kernels import merge_heads
+    from likeness.host.attention import forward_transformer_options
+    from likeness.techniques.face_fusion import FusionIdentityLatents
+
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    base = tiny_flux.model
+    model, patch, _ = _fusion(tiny_flux, [FusionIdentityLatents(base.process_latent_out(latent))],
+                              capture_mode="cached_clean")
+    spy = GroupSpy(patch.injectors[0], site_index=0)
+    context, extra = flux_conditioning(0)[0]
+    keys = []
+
+    def foreign_override(func, q, k, v, heads, *args, **kwargs):
+        keys.append(k)
+        return func(q, k, v, heads, *args, **kwargs)
+
+    options = forward_transformer_options(model)
+    options["optimized_attention_override"] = foreign_override
+    with torch.no_grad():
+        base.apply_model(torch.randn(1, 16, 8, 8), torch.zeros(1), c_crossattn=context, y=extra["pooled_output"],
+                         guidance=torch.full((1,), 3.5), ref_latents=[latent], transformer_options=options)
+    (call, groups), = spy.records
+    kontext = merge_heads(next(k for k in keys if k.shape[2] == 48)[:, :, 32:])
+    assert groups[0].k.shape == kontext.shape and torch.allclose(groups[0].k, kontext, atol=1e-5)

@@ -94,9 +94,11 @@ class FluxFusionAdapter(FusionAdapterBase):
         if len(widths) != 1:
             raise CheckpointLayoutError(f"the DiT's blocks have different widths {sorted(widths)}")
         double = sum(1 for s in sites if s.kind == "double")
+        from .apply import DIT_REFERENCE_INDEX
+
         adapter = cls(double, len(sites) - double, widths.pop(), rank,
                       {"base": type(dit).__name__.lower(), "heads": str(sites[0].heads), "init": "identity",
-                       "init_seed": str(seed)})
+                       "init_seed": str(seed), "reference_index": str(DIT_REFERENCE_INDEX)})
         adapter.reset(seed)
         return adapter
 
