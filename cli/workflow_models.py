@@ -84,6 +84,9 @@ NODE_FILES: dict[str, NodeFiles] = {
                                            {"pack": FileWidget("insightface/models", PACK)}),
     "LikenessFaceALoadIdentity": _loader("Load Identity (FaceA-Net)", "likeness/identities", "identity"),
     "LikenessLoadFaceEmbeds": _loader("Load Face Embeds", "likeness/embeds", "file"),
+    "LikenessPulidFluxLoader": _loader("PuLID-FLUX Loader", "pulid", "pulid_file"),
+    "LikenessEvaClipLoader": _loader("EVA-CLIP Loader (PuLID-FLUX)", "clip_vision", "eva_file"),
+    "LikenessLoadPulidFluxEmbeds": _loader("Load PuLID-FLUX Embeds", "likeness/pulid_embeds", "file"),
     "LikenessM3FaceControlNetLoader": _loader("M3Face FaceControlNet Loader", "controlnet", "control_net_name"),
     "LikenessM3FaceAltDiffusionLoader": NodeFiles("M3Face AltDiffusion Loader", ("folder",),  # a diffusers folder
                                                   {"folder": FileWidget("likeness/m3face", PACK)}),
@@ -99,6 +102,8 @@ NODE_FILES: dict[str, NodeFiles] = {
     "LikenessFaceAAttributeTransfer": _trainer("Attribute Transfer (FaceA-Net)", ("attributes", "name"),
                                                *IDENTITY_WRITES),
     "LikenessSaveFaceEmbeds": _trainer("Save Face Embeds", ("name",), "likeness/embeds/" + STEM + SAFETENSORS),
+    "LikenessSavePulidFluxEmbeds": _trainer("Save PuLID-FLUX Embeds", ("name",),
+                                            "likeness/pulid_embeds/" + STEM + SAFETENSORS),
     "LikenessM3FaceLoadImagicEmbedding": _loader("M3Face Load Imagic Embedding", "likeness/m3face_imagic",
                                                  "embedding_name"),
     "LikenessM3FaceImagicTrain": _trainer("M3Face Imagic Train", ("name",), "likeness/m3face_imagic/" + STEM

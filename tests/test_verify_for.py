@@ -194,6 +194,7 @@ def test_trainer_output_declarations_match_the_trainers():
     assert sorted(wf.NODE_FILES["LikenessFaceATrainIdentity"].writes) == sorted(identity)
     assert wf.NODE_FILES["LikenessTrainFaceFusion"].writes == (f"{adapter.FOLDER}/{adapter.SUBFOLDER}/{{}}.safetensors",)
     assert wf.NODE_FILES["LikenessSaveFaceEmbeds"].writes == ("likeness/embeds/" + EMBEDS_FILE_NAMES[-1],)
+    assert wf.NODE_FILES["LikenessSavePulidFluxEmbeds"].writes == ("likeness/pulid_embeds/" + EMBEDS_FILE_NAMES[-1],)
 
 
 def test_face_parser_weight_free_choice_is_the_parsers():
