@@ -109,3 +109,25 @@ def test_checkpoints_come_from_the_manifest_and_loaders_name_what_the_trainers_w
     for name, value, trainers in loaded:
         written = set().union(*(trained[t] for t in trainers)) | {SECOND_IDENTITY}
         assert value in written, f"{name} loads {value}; the trainer examples write {sorted(written)}"
+
+
+def test_every_model_file_an_example_reads_is_in_the_manifest_or_made_by_an_example():
+    """What 'models verify --for' reads from each example: every file widget of a known loader names a manifest
+    file (so 'models fetch' can get it) or a file one of the examples writes (a trainer's, a saved embedding)."""
+    from likeness.cli import workflow_models as wf
+    from likeness.cli.manifest import load_manifest
+
+    entries = load_manifest()
+    files = {name: wf.workflow_files(wf.load_prompt(os.path.join(EXAMPLES_DIR, name + ".json"))[0]) for name in NAMES}
+    written = [w for _needed, made in files.values() for w in made]
+    written.append(wf.WrittenFile("likeness/identities/" + SECOND_IDENTITY, "the two-identities example's note"))
+    unknown = {name: [f"{n.relative} ({', '.join(n.nodes)})" for n in needed
+                      if wf.manifest_entry(entries, n) is None and not wf.folder_entries(entries, n)
+                      and wf.maker(written, n) is None]
+               for name, (needed, _made) in files.items()}
+    assert not {name: found for name, found in unknown.items() if found}
+    (loaders,) = [{n.relative for n in files[name][0]} for name in ["PuLID-FLUX - portrait"]]
+    assert loaders >= {"diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l.safetensors",
+                       "text_encoders/t5xxl_fp16.safetensors", "vae/ae.safetensors",
+                       "pulid/pulid_flux_v0.9.1.safetensors", "clip_vision/EVA02_CLIP_L_336_psz14_s6B.pt",
+                       "insightface/models/antelopev2", "likeness/parsing/face_parsing.pth"}

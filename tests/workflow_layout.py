@@ -74,6 +74,17 @@ M3FACE_MODELS = ("v1-5-pruned-emaonly.safetensors (models fetch sd15-base) or an
                  "Muse folder in models/likeness/m3face/ (faceconditioning-english-*). " + MODELS_HINT)
 M3FACE_MUSE_NOTE = "Muse (aMUSEd) draws the condition from the description: 12 steps, guidance 10, fixed seed."
 M3FACE_SAMPLING = "uni_pc, 20 steps, CFG 7.5 (the authors' validation settings)."
+FLUX = ("flux1-dev.safetensors (models fetch flux1-dev: a gated repository, set HF_TOKEN) in models/diffusion_models/; "
+        "clip_l.safetensors and t5xxl_fp16.safetensors (flux-clip-l, flux-t5xxl-fp16) in models/text_encoders/; "
+        "ae.safetensors (flux-ae) in models/vae/.")
+PULID_FILES = ("pulid_flux_v0.9.1.safetensors (models fetch pulid-flux-v0.9.1) in models/pulid/; "
+               "EVA02_CLIP_L_336_psz14_s6B.pt (eva02-clip-l-14-336; pip install timm) in models/clip_vision/; "
+               "insightface antelopev2 (insightface-antelopev2: PuLID was trained on it); BiSeNet face_parsing.pth "
+               f"(bisenet-face-parsing). {MODELS_HINT}")
+PULID_APPLY = ("weight 1 = the official 'id weight' (0-3: more likeness, less prompt freedom). start_at 0.14 = the "
+               "official 'start inserting ID' at step 4 of 28, recommended for photos; 0-0.04 for stylised images.")
+PULID_SAMPLING = ("cfg 1 with FluxGuidance 4, euler / simple, 28 steps (the official demo's). The negative prompt is "
+                  "read only with real CFG (cfg > 1 and FluxGuidance 1: the official 'true CFG'). Expect ")
 
 
 def _sample_stage(title: str, expect: str, columns) -> Stage:
@@ -181,6 +192,46 @@ EXAMPLES: tuple[Example, ...] = (
               GREEN),
         _sample_stage("5. Prompt and sample", "a 512x512 image in output/ (likeness_fusion_trained_*.png).",
                       ((9, 10, 11), (12,), (13, 14))),
+    )),
+    Example("Face Fusion - one identity (Flux)", (
+        Stage("1. FLUX.1 model and adapter",
+              f"{FLUX}\nFace Fusion has no released weights. Fusion Adapter New starts an untrained Flux adapter: per "
+              "block a low-rank projection that starts as the identity, so the reference image's own keys and values "
+              "join each block's joint attention (as FLUX.1 Kontext sees a reference image). For the trained effect "
+              "run 'Face Fusion - train an adapter (Flux)', then load my_flux_face.safetensors with Fusion Adapter "
+              "Loader instead (an SD1.5 or SDXL adapter is refused here).", ((1, 2, 3), (4,))),
+        Stage("2. Reference face",
+              "A photo of the person. dlib finds the face (no downloads); Align Faces makes the 512 px reference "
+              "crop.", ((5,), (6, 7, 8)), GREEN),
+        Stage("3. Apply Face Fusion",
+              "The reference face runs through the same DiT; each block's reference keys and values join its joint "
+              "attention next to the prompt's and the image's. weight 1 = full effect, 0 = off. capture 'per step' "
+              "is the paper's (one more DiT pass per step); the cached modes are faster.", ((9,),), GREEN),
+        Stage("4. Prompt and sample",
+              "cfg 1 with FluxGuidance 3.5, euler / simple, 20 steps; the negative prompt is read only with cfg > 1. "
+              "Expect a 1024x1024 image of the person in output/ (likeness_fusion_flux_*.png); an untrained adapter "
+              "carries less of the identity than a trained one.", ((10, 11, 12), (13, 14), (15, 16)), YELLOW),
+    )),
+    Example("Face Fusion - train an adapter (Flux)", (
+        Stage("1. FLUX.1 model and face analyzer",
+              f"Train on the model you will generate with: {FLUX}\ndlib aligns each photo's face as its reference "
+              "crop (no downloads).", ((1, 2), (3, 4))),
+        Stage("2. Train",
+              "Photos of faces (10 or more), each with a same-name .txt caption, in ComfyUI/input/likeness_faces/."
+              "\nOnly the adapter learns (rank 16 per block; bf16 where the GPU has it, gradient checkpointing on); "
+              "FLUX.1 dev itself is 24 GB in bf16, so this needs a large GPU. guidance 3.5 is what the adapter is "
+              "trained under: sample with the same. Saves models/likeness/fusion/my_flux_face.safetensors. Cancel "
+              "keeps the last checkpoint: Run again continues from it (resume auto; the seed is fixed). Run again "
+              "after it finished: the finished adapter is returned, nothing is retrained.", ((5,), (6,)), PURPLE),
+        Stage("3. Try it: reference face",
+              "A photo of someone to test the adapter with, aligned like the training crops.", ((7,), (8, 9)),
+              GREEN),
+        Stage("4. Apply Face Fusion",
+              "Uses the adapter just trained (or the one loaded from the cache when nothing changed).", ((10,),),
+              GREEN),
+        Stage("5. Prompt and sample",
+              "cfg 1 with FluxGuidance 3.5 (as trained), euler / simple, 20 steps. Expect a 1024x1024 image in "
+              "output/ (likeness_fusion_flux_trained_*.png).", ((11, 12, 13), (14, 15), (16, 17)), YELLOW),
     )),
     Example("ConsistentID - portrait", (
         Stage("1. Models",
@@ -473,6 +524,37 @@ EXAMPLES: tuple[Example, ...] = (
               ((6, 7), (8,)), GREEN),
         _sample_stage("4. Sample", f"a 512x512 face from the French description. {M3FACE_SAMPLING}",
                       ((9, 10), (11, 12))),
+    )),
+    Example("PuLID-FLUX - portrait", (
+        Stage("1. FLUX.1 model",
+              f"{FLUX} FLUX.1 schnell loads the same way (4 steps; it has no guidance input).", ((1, 2, 3),)),
+        Stage("2. PuLID-FLUX files and face analysis", PULID_FILES, ((4, 5), (6, 7))),
+        Stage("3. Reference face to ID tokens",
+              "A clear photo of the person. PuLID-FLUX Embed makes 32 ID tokens from it (the antelopev2 embedding and "
+              "EVA-CLIP of the aligned, parsed face). A batch of photos of one person is averaged; an image without "
+              "a face stops with its name.", ((8,), (9,)), GREEN),
+        Stage("4. Apply PuLID-FLUX",
+              "After every 2nd double block and every 4th single block the image tokens attend to the ID tokens. "
+              + PULID_APPLY, ((10,),), GREEN),
+        Stage("5. Prompt and sample",
+              PULID_SAMPLING + "an 896x1152 portrait of the person in output/ (likeness_pulid_flux_*.png).",
+              ((11, 12, 13), (14, 15), (16, 17)), YELLOW),
+    )),
+    Example("PuLID-FLUX - two people with masks", (
+        Stage("1. FLUX.1 model", FLUX, ((1, 2, 3),)),
+        Stage("2. PuLID-FLUX files and face analysis", PULID_FILES, ((4, 5), (6, 7))),
+        Stage("3. Person A", "Photo of the person for the left side of the image.", ((8,), (9,)), GREEN),
+        Stage("4. Person B", "Photo of the person for the right side (the loaders of stage 2 serve both).",
+              ((20,), (21,)), GREEN),
+        Stage("5. Where each person goes",
+              "Masks of the output size (1152x896): left half for A, right half for B. Image tokens outside a "
+              "person's mask get nothing from that person.", ((30, 31), (32, 33)), BROWN),
+        Stage("6. Two Apply PuLID-FLUX",
+              "One Apply per person, each with its embeds and mask; B's takes the model A's returns. " + PULID_APPLY,
+              ((10, 18),), GREEN),
+        Stage("7. Prompt and sample",
+              PULID_SAMPLING + "a 1152x896 image with A on the left and B on the right (likeness_pulid_flux_two_*.png). "
+              "Ask for two people in the prompt.", ((11, 12, 13), (14, 15), (16, 17)), YELLOW),
     )),
 )
 
