@@ -26,6 +26,7 @@ TRAINED = "workflow_flux_face"
 WORKFLOWS = {"PuLID-FLUX - portrait": ("likeness_pulid_flux", (896, 1152)),
              "PuLID-FLUX - two people with masks": ("likeness_pulid_flux_two", (1152, 896)),
              "Face Fusion - one identity (Flux)": ("likeness_fusion_flux", (1024, 1024))}
+IDENTITY_NODES = ("LikenessApplyPulidFlux", "LikenessApplyFaceFusion")
 FLUX_LOADERS = {"UNETLoader": 0, "DualCLIPLoader": 1, "VAELoader": 2}   # -> the tiny loader's output slot
 
 
@@ -129,6 +130,11 @@ def test_flux_example_workflow_runs(name, flux_workflow_env, execute_prompt):
     image = saved_image(flux_workflow_env, execute_prompt(prompt), prompt, prefix)
     (tiny,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "EmptySD3LatentImage"]
     assert image.shape == (tiny["height"], tiny["width"], 3) and image.std() > 0
+    for node in prompt.values():   # the identity nodes at weight 0: the plain model's image
+        if node["class_type"] in IDENTITY_NODES:
+            node["inputs"]["weight"] = 0.0
+    plain = saved_image(flux_workflow_env, execute_prompt(prompt), prompt, prefix)
+    assert np.abs(image.astype(int) - plain).max() > 0, "the identity changed nothing in the image"
 
 
 def test_two_people_example_chains_two_applies_each_with_its_person_and_half(flux_workflow_env):
