@@ -75,8 +75,8 @@ M3FACE_MODELS = ("v1-5-pruned-emaonly.safetensors (models fetch sd15-base) or an
 M3FACE_MUSE_NOTE = "Muse (aMUSEd) draws the condition from the description: 12 steps, guidance 10, fixed seed."
 M3FACE_SAMPLING = "uni_pc, 20 steps, CFG 7.5 (the authors' validation settings)."
 FLUX = ("flux1-dev.safetensors (models fetch flux1-dev: a gated repository, set HF_TOKEN) in models/diffusion_models/; "
-        "clip_l.safetensors and t5xxl_fp16.safetensors (flux-clip-l, flux-t5xxl-fp16) in models/text_encoders/; "
-        "ae.safetensors (flux-ae) in models/vae/.")
+        "clip_l.safetensors and t5xxl_fp16.safetensors (models fetch flux-clip-l flux-t5xxl-fp16) in "
+        "models/text_encoders/; ae.safetensors (models fetch flux-ae) in models/vae/.")
 PULID_FILES = ("pulid_flux_v0.9.1.safetensors (models fetch pulid-flux-v0.9.1) in models/pulid/; "
                "EVA02_CLIP_L_336_psz14_s6B.pt (eva02-clip-l-14-336; pip install timm) in models/clip_vision/; "
                "insightface antelopev2 (insightface-antelopev2: PuLID was trained on it); BiSeNet face_parsing.pth "
