@@ -19,7 +19,9 @@ import torch
 pytestmark = pytest.mark.host
 
 PULID_FILE, EVA_FILE = "pulid_tiny_examples.safetensors", "eva_tiny_examples.pt"
-SQUARE_PHOTOS = {"reference_portrait.png": 320, "person_a.png": 96, "person_b.png": 448}  # x of the white "face"
+# the examples' photos (x of the white "face"), written under this module's own names
+SQUARE_PHOTOS = {"reference_portrait.png": 320, "person_a.png": 96, "person_b.png": 448}
+PHOTO_PREFIX = "likeness_flux_"
 DLIB_PHOTO = "likeness_flux_astronaut.png"
 TRAINED = "workflow_flux_face"
 # example -> (its SaveImage prefix, the output size in the file)
@@ -66,8 +68,8 @@ def tiny_prompt(prompt: dict) -> dict:
         for name, value in node["inputs"].items():
             if isinstance(value, list) and value[0] in loaders:
                 node["inputs"][name] = [model, FLUX_LOADERS[loaders[value[0]]]]
-        if node["class_type"] == "LoadImage" and dlib:
-            node["inputs"]["image"] = DLIB_PHOTO
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = DLIB_PHOTO if dlib else PHOTO_PREFIX + node["inputs"]["image"]
         TINY_INPUTS.get(node["class_type"], lambda inputs: None)(node["inputs"])
     return prompt
 
@@ -95,7 +97,7 @@ def flux_workflow_env(host_env, host_test_nodes, pack_loaded):
     torch.save({f"visual.{k}": v for k, v in eva.state_dict().items()}, os.path.join(models, "clip_vision", EVA_FILE))
     write_tiny_insightface_pack(os.path.join(models, "insightface", "models", "antelopev2"))
     for name, x in SQUARE_PHOTOS.items():
-        Image.fromarray(square_image(x=x, y=192, side=64)).save(os.path.join(host_env.input, name))
+        Image.fromarray(square_image(x=x, y=192, side=64)).save(os.path.join(host_env.input, PHOTO_PREFIX + name))
     Image.fromarray(astronaut()).save(os.path.join(host_env.input, DLIB_PHOTO))
     # the executor runs the pack as ComfyUI imported it: swap the release EVA config for the tiny one there
     hosted = importlib.import_module(f"{pack_loaded.__name__}.techniques.pulid_flux.eva_clip")
