@@ -131,3 +131,17 @@ def test_every_model_file_an_example_reads_is_in_the_manifest_or_made_by_an_exam
                        "text_encoders/t5xxl_fp16.safetensors", "vae/ae.safetensors",
                        "pulid/pulid_flux_v0.9.1.safetensors", "clip_vision/EVA02_CLIP_L_336_psz14_s6B.pt",
                        "insightface/models/antelopev2", "likeness/parsing/face_parsing.pth"}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "Flux" in n or "FLUX" in n])
+def test_flux_example_notes_name_the_fetch_id_of_every_file_they_read(name):
+    """FLUX.1's files are large and spread over four folders: the notes name each one's 'models fetch' id."""
+    from likeness.cli import workflow_models as wf
+    from likeness.cli.manifest import load_manifest
+
+    entries = load_manifest()
+    (example,) = [e for e in EXAMPLES if e.name == name]
+    notes = " ".join(stage.note for stage in example.stages)
+    needed, _written = wf.workflow_files(wf.load_prompt(os.path.join(EXAMPLES_DIR, name + ".json"))[0])
+    ids = [wf.manifest_entry(entries, n).id for n in needed]
+    assert "flux1-dev" in ids and [i for i in ids if i not in notes] == []
