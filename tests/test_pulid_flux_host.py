@@ -203,5 +203,8 @@ def test_sampling_loads_the_cross_attentions_with_the_model(tiny_flux, pulid, cf
     latent = torch.zeros(1, 16, 8, 8)
     kwargs = dict(steps=2, cfg=cfg, positive=flux_conditioning(1), negative=flux_conditioning(2), latent=latent)
     patched = sample_tiny(model, **kwargs)
+    import comfy.model_management
+
+    assert any(loaded.model is pulid.patcher for loaded in comfy.model_management.current_loaded_models)
     plain = sample_tiny(tiny_flux, **kwargs)
     assert torch.isfinite(patched).all() and not torch.allclose(patched, plain)
