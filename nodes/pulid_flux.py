@@ -85,8 +85,7 @@ class EvaClipLoader:
     DISPLAY_NAME = "EVA-CLIP Loader (PuLID-FLUX)"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads the EVA02-CLIP-L-14-336 visual tower (EVA02_CLIP_L_336_psz14_s6B.pt) from models/"
-                   "clip_vision (or models/pulid, models/clip) for PuLID-FLUX Embed. Needs the Python package timm; "
-                   "nothing is downloaded.")
+                   "clip_vision (or models/pulid, models/clip) for PuLID-FLUX Embed; nothing is downloaded.")
     RETURN_TYPES = ("EVA_CLIP_VISION",)
     RETURN_NAMES = ("eva_clip",)
     FUNCTION = "load"
