@@ -259,3 +259,15 @@ def test_cli_usage_for_separate_model_files(tmp_path, capsys):
     assert cli_main.main([*base, "--diffusion-model", str(model), "--text-encoder", str(tmp_path / "t5.sft"),
                           "--vae", str(model)]) == cli_train.EXIT_USAGE
     assert "t5.sft: no such file" in capsys.readouterr().err
+
+
+def test_model_file_loaders_for_separate_files_refuse_missing_files_and_unknown_types(comfy_ready, tmp_path):
+    from likeness.errors import ModelFileError
+    from likeness.host.training import load_diffusion_model_file, load_text_encoder_files
+
+    with pytest.raises(ModelFileError, match="diffusion model file .* does not exist"):
+        load_diffusion_model_file(str(tmp_path / "flux1-dev.safetensors"))
+    with pytest.raises(ModelFileError, match="text encoder file .* does not exist"):
+        load_text_encoder_files([str(tmp_path / "clip_l.safetensors")])
+    with pytest.raises(ModelFileError, match="unknown text encoder type 'fluxx'"):
+        load_text_encoder_files([str(tmp_path / "clip_l.safetensors")], "fluxx")
