@@ -250,6 +250,7 @@ class ApplyPulidFlux:
                                         "get no ID. Chain another Apply node with another mask for a second person."}),
         }}
 
+    @shows_warnings
     def apply(self, model, pulid_flux, embeds, weight, start_at, end_at, uncond, mask=None):
         from ..techniques.pulid_flux.injector import apply_pulid_flux
 

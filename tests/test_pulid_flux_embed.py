@@ -186,3 +186,13 @@ def test_eva_inputs_are_the_official_resize_and_normalisation():
     faces = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(0))
     expected = functional.normalize(functional.resize(faces, 336, InterpolationMode.BICUBIC), OPENAI_MEAN, OPENAI_STD)
     torch.testing.assert_close(eva_inputs(faces, eva), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_without_timm_the_eva_loader_says_what_to_install(monkeypatch):
+    import sys
+
+    from likeness.deps import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(MissingDependencyError, match="pip install timm"):
+        build_eva_vision(TINY_EVA)
