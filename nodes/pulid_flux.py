@@ -2,8 +2,6 @@
 embeds, Apply (MODEL -> MODEL; chain two with two masks for two people)."""
 from __future__ import annotations
 
-import os
-
 from ..errors import InvalidInputError, ModelFileError
 from ..model_hints import ModelFolder
 from ..validation import check_images, check_masks
@@ -12,6 +10,7 @@ from ._common import (
     check_analyzer,
     checked_file_stem,
     file_choices,
+    file_stamp,
     float_input,
     int_input,
     percent_range_inputs,
@@ -202,10 +201,7 @@ class LoadPulidFluxEmbeds:
     def IS_CHANGED(cls, file):
         from ..techniques.pulid_flux.files import embeds_file
 
-        try:
-            return os.path.getmtime(embeds_file(file))
-        except OSError:
-            return float("nan")
+        return file_stamp(embeds_file, file)
 
     def load(self, file):
         from ..techniques.pulid_flux.embeds import load_pulid_embeds
