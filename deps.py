@@ -26,7 +26,6 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "cv2": ("OpenCV image operations", "pip install opencv-python-headless"),
     "skimage": ("scikit-image transforms", "pip install scikit-image"),
     "yaml": ("PyYAML (reads extra_model_paths.yaml; a ComfyUI requirement)", "pip install pyyaml"),
-    "timm": ("EVA02-CLIP visual tower (PuLID-FLUX's EVA-CLIP loader)", "pip install timm"),
     "diffusers": ("M3Face's Muse (aMUSEd) condition generator", "pip install 'diffusers>=0.32,<0.43'"),
 }
 

@@ -101,6 +101,15 @@ def resolved_path(resolver: Callable[..., str], *args) -> str:
         raise ModelFileError(str(exc)) from exc
 
 
+def file_stamp(resolver: Callable[..., str], *args) -> float:
+    """A loader's IS_CHANGED: the modification time of ``resolver(*args)``, NaN (always re-run) when it cannot be
+    found, so a file rewritten under the same name is read again."""
+    try:
+        return os.path.getmtime(resolver(*args))
+    except OSError:
+        return float("nan")
+
+
 def resume_input() -> tuple:
     """The trainers' ``resume`` combo (the loop's one resume policy)."""
     return (["auto", "fresh", "require"], {"default": "auto", "tooltip": "auto: continue this name's checkpoint when "

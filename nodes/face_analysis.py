@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from ..errors import InvalidInputError, ModelFileError
 from ..model_hints import ModelFolder
 from ..validation import check_images, check_masks
-from ._common import category, check_analyzer, checked_file_stem, file_choices, float_input, int_input, resolved_path
+from ._common import (
+    category,
+    check_analyzer,
+    checked_file_stem,
+    file_choices,
+    file_stamp,
+    float_input,
+    int_input,
+    resolved_path,
+)
 from ._feedback import shows_warnings
 
 logger = logging.getLogger("likeness")
@@ -325,10 +333,7 @@ class LoadFaceEmbeds:
     def IS_CHANGED(cls, file):
         from ..host.folders import resolve
 
-        try:
-            return os.path.getmtime(resolve("likeness", file, "embeds"))
-        except OSError:
-            return float("nan")
+        return file_stamp(resolve, "likeness", file, "embeds")
 
     def load(self, file):
         from ..face_analysis.embeds import load_embeds

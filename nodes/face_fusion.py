@@ -23,8 +23,10 @@ class FusionAdapterLoader:
     NODE_ID = "LikenessFusionAdapterLoader"
     DISPLAY_NAME = "Fusion Adapter Loader"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Loads a Face Fusion adapter (the per-layer Linear_kf / Linear_vf weights, .safetensors) from "
-                   "models/likeness/fusion/. Train one with the Fusion trainer node; there are no official weights.")
+    DESCRIPTION = ("Loads a Face Fusion adapter (SD1.5/SDXL: the per-layer Linear_kf / Linear_vf weights; Flux: the "
+                   "per-block key/value projections; .safetensors) from models/likeness/fusion/. Train one with the "
+                   "Fusion trainer node; there are no official weights. Apply Face Fusion says so when an adapter "
+                   "was made for another model.")
     RETURN_TYPES = ("FUSION_ADAPTER",)
     RETURN_NAMES = ("fusion_adapter",)
     FUNCTION = "load"

@@ -2,8 +2,6 @@
 embeds, Apply (MODEL -> MODEL; chain two with two masks for two people)."""
 from __future__ import annotations
 
-import os
-
 from ..errors import InvalidInputError, ModelFileError
 from ..model_hints import ModelFolder
 from ..validation import check_images, check_masks
@@ -12,6 +10,7 @@ from ._common import (
     check_analyzer,
     checked_file_stem,
     file_choices,
+    file_stamp,
     float_input,
     int_input,
     percent_range_inputs,
@@ -85,8 +84,7 @@ class EvaClipLoader:
     DISPLAY_NAME = "EVA-CLIP Loader (PuLID-FLUX)"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads the EVA02-CLIP-L-14-336 visual tower (EVA02_CLIP_L_336_psz14_s6B.pt) from models/"
-                   "clip_vision (or models/pulid, models/clip) for PuLID-FLUX Embed. Needs the Python package timm; "
-                   "nothing is downloaded.")
+                   "clip_vision (or models/pulid, models/clip) for PuLID-FLUX Embed; nothing is downloaded.")
     RETURN_TYPES = ("EVA_CLIP_VISION",)
     RETURN_NAMES = ("eva_clip",)
     FUNCTION = "load"
@@ -203,10 +201,7 @@ class LoadPulidFluxEmbeds:
     def IS_CHANGED(cls, file):
         from ..techniques.pulid_flux.files import embeds_file
 
-        try:
-            return os.path.getmtime(embeds_file(file))
-        except OSError:
-            return float("nan")
+        return file_stamp(embeds_file, file)
 
     def load(self, file):
         from ..techniques.pulid_flux.embeds import load_pulid_embeds
@@ -250,6 +245,7 @@ class ApplyPulidFlux:
                                         "get no ID. Chain another Apply node with another mask for a second person."}),
         }}
 
+    @shows_warnings
     def apply(self, model, pulid_flux, embeds, weight, start_at, end_at, uncond, mask=None):
         from ..techniques.pulid_flux.injector import apply_pulid_flux
 

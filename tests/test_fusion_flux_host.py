@@ -287,3 +287,19 @@ def test_an_untrained_adapter_joins_the_keys_kontext_gives_the_reference(tiny_fl
     (call, groups), = spy.records
     kontext = merge_heads(next(k for k in keys if k.shape[2] == 48)[:, :, 32:])
     assert groups[0].k.shape == kontext.shape and torch.allclose(groups[0].k, kontext, atol=1e-5)
+
+
+def test_an_adapter_for_the_real_flux_dev_blocks_on_meta(comfy_ready):
+    """FLUX.1 dev's structure (19 double + 38 single blocks of width 3072, 24 heads) on the meta device: the adapter is
+    derived from it without touching a weight; rank 16 gives 11.2 M fp32 parameters (45 MB)."""
+    import comfy.supported_models
+
+    from likeness.techniques.face_fusion import new_fusion_adapter
+    from test_attention_dit_host import FLUX_DEV_CONFIG
+
+    config = comfy.supported_models.Flux(dict(FLUX_DEV_CONFIG))
+    config.set_inference_dtype(torch.bfloat16, None)
+    adapter = new_fusion_adapter(config.get_model({}, device=torch.device("meta")))
+    assert (len(adapter.double_blocks), len(adapter.single_blocks), adapter.hidden) == (19, 38, 3072)
+    assert adapter.metadata["heads"] == "24" and adapter.metadata["base"] == "flux"
+    assert sum(p.numel() for p in adapter.parameters()) == 57 * 4 * 3072 * 16

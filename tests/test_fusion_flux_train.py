@@ -259,3 +259,34 @@ def test_cli_usage_for_separate_model_files(tmp_path, capsys):
     assert cli_main.main([*base, "--diffusion-model", str(model), "--text-encoder", str(tmp_path / "t5.sft"),
                           "--vae", str(model)]) == cli_train.EXIT_USAGE
     assert "t5.sft: no such file" in capsys.readouterr().err
+
+
+def test_model_file_loaders_for_separate_files_refuse_missing_files_and_unknown_types(comfy_ready, tmp_path):
+    from likeness.errors import ModelFileError
+    from likeness.host.training import load_diffusion_model_file, load_text_encoder_files
+
+    with pytest.raises(ModelFileError, match="diffusion model file .* does not exist"):
+        load_diffusion_model_file(str(tmp_path / "flux1-dev.safetensors"))
+    with pytest.raises(ModelFileError, match="text encoder file .* does not exist"):
+        load_text_encoder_files([str(tmp_path / "clip_l.safetensors")])
+    with pytest.raises(ModelFileError, match="unknown text encoder type 'fluxx'"):
+        load_text_encoder_files([str(tmp_path / "clip_l.safetensors")], "fluxx")
+
+
+def test_schnell_trains_without_a_guidance_input(comfy_ready, flux_setup):
+    """FLUX.1 schnell has no guidance embedding: the task passes ``y`` only (a ``guidance`` it ignores is not made)."""
+    from host_support import build_tiny_flux
+    from likeness.techniques.face_fusion import training as T
+
+    schnell = build_tiny_flux(depth=2, depth_single=4, guidance_embed=False)
+    task = T.task_for(schnell, flux_setup["data"], _settings())
+    with torch.inference_mode(), task.session():
+        extra = task._extra_conds(flux_setup["data"].pooled[:2], 2)
+    assert set(extra) == {"y"}
+    with torch.inference_mode():
+        adapter, result = T.train_on_data(schnell, flux_setup["data"], _settings(steps=2))
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    dev_task = T.task_for(flux_setup["model"], flux_setup["data"], _settings(guidance=2.0))
+    with torch.inference_mode(), dev_task.session():
+        dev_extra = dev_task._extra_conds(flux_setup["data"].pooled[:2], 2)
+    assert set(dev_extra) == {"y", "guidance"} and dev_extra["guidance"].tolist() == [2.0, 2.0]

@@ -203,5 +203,20 @@ def test_sampling_loads_the_cross_attentions_with_the_model(tiny_flux, pulid, cf
     latent = torch.zeros(1, 16, 8, 8)
     kwargs = dict(steps=2, cfg=cfg, positive=flux_conditioning(1), negative=flux_conditioning(2), latent=latent)
     patched = sample_tiny(model, **kwargs)
+    import comfy.model_management
+
+    assert any(loaded.model is pulid.patcher for loaded in comfy.model_management.current_loaded_models)
     plain = sample_tiny(tiny_flux, **kwargs)
     assert torch.isfinite(patched).all() and not torch.allclose(patched, plain)
+
+
+def test_blocks_off_the_schedule_are_not_touched_by_the_engine(tiny_flux, pulid):
+    """Only the 4 scheduled blocks of the tiny Flux (of 12) go through the engine's residual path."""
+    from likeness.attention_patches import attach_stats
+    from likeness.techniques.pulid_flux.injector import apply_pulid_flux
+
+    model = apply_pulid_flux(tiny_flux, pulid, make_embeds(), weight=1.0)
+    stats = attach_stats(model)
+    _call(model)
+    touched = {index for index, calls in stats.site_calls.items() if calls}
+    assert touched == {0, 2, 4, 8}   # double 0, 2 and single 0, 4 (sites 4 + block id)

@@ -76,6 +76,10 @@ def test_loaders_embed_save_load_and_two_people(tiny_flux, pulid_files, models_r
     (reloaded,) = LoadPulidFluxEmbeds().load("alice.safetensors")
     assert torch.equal(reloaded.tokens, alice.tokens)
 
+    other = type(reloaded)(reloaded.tokens, reloaded.uncond_tokens, "pulid_flux_v0.9.0.safetensors")
+    shown = ApplyPulidFlux().apply(tiny_flux, pulid, other, 1.0, 0.0, 1.0, "none")
+    assert "made with pulid_flux_v0.9.0.safetensors" in shown["ui"]["text"][0]
+
     reference = _call(tiny_flux)
     (off,) = ApplyPulidFlux().apply(tiny_flux, pulid, reloaded, 0.0, 0.0, 1.0, "zero ID (official true CFG)")
     assert torch.equal(_call(off), reference)

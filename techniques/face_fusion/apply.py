@@ -10,9 +10,10 @@ reference latents go through the same DiT with a one-token all-zero text, each b
 tokens' keys/values, the :class:`~.flux_adapter.FluxFusionAdapter` maps them (identity when untrained) and they join
 the block's ``[text; image]`` keys. The reference's image tokens sit where FLUX.1 Kontext puts a reference image
 (index 1 on the first RoPE axis, the generation's rows and columns), so an untrained adapter joins exactly the keys
-Kontext would give that latent at the first block. Masks apply on the image-token grid; text queries count as outside every mask
-(a masked identity is invisible to them, an unmasked one is seen by every query). ``reference_downsample`` is a
-UNet-only saving (the DiT reference pass keeps every key); the modes, uncond rows, budget and Eq. 7 are the same.
+Kontext would give that latent at the first block. Masks apply on the image-token grid; text queries count as
+outside every mask (a masked identity is invisible to them, an unmasked one is seen by every query).
+``reference_downsample`` is a UNet-only saving (the DiT reference pass keeps every key); the modes, uncond rows,
+budget and Eq. 7 are the same.
 
 Choices the paper leaves open (made here, used identically by the trainer):
 - ``weight`` multiplies the attention mass of the face keys (a logit bias ``log w``): 1 = the paper,

@@ -20,6 +20,10 @@ reference pass copies row i's ``y``, as a reference at sampling copies its posit
 (:mod:`...trainers.loop`) runs it: AdamW, gradient accumulation, seeded per-row randomness, progress +
 cancel, atomic checkpoints, the resume policy, data-parallel ranks, the loss curve.
 
+On a Flux-family DiT the same step runs as :class:`~.flux_training.FluxFusionTask` (rectified-flow velocity loss,
+``y`` + ``guidance``, bf16, per-block checkpointing); :func:`make_settings` and :func:`task_for` pick settings and
+task from the model, so the node and the command line call the same functions for either kind of model.
+
 References come from the face-analysis chain (``analyze`` + ``align_faces``: the ArcFace-template
 crop, as at inference). Without an analyzer, or for an image without a detectable face, the middle of
 the image is used instead (logged), and that image gets no face weighting.

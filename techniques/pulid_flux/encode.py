@@ -69,7 +69,7 @@ def face_feature_images(images: torch.Tensor, analysis: FaceAnalysis, parser: Fa
 
 def eva_inputs(face_images: torch.Tensor, eva: EvaClipVision) -> torch.Tensor:
     size = eva.image_size
-    # torchvision's resize (the official call) antialiases tensors when it shrinks them
+    # the official resize of a tensor (pipeline_flux.get_id_embedding) antialiases when it shrinks
     pixels = F.interpolate(face_images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
     mean = torch.tensor(eva.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(eva.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)

@@ -107,6 +107,10 @@ class PulidFluxInjector(ResidualInjector):
         return modules[index]
 
     # ------------------------------------------------------------------ the residual
+    def weight_at(self, site) -> float:
+        """0 off the schedule: the engine then runs those blocks untouched, without a residual call."""
+        return super().weight_at(site) if site.index in self.schedule else 0.0
+
     def residual(self, call: BlockCall, weight: float) -> list[tuple[list[int], torch.Tensor]]:
         index = self.schedule.get(call.site.index)
         if index is None:

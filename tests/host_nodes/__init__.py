@@ -11,45 +11,44 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 
-class LikenessTestTinySD15Loader:
-    """MODEL + CLIP + VAE: the tiny SD1.5-shaped UNet, tiny CLIP text model (real tokenizer), tiny VAE."""
+class _TinyModelLoader:
+    """MODEL + CLIP + VAE of random tiny models (``build(seed)`` gives the three)."""
+
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31,
+                                              "tooltip": "Seed of the random weights."})}}
+
+    def load(self, seed):
+        import host_support
+
+        return self.build(host_support, seed)
+
+
+class LikenessTestTinySD15Loader(_TinyModelLoader):
+    """The tiny SD1.5-shaped UNet, tiny CLIP text model (real tokenizer), tiny VAE."""
 
     DESCRIPTION = "Test only: tiny random SD1.5-shaped model, text encoder and VAE (context width 64)."
-    CATEGORY = "Likeness/Tests"
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31,
-                                              "tooltip": "Seed of the random weights."})}}
-
-    def load(self, seed):
-        import host_support
-
-        return (host_support.build_tiny_sd15(seed=seed), host_support.build_tiny_clip(seed=seed),
-                host_support.build_tiny_vae(seed=seed))
+    @staticmethod
+    def build(support, seed):
+        return support.build_tiny_sd15(seed=seed), support.build_tiny_clip(seed=seed), support.build_tiny_vae(seed=seed)
 
 
-class LikenessTestTinyFluxLoader:
-    """MODEL + CLIP + VAE: the tiny FLUX.1-dev-shaped DiT (ComfyUI's Flux class), its T5 + CLIP-L text encoder
-    and a 16-channel VAE: what UNETLoader + DualCLIPLoader (flux) + VAELoader give a Flux example."""
+class LikenessTestTinyFluxLoader(_TinyModelLoader):
+    """The tiny FLUX.1-dev-shaped DiT (ComfyUI's Flux class), its T5 + CLIP-L text encoder and a 16-channel VAE: what
+    UNETLoader + DualCLIPLoader (flux) + VAELoader give a Flux example."""
 
     DESCRIPTION = "Test only: tiny random FLUX.1-dev-shaped DiT, text encoders (T5 width 64, CLIP-L) and VAE."
-    CATEGORY = "Likeness/Tests"
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31,
-                                              "tooltip": "Seed of the random weights."})}}
-
-    def load(self, seed):
-        import host_support
-
-        return (host_support.build_tiny_flux(seed=seed), host_support.build_tiny_flux_clip(seed=seed),
-                host_support.build_tiny_flux_vae(seed=seed))
+    @staticmethod
+    def build(support, seed):
+        return (support.build_tiny_flux(seed=seed), support.build_tiny_flux_clip(seed=seed),
+                support.build_tiny_flux_vae(seed=seed))
 
 
 class LikenessTestImageStats:
