@@ -78,7 +78,7 @@ FLUX = ("flux1-dev.safetensors (models fetch flux1-dev: a gated repository, set 
         "clip_l.safetensors and t5xxl_fp16.safetensors (models fetch flux-clip-l flux-t5xxl-fp16) in "
         "models/text_encoders/; ae.safetensors (models fetch flux-ae) in models/vae/.")
 PULID_FILES = ("pulid_flux_v0.9.1.safetensors (models fetch pulid-flux-v0.9.1) in models/pulid/; "
-               "EVA02_CLIP_L_336_psz14_s6B.pt (eva02-clip-l-14-336; pip install timm) in models/clip_vision/; "
+               "EVA02_CLIP_L_336_psz14_s6B.pt (eva02-clip-l-14-336) in models/clip_vision/; "
                "insightface antelopev2 (insightface-antelopev2: PuLID was trained on it); BiSeNet face_parsing.pth "
                f"(bisenet-face-parsing). {MODELS_HINT}")
 PULID_APPLY = ("weight 1 = the official 'id weight' (0-3: more likeness, less prompt freedom). start_at 0.14 = the "
