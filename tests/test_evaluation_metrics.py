@@ -275,10 +275,14 @@ def test_node_prompt_input_is_one_prompt_or_one_line_per_image():
 def test_a_model_folder_of_the_wrong_kind_is_refused_naming_it(tmp_path):
     from evaluation_support import write_tiny_clip, write_tiny_dino
     from likeness.evaluation.encoders import load_clip, load_dino
+    from likeness.host.paths import local_user_paths
 
     dino = write_tiny_dino(str(tmp_path / "dino"))
     clip = write_tiny_clip(str(tmp_path / "clip"))
-    with pytest.raises(ModelFileError, match="holds a 'vit' model; CLIP-T and CLIP-I need a full CLIP model"):
-        load_clip(dino)
-    with pytest.raises(ModelFileError, match="holds a 'clip' model; the DINO metric needs a ViT"):
-        load_dino(clip)
+    # the folders are outside ComfyUI's models folder: read them as the command line does (the server's path rule
+    # has its own tests), so the check under test is the model kind also where ComfyUI is on the path
+    with local_user_paths():
+        with pytest.raises(ModelFileError, match="holds a 'vit' model; CLIP-T and CLIP-I need a full CLIP model"):
+            load_clip(dino)
+        with pytest.raises(ModelFileError, match="holds a 'clip' model; the DINO metric needs a ViT"):
+            load_dino(clip)
