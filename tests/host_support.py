@@ -215,6 +215,21 @@ def example_prompt(name: str) -> dict:
 # Weight initialisation
 
 
+def shared_model(maxsize: int):
+    """``functools.lru_cache`` for the tiny-model builders, building outside inference mode: the models are shared
+    by the whole test process, and one first built inside the executor (test nodes run under ComfyUI's inference
+    mode) must still serve a later test that records autograd (a trainer, a node called directly)."""
+    def decorate(build):
+        @functools.wraps(build)
+        def outside_inference(*args, **kwargs):
+            import torch
+
+            with torch.inference_mode(False):
+                return build(*args, **kwargs)
+        return functools.lru_cache(maxsize=maxsize)(outside_inference)
+    return decorate
+
+
 def init_weights(module, seed: int = 0, std: float = 0.02, fan_in_gain: float | None = None):
     """Norm gains 1 (``weight``, RMSNorm's ``scale``), biases 0, every other parameter N(0, std); deterministic for a
     seed.
@@ -292,13 +307,13 @@ def _patcher(model_config_cls, unet_config: dict, seed: int):
     return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
 
 
-@functools.lru_cache(maxsize=8)
+@shared_model(maxsize=8)
 def _cached_sd15(seed, context_dim, model_channels, in_channels):
     import comfy.supported_models
     return _patcher(comfy.supported_models.SD15, sd15_unet_config(model_channels, context_dim, in_channels), seed)
 
 
-@functools.lru_cache(maxsize=4)
+@shared_model(maxsize=4)
 def _cached_sdxl(seed, context_dim, model_channels, in_channels, adm_in_channels=2816):
     import comfy.supported_models
     return _patcher(comfy.supported_models.SDXL,
@@ -340,7 +355,7 @@ def flux_dit_config(hidden: int = 64, heads: int = 4, depth: int = 4, depth_sing
     }
 
 
-@functools.lru_cache(maxsize=4)
+@shared_model(maxsize=4)
 def _cached_flux(seed, hidden, depth, depth_single, guidance_embed):
     import comfy.supported_models
     config_cls = comfy.supported_models.Flux if guidance_embed else comfy.supported_models.FluxSchnell
@@ -377,7 +392,7 @@ def tiny_t5_config(width: int = TINY_CONTEXT_DIM, layers: int = 2, heads: int = 
             "pad_token_id": 0, "relative_attention_num_buckets": 32, "tie_word_embeddings": False, "vocab_size": 32128}
 
 
-@functools.lru_cache(maxsize=2)
+@shared_model(maxsize=2)
 def _cached_flux_clip(seed, t5_width, clip_width):
     import comfy.sd
     import comfy.sd1_clip
@@ -462,7 +477,7 @@ def tiny_text_config(hidden: int = TINY_CONTEXT_DIM, layers: int = 2, heads: int
     }
 
 
-@functools.lru_cache(maxsize=4)
+@shared_model(maxsize=4)
 def _cached_clip(seed, hidden):
     import comfy.sd
     import comfy.sd1_clip
@@ -492,7 +507,7 @@ def build_tiny_clip(seed: int = 0, hidden: int = TINY_CONTEXT_DIM):
     return _cached_clip(seed, hidden).clone()
 
 
-@functools.lru_cache(maxsize=2)
+@shared_model(maxsize=2)
 def _cached_sdxl_clip(seed, l_hidden, g_hidden, pooled_dim=None):
     import comfy.sd
     import comfy.sd1_clip
@@ -555,7 +570,7 @@ def tiny_ddconfig(z_channels: int = 4) -> dict:
             "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 
-@functools.lru_cache(maxsize=4)
+@shared_model(maxsize=4)
 def build_tiny_vae(seed: int = 0, latent_channels: int = 4):
     """A ``comfy.sd.VAE`` (AutoencoderKL, tiny ddconfig, random init): encode/decode like the SD VAE (FLUX's
     16-channel autoencoder with ``latent_channels=16``)."""
@@ -583,7 +598,7 @@ def tiny_clip_vision_config(hidden: int = 64, layers: int = 3, heads: int = 4, p
             "projection_dim": projection_dim, "torch_dtype": "float32"}
 
 
-@functools.lru_cache(maxsize=4)
+@shared_model(maxsize=4)
 def build_tiny_clip_vision(seed: int = 0, hidden: int = 64, projection_dim: int = 32):
     """A ``comfy.clip_vision.ClipVisionModel`` (fp32 on CPU) from a tiny ViT-H-like JSON config."""
     import comfy.clip_vision

@@ -18,7 +18,10 @@ buffalo_l-shaped pack that insightface's own ``model_zoo`` routes exactly like t
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -133,6 +136,20 @@ def tiny_landmark_3d68(seed: int = 3):
 
 def tiny_genderage(seed: int = 2):
     return _linear_model("tiny_genderage", 96, 8, 3, seed, batch=1)
+
+
+@contextlib.contextmanager
+def tiny_pack_installed(models_root: str, name: str) -> Iterator[str]:
+    """The tiny pack as ``models/insightface/models/<name>`` of a shared models folder while inside, removed after:
+    a test that leaves it there would hide the missing-pack messages other tests check."""
+    directory = os.path.join(models_root, "insightface", "models", name)
+    existed = os.path.exists(directory)
+    write_tiny_insightface_pack(directory)
+    try:
+        yield directory
+    finally:
+        if not existed:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def write_tiny_insightface_pack(directory: str, detector_outputs: int = 9, batched: bool = False,

@@ -85,7 +85,7 @@ def flux_workflow_env(host_env, host_test_nodes, pack_loaded):
 
     from face_fixtures import astronaut
     from likeness.techniques.pulid_flux import checkpoint, eva_clip
-    from onnx_face_models import square_image, write_tiny_insightface_pack
+    from onnx_face_models import square_image, tiny_pack_installed
     from pulid_support import EMBED_ENCODER, TINY_CA, TINY_EVA, seeded_, tiny_pulid
 
     models = host_env.models
@@ -95,7 +95,6 @@ def flux_workflow_env(host_env, host_test_nodes, pack_loaded):
     os.makedirs(os.path.join(models, "clip_vision"), exist_ok=True)
     eva = seeded_(eva_clip.build_eva_vision(TINY_EVA), 5, 0.05)
     torch.save({f"visual.{k}": v for k, v in eva.state_dict().items()}, os.path.join(models, "clip_vision", EVA_FILE))
-    write_tiny_insightface_pack(os.path.join(models, "insightface", "models", "antelopev2"))
     for name, x in SQUARE_PHOTOS.items():
         Image.fromarray(square_image(x=x, y=192, side=64)).save(os.path.join(host_env.input, PHOTO_PREFIX + name))
     Image.fromarray(astronaut()).save(os.path.join(host_env.input, DLIB_PHOTO))
@@ -103,8 +102,11 @@ def flux_workflow_env(host_env, host_test_nodes, pack_loaded):
     hosted = importlib.import_module(f"{pack_loaded.__name__}.techniques.pulid_flux.eva_clip")
     release = hosted.EVA02_L_336
     hosted.EVA02_L_336 = TINY_EVA
-    yield host_env
-    hosted.EVA02_L_336 = release
+    try:
+        with tiny_pack_installed(models, "antelopev2"):
+            yield host_env
+    finally:
+        hosted.EVA02_L_336 = release
 
 
 def saved_image(env, outputs: dict, prompt: dict, prefix: str) -> np.ndarray:

@@ -124,7 +124,16 @@ def test_bad_inputs_are_clear_messages(tiny_flux, tiny_sd15, pulid_files):
         ApplyPulidFlux().apply(tiny_flux, pulid, embeds, 1.0, 0.0, 1.0, "none", mask=torch.full((1, 8, 8), 3.0))
 
 
-def test_embed_chain_in_the_real_executor(execute_prompt, host_env, pack_loaded, monkeypatch):
+@pytest.fixture
+def host_antelopev2(host_env):
+    """The tiny pack as antelopev2 in the shared models folder for one test (removed after it)."""
+    from onnx_face_models import tiny_pack_installed
+
+    with tiny_pack_installed(host_env.models, "antelopev2") as pack:
+        yield pack
+
+
+def test_embed_chain_in_the_real_executor(execute_prompt, host_env, pack_loaded, monkeypatch, host_antelopev2):
     """Load Image -> insightface (antelopev2) + landmark parser + PuLID-FLUX / EVA-CLIP loaders -> Embed -> Save, in
     ComfyUI's own executor with the files in its models folder; the saved file loads back."""
     import importlib
@@ -134,7 +143,7 @@ def test_embed_chain_in_the_real_executor(execute_prompt, host_env, pack_loaded,
 
     from likeness.techniques.pulid_flux import checkpoint, eva_clip
     from likeness.techniques.pulid_flux.embeds import load_pulid_embeds
-    from onnx_face_models import square_image, write_tiny_insightface_pack
+    from onnx_face_models import square_image
 
     models = host_env.models
     os.makedirs(os.path.join(models, "pulid"), exist_ok=True)
@@ -144,7 +153,6 @@ def test_embed_chain_in_the_real_executor(execute_prompt, host_env, pack_loaded,
     eva = seeded_(eva_clip.build_eva_vision(TINY_EVA), 5, 0.05)
     torch.save({f"visual.{k}": v for k, v in eva.state_dict().items()},
                os.path.join(models, "clip_vision", "eva_tiny_exec.pt"))
-    write_tiny_insightface_pack(os.path.join(models, "insightface", "models", "antelopev2"))
     # the executor runs the pack as ComfyUI imported it: swap the release EVA config for the tiny one there
     hosted = importlib.import_module(f"{pack_loaded.__name__}.techniques.pulid_flux.eva_clip")
     monkeypatch.setattr(hosted, "EVA02_L_336", TINY_EVA)
