@@ -16,7 +16,7 @@ CAPTURE_CHOICES = {
     "cached: clean reference": "cached_clean",
     "cached: noised reference": "cached_sigma",
 }
-SITE_CHOICES = ["all", "input", "middle", "output", "custom"]
+SITE_CHOICES = ["all", "input", "middle", "output", "double", "single", "custom"]
 
 
 class FusionAdapterLoader:
@@ -58,9 +58,11 @@ class FusionAdapterNew:
     NODE_ID = "LikenessFusionAdapterNew"
     DISPLAY_NAME = "Fusion Adapter New"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Creates an untrained Face Fusion adapter for this model: every cross-attention layer gets "
-                   "Linear_kf / Linear_vf copied from the same block's self-attention to_k / to_v, so it starts as "
-                   "'reference attention'. Feed it to the Fusion trainer (or try it untrained).")
+    DESCRIPTION = ("Creates an untrained Face Fusion adapter for this model. SD1.5/SDXL: every cross-attention layer "
+                   "gets Linear_kf / Linear_vf copied from the same block's self-attention to_k / to_v, so it starts as "
+                   "'reference attention'. Flux: every block gets a low-rank projection of the reference's keys and "
+                   "values that starts as the identity (plain reference tokens in the joint attention). Feed it to the "
+                   "Fusion trainer (or try it untrained).")
     RETURN_TYPES = ("FUSION_ADAPTER",)
     RETURN_NAMES = ("fusion_adapter",)
     FUNCTION = "create"
@@ -68,13 +70,17 @@ class FusionAdapterNew:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The SD1.5 / SDXL model the adapter is made for (its layers set the shapes)."}),
+            "model": ("MODEL", {"tooltip": "The SD1.5 / SDXL / Flux model the adapter is made for (its layers set "
+                                "the shapes)."}),
+        }, "optional": {
+            "rank": int_input(16, 1, 256, "Flux only: rank of each block's key/value projection (more = more "
+                              "trainable weights)."),
         }}
 
-    def create(self, model):
-        from ..techniques.face_fusion import FusionAdapter
+    def create(self, model, rank=16):
+        from ..techniques.face_fusion import new_fusion_adapter
 
-        return (FusionAdapter.from_model(model),)
+        return (new_fusion_adapter(model, rank=rank),)   # rank: Flux only (a UNet adapter is full C x C)
 
 
 class FusionIdentity:
@@ -111,8 +117,9 @@ class ApplyFaceFusion:
     NODE_ID = "LikenessApplyFaceFusion"
     DISPLAY_NAME = "Apply Face Fusion"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Face Fusion: the reference face goes through the same UNet, and at every cross-attention layer "
-                   "its features become extra keys/values next to the prompt's, in one softmax. A reference batch is "
+    DESCRIPTION = ("Face Fusion: the reference face goes through the same UNet (or Flux DiT), and at every "
+                   "cross-attention layer (Flux: every block's joint attention) its features become extra keys/values "
+                   "next to the prompt's, in one softmax. A reference batch is "
                    "multi-reference (Eq. 6); an identities list with masks puts several people in one image (Eq. 7). "
                    "Stacks with the pack's other identity techniques.")
     RETURN_TYPES = ("MODEL",)
@@ -143,8 +150,9 @@ class ApplyFaceFusion:
                                       "schedule (0 = first step, 1 = last) the reference is noised to."),
             "uncond": (["none", "zeros", "same"], {"default": "none", "tooltip": "What the negative (CFG) pass "
                        "sees: none = text only (CFG pushes towards the face); zeros = blank face keys; same = the face."}),
-            "layers": (SITE_CHOICES, {"default": "all", "tooltip": "Which cross-attention layers get the face: all, "
-                       "or emphasise input/middle/output (others get 'other_layers'), or custom."}),
+            "layers": (SITE_CHOICES, {"default": "all", "tooltip": "Which layers get the face: all, or emphasise "
+                       "input/middle/output (SD1.5/SDXL) or double/single blocks (Flux); the others get "
+                       "'other_layers'; or custom."}),
             "other_layers": float_input(0.25, 0.0, 1.0, 0.05, "Weight factor of the layers not emphasised by 'layers'."),
             "custom_layers": ("STRING", {"default": "", "tooltip": "layers=custom: weights in layer order "
                               "'1, 1, 0.5, ...' or 'index:weight' pairs '0:1, 15:0.5'."}),

@@ -5,6 +5,13 @@ reference face keys ``K_f = Linear_kf(h_f)`` (paper Eq. 3-5); several references
 concatenated (Eq. 6, in the given order); several identities each get their own key block and the
 Eq. 7 mask keeps identity i's keys away from queries inside another identity's face mask.
 
+On a Flux-family DiT the same injector runs inside every block's joint attention (the engine's DiT path): the
+reference latents go through the same DiT with a one-token all-zero text, each block records the reference image
+tokens' keys/values, the :class:`~.flux_adapter.FluxFusionAdapter` maps them (identity when untrained) and they join
+the block's ``[text; image]`` keys. Masks apply on the image-token grid; text queries count as outside every mask
+(a masked identity is invisible to them, an unmasked one is seen by every query). ``reference_downsample`` is a
+UNet-only saving (the DiT reference pass keeps every key); the modes, uncond rows, budget and Eq. 7 are the same.
+
 Choices the paper leaves open (made here, used identically by the trainer):
 - ``weight`` multiplies the attention mass of the face keys (a logit bias ``log w``): 1 = the paper,
   0 = off (exactly the unpatched model), >1 strengthens.
@@ -53,12 +60,14 @@ from ...attention_patches import (
     install,
 )
 from ...attention_patches.capture import CAPTURE_MODES
+from ...attention_patches.dit import dit_query_bias
 from ...attention_patches.injectors import stacking_name
 from ...attention_patches.kernels import pool_key_grid, pooling_window, reference_grid
 from ...attention_patches.masks import eq7_bias, rows_for
 from ...attention_patches.placement import place
+from ...attention_patches.sigma import DIT_SITE_WEIGHT_MODES
 from ...errors import InvalidInputError
-from .adapter import FusionAdapter
+from .adapter import FusionAdapterBase
 
 logger = logging.getLogger("likeness")
 
@@ -88,7 +97,7 @@ class FusionInjector(JointInjector):
 
     needs_capture = True
 
-    def __init__(self, adapter: FusionAdapter, identities: Sequence[FusionIdentityLatents],
+    def __init__(self, adapter: FusionAdapterBase, identities: Sequence[FusionIdentityLatents],
                  capture_mode: str = "per_step", capture_percent: float = 0.5, uncond: str = "none",
                  reference_context: torch.Tensor | None = None, per_row: bool = False, noise_seed: int = 0,
                  name: str = INJECTOR_NAME, weight: float = 1.0, sigma_range: SigmaRange | None = None,
@@ -267,7 +276,7 @@ class FusionInjector(JointInjector):
             return None
         h, w = call.grid
         device = call.q.device
-        key = (h, w, str(device), tuple(rows), call.layout.chunk_size)
+        key = (h, w, str(device), tuple(rows), call.layout.chunk_size, call.image_span, int(call.q.shape[1]))
         if key in self._bias_cache:
             return self._bias_cache[key]
         inside = [rows_for(m.inside(h, w), rows, call.layout.chunk_size) if m is not None
@@ -278,6 +287,9 @@ class FusionInjector(JointInjector):
             batch = max(x.shape[0] for x in inside)
             stacked = torch.stack([x.expand(batch, -1) for x in inside])
             biases = list(eq7_bias(stacked))
+        if call.image_span is not None:   # DiT: text queries (and tokens past the grid) are outside every mask
+            biases = [dit_query_bias(call, bias, masked=mask is not None) for bias, mask in zip(biases, masks,
+                                                                                                strict=True)]
         if len(self._bias_cache) > 64:
             self._bias_cache.clear()
         self._bias_cache[key] = biases
@@ -301,7 +313,7 @@ def encode_reference_images(vae: Any, images: torch.Tensor, size: int = 512) -> 
     return vae.encode(pixels.movedim(1, -1))
 
 
-def apply_face_fusion(model: Any, adapter: FusionAdapter, identities: Sequence[FusionIdentityLatents],
+def apply_face_fusion(model: Any, adapter: FusionAdapterBase, identities: Sequence[FusionIdentityLatents],
                       weight: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
                       capture_mode: str = "per_step", capture_percent: float = 0.5, uncond: str = "none",
                       site_weights: SiteWeights | None = None, reference_context: torch.Tensor | None = None,
@@ -319,12 +331,24 @@ def apply_face_fusion(model: Any, adapter: FusionAdapter, identities: Sequence[F
     clone = model.clone()
     patch = install(clone)
     adapter.check_sites(patch.sites)
+    check_site_weights(site_weights, patch.dit)
     patch.add(FusionInjector(adapter, identities, capture_mode=capture_mode, capture_percent=capture_percent,
                              uncond=uncond, reference_context=reference_context, noise_seed=noise_seed,
                              per_row=per_row, name=stacking_name(patch.injectors, INJECTOR_NAME), weight=weight, sigma_range=SigmaRange(start_at, end_at),
                              site_weights=site_weights, reference_budget=reference_budget,
                              reference_downsample=reference_downsample))
     return clone
+
+
+def check_site_weights(site_weights: SiteWeights | None, dit: bool) -> None:
+    """The ``layers`` choice must name parts of this model: UNet parts (input/middle/output) on a UNet, block kinds
+    (double/single) on a DiT."""
+    if site_weights is None or site_weights.mode in ("all", "custom"):
+        return
+    if dit != (site_weights.mode in DIT_SITE_WEIGHT_MODES):
+        choices = "all, double, single or custom" if dit else "all, input, middle, output or custom"
+        raise InvalidInputError(f"layers={site_weights.mode!r} names a part of another kind of model; this MODEL is "
+                                f"{'a Flux-family DiT' if dit else 'an SD1.5/SDXL UNet'}: use {choices}")
 
 
 @dataclass(frozen=True)
@@ -351,11 +375,11 @@ def identities_from_images(vae: Any, identities: Sequence[FusionIdentityImages],
     return [FusionIdentityLatents(encode_reference_images(vae, i.images, size), i.mask) for i in identities]
 
 
-def apply_face_fusion_images(model: Any, adapter: FusionAdapter, vae: Any,
+def apply_face_fusion_images(model: Any, adapter: FusionAdapterBase, vae: Any,
                              identities: Sequence[FusionIdentityImages], reference_size: int = 512,
                              reference_conditioning: Any = None, **options) -> Any:
     """The node's core: encode references, then :func:`apply_face_fusion`."""
-    if not isinstance(adapter, FusionAdapter):
+    if not isinstance(adapter, FusionAdapterBase):
         raise InvalidInputError("'fusion_adapter' must come from a Fusion Adapter Loader / New node")
     if not identities:
         raise InvalidInputError("give a reference IMAGE or an identities list from Fusion Identity nodes")
