@@ -13,7 +13,7 @@ One benchmark run = one parent process that prints the configuration and starts 
 and reports its resident set, sampling peak and high-water mark), then one *timing* worker that builds the model
 once, applies every row to its own clone, warms each up and times them interleaved in a new seeded random order per
 round (paired per-round ratios are steadier than ratios of medians on a shared machine; CPU time steadier still).
-A benchmark script supplies its rows as ``{name: Row}``; a row's ``build(base, shape, dtype)`` returns the
+A benchmark script supplies its rows as ``{name: Row}``; a row's ``build(base, Setting)`` returns the
 patched clone, or raises :class:`RowUnavailable` (printed, the row is left out).
 """
 from __future__ import annotations
@@ -80,10 +80,19 @@ class Shape:
 TINY = Shape(hidden=128, heads=4, double=2, single=4, context_dim=64, vec_dim=32, latent=8, text_tokens=16)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What a row's build gets besides the base model."""
+
+    shape: Shape
+    dtype: object            # torch dtype of the DiT
+    files_dir: str           # where a row may write its random weight files once (tiny files under "tiny")
+
+
 @dataclass
 class Row:
     description: str
-    build: Callable          # (base ModelPatcher, Shape, dtype) -> ModelPatcher
+    build: Callable          # (base ModelPatcher, Setting) -> ModelPatcher
     targets: tuple = ()      # ((limit, other row), ...): paired wall ratio row / other <= limit
 
 
@@ -91,20 +100,41 @@ class RowUnavailable(RuntimeError):
     """A row that cannot run here (its code is not on this branch, a fetched copy is absent): printed, skipped."""
 
 
-def unpatched(base, shape, dtype):
+def unpatched(base, setting: Setting):
     return base.clone()
 
 
-CALLS: collections.Counter = collections.Counter()
+COUNTERS: dict[str, dict[str, Callable[[], int]]] = {}   # {row: {label: running total}}; the first label is "calls"
 
 
-def count_calls(modules, row: str) -> None:
-    """Count the forward calls of ``modules`` under ``row`` (printed per sampling run: shows a row's patch ran)."""
+def add_counter(row: str, label: str, total: Callable[[], int]) -> None:
+    """Report ``total()``'s growth per sampling run of ``row`` (shows that a row's patch ran, and how often)."""
+    COUNTERS.setdefault(row, {})[label] = total
+
+
+def count_calls(modules, row: str, label: str = "calls") -> None:
+    """Count the forward calls of ``modules`` under ``row``."""
+    calls = collections.Counter()
+
     def hook(module, inputs, output):
-        CALLS[row] += 1
+        calls["n"] += 1
 
     for module in modules:
         module.register_forward_hook(hook)
+    add_counter(row, label, lambda: calls["n"])
+
+
+def count_engine_work(model, row: str) -> None:
+    """The engine's own counters (``attach_stats``): blocks that did identity work, reference passes."""
+    from likeness.attention_patches import attach_stats
+
+    stats = attach_stats(model)
+    add_counter(row, "calls", lambda: sum(stats.site_calls.values()))
+    add_counter(row, "reference passes", lambda: stats.capture_passes)
+
+
+def _counts(name: str) -> dict[str, int]:
+    return {label: total() for label, total in COUNTERS.get(name, {}).items()}
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -202,9 +232,13 @@ def shape_of(args) -> Shape:
     return Shape(double=args.double, single=args.single, latent=args.latent, text_tokens=args.text_tokens)
 
 
-def _build_row(rows: dict, name: str, base, shape, dtype):
+def setting_of(args, dtype) -> Setting:
+    return Setting(shape_of(args), dtype, os.path.join(args.weights_dir, "tiny") if args.tiny else args.weights_dir)
+
+
+def _build_row(rows: dict, name: str, base, setting: Setting):
     try:
-        return rows[name].build(base, shape, dtype), None
+        return rows[name].build(base, setting), None
     except RowUnavailable as exc:
         return None, str(exc)
 
@@ -218,7 +252,7 @@ def memory_worker(rows: dict, name: str, args) -> dict:
     sample(base, positive, 8, 1)            # code paths and ComfyUI's allocations, tiny latent
     gc.collect()
     model_mib = _rss_kib() / 1024
-    model, skipped = _build_row(rows, name, base, shape, dtype)
+    model, skipped = _build_row(rows, name, base, setting_of(args, dtype))
     if model is None:
         return {"skipped": skipped}
     gc.collect()
@@ -242,23 +276,28 @@ def timing_worker(rows: dict, args) -> dict:
     positive = flux_conditioning(shape)
     models, skipped = {}, {}
     for name in rows:
-        model, reason = _build_row(rows, name, base, shape, dtype)
+        model, reason = _build_row(rows, name, base, setting_of(args, dtype))
         if model is None:
             skipped[name] = reason
         else:
             models[name] = model
-    CALLS.clear()
-    warmup = {name: sample(model, positive, shape.latent, args.steps)[0] for name, model in models.items()}
-    calls = dict(CALLS)       # the warm-up is one run per row
+    warmup, counts = {}, {}
+    for name, model in models.items():
+        before = _counts(name)
+        warmup[name] = sample(model, positive, shape.latent, args.steps)[0]
+        counts[name] = {label: [total - before[label]] for label, total in _counts(name).items()}
     times: dict[str, list] = {name: [] for name in models}
     order = list(models)
     shuffler = random.Random(0)
     for _ in range(args.rounds):
         shuffler.shuffle(order)
         for name in order:
+            before = _counts(name)
             times[name].append(sample(models[name], positive, shape.latent, args.steps))
+            for label, total in _counts(name).items():
+                counts[name][label].append(total - before[label])
     params = sum(p.numel() for p in base.model.diffusion_model.parameters())
-    return {"times": times, "warmup": warmup, "calls": calls, "skipped": skipped, "params": params, "build_s": build_s,
+    return {"times": times, "warmup": warmup, "counts": counts, "skipped": skipped, "params": params, "build_s": build_s,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "load": os.getloadavg()[0]}
 
@@ -324,7 +363,8 @@ def run_benchmark(script: str, title: str, rows: dict, args, extra_flags: list[s
 
 
 def report(rows: dict, timing: dict, memory: dict) -> None:
-    print("wall/cpu s: median per sampling run; calls: identity modules run per sampling run")
+    print("wall/cpu s: median per sampling run; calls: identity work per timed sampling run (cross-attentions run, "
+          "or blocks that joined face keys)")
     print(f"== host: torch {timing['torch']}, {timing['threads']} threads, {timing['cpu']}, load {timing['load']:.1f}; "
           f"DiT {timing['params'] / 1e6:.1f} M params (built in {timing['build_s']:.1f} s)")
     for name, reason in timing["skipped"].items():
@@ -336,11 +376,14 @@ def report(rows: dict, timing: dict, memory: dict) -> None:
     for name, runs in times.items():
         walls = [w for w, _ in runs]
         line = (f"{name:12s} {med(walls):8.2f} {min(walls):6.2f}-{max(walls):<6.2f} {med(c for _, c in runs):8.2f} "
-                f"{timing['warmup'][name]:8.2f} {timing['calls'].get(name, '-'):>6}")
+                f"{timing['warmup'][name]:8.2f} {_calls_per_run(timing['counts'][name]):>6}")
         if name != "unpatched" and "unpatched" in times:
             line += (f"  x{paired_ratio(runs, times['unpatched']):.3f} wall, "
                      f"x{paired_ratio(runs, times['unpatched'], 1):.3f} cpu")
         print(line)
+    for name, counts in timing["counts"].items():
+        for label, values in list(counts.items())[1:]:
+            print(f"  {name}: {label}: {values[0]} in the warm-up run, {values[1:]} in the timed runs")
     for name, row in rows.items():
         for limit, other in row.targets:
             if name not in times or other not in times:
@@ -352,6 +395,14 @@ def report(rows: dict, timing: dict, memory: dict) -> None:
                   f"{'PASS' if wall <= limit else 'MISS'}")
     if memory:
         print_memory(memory)
+
+
+def _calls_per_run(counts: dict) -> str:
+    """The first counter's value per timed run (one number when every run did the same)."""
+    if not counts:
+        return "-"
+    values = set(next(iter(counts.values()))[1:])
+    return str(values.pop()) if len(values) == 1 else "/".join(map(str, sorted(values)))
 
 
 def paired_ratio(runs, base, which: int = 0) -> float:

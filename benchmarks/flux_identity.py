@@ -8,14 +8,15 @@ block, hits 1 of 2 double and 1 of 4 single blocks, close to the full model's 10
 tokens; bf16). Rows, side by side in one timing process:
 
 - ``unpatched``: the model as loaded;
-- ``ours``: the pack's PuLID-FLUX (``techniques/pulid_flux``): the official ``pulid_ca`` cross-attentions (random
-  weights in the official layout, through the pack's loader) as a ``ResidualInjector`` on the engine's DiT sites,
-  a random ID embedding [1, 32, 2048], weight 1, whole schedule; targets: <= 1.05 x unpatched, <= 1.0 x lldacing;
+- ``ours``: the pack's PuLID-FLUX (``techniques/pulid_flux``, ``apply_pulid_flux`` with the Apply node's defaults:
+  weight 1, start 0, end 1, no mask, zero-ID uncond): the released file's layout and dtype (bf16; random values)
+  through the pack's loader, its ID cross-attentions as a ``ResidualInjector`` on the engine's DiT sites, a random
+  ID embedding [1, 32, 2048]; targets: <= 1.05 x unpatched, <= 1.0 x lldacing;
 - ``lldacing``: ``github:lldacing/ComfyUI_PuLID_Flux_ll`` (the most used ComfyUI port), extracted from the fetched
   mirror (``--lldacing-mirror``, a bare git repository) to a temporary folder at run time and imported there, run
-  through its own ``ApplyPulidFlux`` node function with its defaults (weight 1, start 0, end 1, no options: align
-  mode 1) on the same model: its ``PulidFluxModel`` (IDFormer + 20 ``PerceiverAttentionCA``, the official shapes,
-  PyTorch's default random init, wrapped in a ModelPatcher as its loader does) computes the ID embedding from
+  through its own ``PulidFluxModelLoader`` (the same random file as ours) and ``ApplyPulidFlux`` node functions
+  with their defaults (weight 1, start 0, end 1, no options: align mode 1) on the same model: its
+  ``PulidFluxModel`` (IDFormer + 20 ``PerceiverAttentionCA``) computes the ID embedding from
   stand-ins for what needs model files: the face analyser (one face, random 512-d embedding), EVA-CLIP (random
   768-d feature + 5 hidden states [1, 577, 1024]) and facexlib's detection/parsing models (random parsing logits;
   facexlib is stubbed as a module, its functions are not on the patch path). Its sampling path is its own: the
@@ -46,12 +47,50 @@ EMBED_TOKENS, EMBED_DIM = 32, 2048      # the IDFormer's output: 32 tokens of 20
 
 # ------------------------------------------------------------------------------------------ ours
 
-def build_ours(base, shape, dtype):
+def random_release_file(setting) -> str:
+    """A safetensors file in the released ``pulid_flux_v0.9.1`` layout and dtype (bf16; the layout file in
+    tests/data/checkpoint_layouts) with random values (N(0, 0.02), norms 1/0), written once; ``--tiny`` gives the
+    cross-attentions the tiny model's width. Both implementations load it through their own loader."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    width = setting.shape.hidden
+    path = os.path.join(setting.files_dir, f"pulid_flux_v0.9.1-random-{width}.safetensors")
+    if os.path.isfile(path):
+        return path
+    with open(os.path.join(os.path.dirname(HERE), "tests", "data", "checkpoint_layouts", "pulid_flux_v0.9.1.json"),
+              encoding="utf-8") as f:
+        layout = json.load(f)["groups"][""]
+    generator = torch.Generator().manual_seed(7)
+    tensors = {}
+    for key, spec in layout.items():
+        shape = [width if n == 3072 else n for n in spec["shape"]]
+        dtype = getattr(torch, spec["dtype"])
+        if "norm" in key:
+            tensors[key] = torch.full(shape, 1.0 if key.endswith("weight") else 0.0, dtype=dtype)
+        else:
+            tensors[key] = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+    os.makedirs(setting.files_dir, exist_ok=True)
+    save_file(tensors, path + ".part")
+    os.replace(path + ".part", path)
+    return path
+
+
+def build_ours(base, setting):
     try:
-        from likeness.techniques import pulid_flux  # noqa: F401
+        from likeness.techniques.pulid_flux import PulidFluxEmbeds, apply_pulid_flux, load_pulid_flux
     except ImportError as exc:
         raise RowUnavailable(f"the pack's PuLID-FLUX is not on this branch ({exc})") from exc
-    raise RowUnavailable("the pack's PuLID-FLUX injector is not wired into this benchmark yet")
+    import torch
+
+    pulid = load_pulid_flux(random_release_file(setting))
+    flux_bench.count_calls(pulid.cross_attentions, "ours")
+    generator = torch.Generator().manual_seed(8)
+    embeds = PulidFluxEmbeds(tokens=torch.randn(1, EMBED_TOKENS, EMBED_DIM, generator=generator),
+                             uncond_tokens=torch.zeros(1, EMBED_TOKENS, EMBED_DIM), encoder=pulid.source)
+    return apply_pulid_flux(base, pulid, embeds, weight=1.0, start_at=0.0, end_at=1.0)
 
 
 # ------------------------------------------------------------------------------------------ lldacing's port
@@ -156,27 +195,39 @@ class _EvaClip:
         return torch.randn(batch, 768, generator=generator).to(image.dtype), hidden
 
 
-def build_lldacing(base, shape, dtype):
+def load_lldacing_model(pulidflux, path: str, width: int):
+    """The port's ``PulidFluxModelLoader`` on ``path``; at ``--tiny`` width its three steps by hand with
+    cross-attentions of that width (its class builds FLUX.1's)."""
     import comfy.model_management as mm
     import comfy.model_patcher
+    import folder_paths
+    import torch
+
+    if width == 3072:
+        folder_paths.add_model_folder_path("pulid", os.path.dirname(path))
+        (patcher,) = pulidflux.PulidFluxModelLoader().load_model(os.path.basename(path))
+        return patcher
+    model = pulidflux.PulidFluxModel()
+    encoders = importlib.import_module(LLDACING_PACKAGE + ".encoders_flux")
+    model.pulid_ca = torch.nn.ModuleList(encoders.PerceiverAttentionCA(dim=width) for _ in model.pulid_ca)
+    model.from_pretrained(path=path)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_lldacing(base, setting):
     import torch
 
     pulidflux, hook = import_lldacing(os.environ.get("LIKENESS_LLDACING_MIRROR", LLDACING_MIRROR))
-    pulid_model = pulidflux.PulidFluxModel()
-    if shape.hidden != 3072:        # --tiny: CAs of the tiny model's width (the IDFormer stays official)
-        pulid_model.pulid_ca = torch.nn.ModuleList(
-            importlib.import_module(LLDACING_PACKAGE + ".encoders_flux").PerceiverAttentionCA(dim=shape.hidden)
-            for _ in pulid_model.pulid_ca)
-    flux_bench.count_calls(pulid_model.pulid_ca, "lldacing")
-    pulid = comfy.model_patcher.ModelPatcher(pulid_model, load_device=mm.get_torch_device(),
-                                             offload_device=mm.unet_offload_device())
+    pulid = load_lldacing_model(pulidflux, random_release_file(setting), setting.shape.hidden)
+    flux_bench.count_calls(pulid.model.pulid_ca, "lldacing")
     constants = importlib.import_module(LLDACING_PACKAGE + ".eva_clip.constants")
     image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         (model,) = pulidflux.ApplyPulidFlux().apply_pulid_flux(
             base, pulid, _EvaClip(constants.OPENAI_DATASET_MEAN, constants.OPENAI_DATASET_STD), _FaceAnalysis(),
             image, weight=1.0, start_at=0.0, end_at=1.0)
-    mark_last_double_block(model, hook, shape.double)
+    mark_last_double_block(model, hook, setting.shape.double)
     return model
 
 
