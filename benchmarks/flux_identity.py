@@ -249,9 +249,9 @@ def mark_last_double_block(model, hook, double_blocks: int) -> None:
 ROWS = {
     "unpatched": Row("the model as loaded", flux_bench.unpatched),
     "ours": Row("the pack's PuLID-FLUX injector (engine ResidualInjector), official schedule, weight 1, random ID "
-                "embedding", build_ours, targets=((1.05, "unpatched"), (1.0, "lldacing"))),
+                "embedding", build_ours, targets=((1.05, "unpatched"), (1.0, "lldacing")), prepare=random_release_file),
     "lldacing": Row("lldacing/ComfyUI_PuLID_Flux_ll ApplyPulidFlux with its defaults (rebinds forward_orig)",
-                    build_lldacing),
+                    build_lldacing, prepare=random_release_file),
 }
 
 
