@@ -339,7 +339,7 @@ def timing_worker(rows: dict, args) -> dict:
     for _ in range(args.rounds):
         shuffler.shuffle(order)
         for name in order:
-            waits.append(wait_for_quiet(args.quiet_wait))
+            waits.append(wait_for_quiet(args.quiet_wait, busy_cores=max(0.3, (os.cpu_count() or 1) - args.threads - 0.3)))
             before = _counts(name)
             times[name].append(sample(models[name], positive, shape.latent, args.steps))
             for label, total in _counts(name).items():
@@ -373,11 +373,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=1, help="sampling steps per timed run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine a one-thread run is preempted least; its "
+                             "walls repeat to ~2 %%, two threads' varied by 30 %%)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-row memory workers")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
-                        help="before each timed run wait up to this many seconds for other processes to use < 0.3 "
-                             "cores (0: never wait)")
+                        help="before each timed run wait up to this many seconds until other processes leave this "
+                             "run's threads a free core each (0: never wait)")
     parser.add_argument("--tiny", action="store_true",
                         help="CI smoke size: hidden 128, 2 + 4 blocks, 8x8 latent, 16 text tokens, 1 round, no quiet gate")
     parser.add_argument("--weights-dir", default=os.path.join(tempfile.gettempdir(), "likeness-flux-bench-weights"),
