@@ -12,7 +12,9 @@ One benchmark run = one parent process that prints the configuration and starts 
 (``worker_process.run_worker``): one *memory* worker per row (builds the model, applies that row only, samples once
 and reports its resident set, sampling peak and high-water mark), then one *timing* worker that builds the model
 once, applies every row to its own clone, warms each up and times them interleaved in a new seeded random order per
-round (paired per-round ratios are steadier than ratios of medians on a shared machine; CPU time steadier still).
+round (paired per-round ratios are steadier than ratios of medians on a shared machine). On a shared machine the
+walls repeat only with one torch thread (the default; two threads' walls varied by 30 %) and when the other
+processes leave that core free: before each timed run a quiet gate waits (at most ``--quiet-wait`` s) for that.
 A benchmark script supplies its rows as ``{name: Row}``; a row's ``build(base, Setting)`` returns the
 patched clone, or raises :class:`RowUnavailable` (printed, the row is left out).
 """

@@ -255,6 +255,17 @@ ROWS = {
 }
 
 
+def notes(args) -> list[str]:
+    commit = subprocess.run(["git", "-C", args.lldacing_mirror, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "absent"
+    return [f"both PuLID rows load one random file in the released pulid_flux_v0.9.1 layout and dtype (bf16, 20 ID "
+            f"cross-attentions + IDFormer) through their own loaders; ID embedding [1, {EMBED_TOKENS}, {EMBED_DIM}]",
+            f"lldacing: github:lldacing/ComfyUI_PuLID_Flux_ll @ {commit}, extracted to a temporary folder and "
+            "imported; stand-ins only for what needs model files off its patch path (insightface FaceAnalysis, "
+            "EVA-CLIP, facexlib); its last-double-block marker (hard-coded block 18) moved to this model's last "
+            "double block"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     flux_bench.add_arguments(parser)
@@ -269,7 +280,8 @@ def main(argv=None) -> int:
     if args.worker:
         return flux_bench.worker_main(rows, args)
     flux_bench.run_benchmark(__file__, "PuLID-FLUX on FLUX.1: ours vs lldacing's port vs unpatched", rows, args,
-                             extra_flags=["--lldacing-mirror", args.lldacing_mirror, "--rows", args.rows])
+                             extra_flags=["--lldacing-mirror", args.lldacing_mirror, "--rows", args.rows],
+                             notes=notes(args))
     return 0
 
 

@@ -47,7 +47,7 @@ def _run(script: str, *flags: str) -> str:
 
 def _rows(output: str) -> dict[str, str]:
     """``{row: the rest of its timing line}`` of the printed table."""
-    table = output.split("vs unpatched (median of per-round ratios)", 1)[1]
+    table = output.split("vs unpatched (median of per-round ratios", 1)[1]
     return {m.group(1): m.group(2) for m in re.finditer(r"^(\w[\w-]*) +(\d+\.\d+ .*)$", table, re.M)}
 
 
