@@ -112,6 +112,9 @@ class CaptureRequest:
     template_row: int = 0
     key_downsample: int = 1               # >1: reference self-attention keys pooled k x k at the top level
     template_rows: tuple[int, ...] | None = None
+    # DiT: the first RoPE axis of the reference's image tokens in its pass (0: the generation's own positions; FLUX.1
+    # Kontext puts reference images at 1, rows and columns unchanged), so its recorded keys carry those positions
+    dit_position_index: int = 0
 
 
 def move_tensors(value: Any, device: torch.device) -> Any:
@@ -159,11 +162,15 @@ class CapturedStates:
 class CaptureRecorder:
     """Collects ``h_f`` during a reference pass; raises :class:`CaptureComplete` when done."""
 
-    def __init__(self, wanted: frozenset[int], zero_context: bool = False, trim_text_attention: bool = False):
+    def __init__(self, wanted: frozenset[int], zero_context: bool = False, trim_text_attention: bool = False,
+                 position_index: int = 0, grid: tuple[int, int] | None = None):
         self.wanted = wanted
         self.states: dict[int, torch.Tensor] = {}
         self.zero_context = zero_context   # the reference stream sees an all-zero text context
         self.trim_text_attention = trim_text_attention   # ... and attn2 runs on one query token
+        self.position_index = position_index   # DiT: the reference image tokens' first RoPE axis (see CaptureRequest)
+        self.grid = grid                        # DiT: the reference's token grid
+        self.positions: Any = None              # DiT: the pass's rotary embedding, made once by the first block
 
     def record(self, site: Any, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
         """Keep ``hidden`` (a UNet site's ``h_f``; a DiT block's ``(k, v)``) for ``site``."""
@@ -283,17 +290,19 @@ def select_rows(value: Any, batch: int, rows: torch.Tensor) -> Any:
 
 
 def run_reference_passes(executor: Callable, request: CaptureRequest, ref: ReferenceBatch, options: dict,
-                         model_sampling: Any, batch_size: int, trim: bool, pass_key: str) -> tuple[dict, int]:
+                         model_sampling: Any, batch_size: int, trim: bool, pass_key: str,
+                         dit_grid: tuple[int, int] | None = None) -> tuple[dict, int]:
     """Run the reference UNet pass(es), at most ``batch_size`` references each, each stopped after the last
     wanted site. ``options`` is the pass's own copy of the transformer options (``pass_key`` gets the pass's
-    :class:`PassContext`). Returns ``({site: h_f}, passes run)``."""
+    :class:`PassContext`); ``dit_grid``: a DiT reference's token grid. Returns ``({site: h_f}, passes run)``."""
     count = ref.x.shape[0]
     step = max(1, batch_size)
     zero_context = request.context is None
     parts: list[dict[int, torch.Tensor]] = []
     for start in range(0, count, step):  # bounded activation memory
         stop = min(count, start + step)
-        recorder = CaptureRecorder(request.sites, zero_context, zero_context and trim)
+        recorder = CaptureRecorder(request.sites, zero_context, zero_context and trim, request.dit_position_index,
+                                   dit_grid)
         options[pass_key] = PassContext(0.0, model_sampling, (), {}, recorder)
         try:
             with torch.no_grad():

@@ -136,6 +136,8 @@ def run_block(patch: Any, entry: DitBlockEntry, args: dict, extra: dict, ctx: An
     if site.kind == "double" and isinstance(args.get("txt"), torch.Tensor):
         ctx.txt_tokens = int(args["txt"].shape[1])
     options = args.get("transformer_options") or {}
+    if ctx.recorder is not None and ctx.recorder.position_index:
+        args = dict(args, pe=reference_positions(patch, ctx.recorder, args))
     training = torch.is_grad_enabled()
     recompute = training and options.get(DIT_CHECKPOINT_KEY, True)
     inner = entry.inner(extra, recompute)
@@ -160,6 +162,32 @@ def run_block(patch: Any, entry: DitBlockEntry, args: dict, extra: dict, ctx: An
     if residual:
         out = add_residuals(out, site, ctx, residual, options)
     return out
+
+
+def reference_positions(patch: Any, recorder: Any, args: dict) -> torch.Tensor:
+    """The rotary embedding of a reference pass whose image tokens sit at ``recorder.position_index`` on the first
+    axis (Kontext's reference index; rows and columns as the generation's), text at 0 as ``forward_orig`` puts it;
+    made once per pass with the DiT's own ``pe_embedder`` from the ids ``process_img`` would give."""
+    if recorder.positions is not None:
+        return recorder.positions
+    pe = args["pe"]
+    embedder = getattr(patch.dit_ref(), "pe_embedder", None)
+    image = int(args["img"].shape[1])
+    tokens = image + (int(args["txt"].shape[1]) if "txt" in args else 0)
+    grid = recorder.grid if recorder.grid and recorder.grid[0] * recorder.grid[1] == image else None
+    if embedder is None or grid is None or pe.shape[2] != tokens:
+        patch._warn_once("refpos", "this DiT's reference tokens keep the generation's positions (no pe_embedder or an "
+                         "unexpected token layout)")
+        recorder.positions = pe
+        return pe
+    ids = torch.zeros(1, tokens, 3, dtype=torch.float32, device=pe.device)
+    rows = torch.arange(grid[0], dtype=torch.float32, device=pe.device)
+    cols = torch.arange(grid[1], dtype=torch.float32, device=pe.device)
+    ids[0, tokens - image:, 0] = float(recorder.position_index)
+    ids[0, tokens - image:, 1] = rows.repeat_interleave(grid[1])
+    ids[0, tokens - image:, 2] = cols.repeat(grid[0])
+    recorder.positions = embedder(ids).to(pe.dtype)
+    return recorder.positions
 
 
 class OutOfPlaceStream(torch.Tensor):

@@ -219,7 +219,8 @@ class IdentityAttentionPatch:
                                 "self-attention key (reference_downsample ignored)")
             trim = self.trim_reference_text_attention and token_safe_patches(transformer_options, self.attn2_input)
         recorded, passes = run_reference_passes(executor, request, ref, options, model_sampling, self.capture_batch,
-                                                trim, PASS_KEY)
+                                                trim, PASS_KEY, token_grid(ref.x.shape, self.patch_size) if self.dit
+                                                else None)
         states = CapturedStates(request.key, recorded, cached=request.cached)
         missing = request.sites - set(states.states)
         if missing:

@@ -9,6 +9,12 @@ process per GPU (or CPU process with gloo), each on its share of every batch::
     torchrun --nproc-per-node 4 path/to/likeness train fusion --data faces/ --checkpoint sd15.safetensors \\
         --name my_faces --batch-size 8
 
+Face Fusion on Flux takes the model as ComfyUI's separate files (or an all-in-one ``--checkpoint``)::
+
+    python path/to/likeness train fusion --data faces/ --diffusion-model flux1-dev.safetensors \\
+        --text-encoder clip_l.safetensors --text-encoder t5xxl_fp16.safetensors --vae ae.safetensors \\
+        --resolution 512 --guidance 3.5 --precision bf16
+
 Models are loaded by file through the host adapters (:mod:`..host.training`). Nothing here imports torch or
 ComfyUI before the arguments are parsed, so ``--help`` stays fast.
 """
@@ -33,6 +39,7 @@ COMMON_OPTIONS = {"steps": int, "lr": float, "batch_size": int, "grad_accumulati
                   "checkpoint_every": int, "resolution": int}
 FUSION_OPTIONS = {"reference_size": int, "crop_scale": float, "face_weight": float, "caption_dropout": float,
                   "reference_downsample": int}
+FLUX_FUSION_OPTIONS = {"guidance": float, "rank": int}   # fusion on a Flux model (ignored on SD1.5/SDXL)
 CONSISTENTID_OPTIONS = {"localization_weight": float, "condition_dropout": float, "background_mask_prob": float}
 
 
@@ -40,7 +47,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` sub-command's arguments."""
     parser.add_argument("technique", choices=TECHNIQUES, help="which adapter to train")
     parser.add_argument("--data", required=True, metavar="DIR", help="folder of images with same-stem .txt captions")
-    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="the SD1.5 checkpoint to train for")
+    parser.add_argument("--checkpoint", metavar="FILE", help="the single-file checkpoint to train for (SD1.5, SDXL "
+                                                               "or an all-in-one Flux file)")
+    parser.add_argument("--diffusion-model", metavar="FILE", help="instead of --checkpoint: a diffusion model file "
+                        "(e.g. flux1-dev.safetensors, as Load Diffusion Model), with --text-encoder and --vae")
+    parser.add_argument("--text-encoder", action="append", default=[], metavar="FILE", help="with --diffusion-model: "
+                        "a text encoder file, given once per file (Flux: clip_l and t5xxl, as DualCLIPLoader)")
+    parser.add_argument("--clip-type", default="flux", help="with --diffusion-model: the text encoders' type "
+                                                            "(DualCLIPLoader's 'type'; default flux)")
     parser.add_argument("--vae", metavar="FILE", help="use this VAE instead of the checkpoint's")
     parser.add_argument("--name", help="name of the result and training checkpoint in the models folder "
                                        "(default: my_face / my_consistentid, as the node)")
@@ -49,9 +63,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", choices=("auto", "fresh", "require"), default="auto",
                         help="auto: continue a matching checkpoint, else start over; fresh: start over; "
                              "require: continue or fail")
-    for name, kind in {**COMMON_OPTIONS, **FUSION_OPTIONS, **CONSISTENTID_OPTIONS}.items():
+    for name, kind in {**COMMON_OPTIONS, **FUSION_OPTIONS, **FLUX_FUSION_OPTIONS, **CONSISTENTID_OPTIONS}.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
                             help=f"{name.replace('_', ' ')} (default: the node's)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                        help="fusion on Flux: bf16 mixed precision or fp32 (default auto: bf16 where native)")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
+                        const=False, default=None, help="fusion on Flux: keep the blocks' activations (faster, more "
+                                                        "memory) instead of recomputing them in the backward pass")
     parser.add_argument("--reference-noise", choices=("same_sigma", "clean"), default=None, help="fusion")
     parser.add_argument("--adapter", metavar="FILE", help="fusion: continue training this adapter file")
     parser.add_argument("--analyzer", default=None, metavar="KIND",
@@ -122,7 +141,9 @@ def _train_fusion(args, model, clip, vae, sources):
     from ..techniques.face_fusion import training
     from ..techniques.face_fusion.adapter import load_fusion_adapter
 
-    settings = settings_from_args(training.FusionTrainSettings, args)
+    names = [*COMMON_OPTIONS, *FUSION_OPTIONS, *FLUX_FUSION_OPTIONS, "reference_noise", "precision",
+             "gradient_checkpointing"]
+    settings = training.make_settings(model, **{name: getattr(args, name, None) for name in names})
     result_path, checkpoint = training.run_paths(args.name)
     adapter = load_fusion_adapter(args.adapter) if args.adapter else None
     output = training.train_face_fusion(model, vae, clip, sources, settings, analyzer=_analyzer(args.analyzer),
@@ -155,11 +176,14 @@ def _load_host(args):
     """ComfyUI prepared in this process (after the process group chose this rank's GPU), models loaded."""
     from ..host.folders import register_model_folders
     from ..host.headless import prepare_host
-    from ..host.training import load_checkpoint_file, load_vae_file
+    from ..host.training import load_checkpoint_file, load_diffusion_model_file, load_text_encoder_files, load_vae_file
     from .runner import find_comfyui
 
     prepare_host(find_comfyui(args.comfyui), device=args.device, base_directory=args.base_directory)
     register_model_folders()
+    if args.diffusion_model:
+        return (load_diffusion_model_file(args.diffusion_model), load_text_encoder_files(args.text_encoder, args.clip_type),
+                load_vae_file(args.vae))
     model, clip, vae = load_checkpoint_file(args.checkpoint)
     return model, clip, load_vae_file(args.vae) if args.vae else vae
 
@@ -195,8 +219,20 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the command line before anything is loaded (None = nothing)."""
     if not os.path.isdir(args.data):
         return f"--data {args.data}: no such folder"
-    if not os.path.isfile(args.checkpoint):
-        return f"--checkpoint {args.checkpoint}: no such file"
+    if args.diffusion_model:
+        if args.checkpoint:
+            return "give either --checkpoint or --diffusion-model, not both"
+        if not args.text_encoder or not args.vae:
+            return "--diffusion-model needs --text-encoder FILE (once per file; Flux: clip_l and t5xxl) and --vae FILE"
+        files = [("--diffusion-model", args.diffusion_model), ("--vae", args.vae)] + \
+            [("--text-encoder", path) for path in args.text_encoder]
+    elif not args.checkpoint:
+        return "give --checkpoint FILE (or --diffusion-model FILE with --text-encoder and --vae)"
+    else:
+        files = [("--checkpoint", args.checkpoint)]
+    for option, path in files:
+        if not os.path.isfile(path):
+            return f"{option} {path}: no such file"
     if args.technique == "consistentid" and not args.clip_vision:
         return "consistentid needs --clip-vision FILE (CLIP-ViT-H-14)"
     return None

@@ -6,6 +6,7 @@ Layout under ComfyUI's ``models/``:
 - ``likeness/<kind>/``: the pack's own files (``fusion``, ``consistentid``, ``faceid``, ``parsing``,
   ``identities``, ``embeds``).
 - ``loras/likeness/``: LoRAs the pack trains (loaded by the stock LoraLoader).
+- ``pulid/``: PuLID-FLUX weights (the folder other PuLID-Flux packs use, so one copy serves both).
 
 Paths from ``extra_model_paths.yaml`` are kept: registration only adds the default folder and sets
 the extension filter.
@@ -25,6 +26,7 @@ LIKENESS_EXTENSIONS = WEIGHT_EXTENSIONS | {".json"}
 FOLDERS: dict[str, tuple[str, set[str]]] = {
     "insightface": ("insightface", INSIGHTFACE_EXTENSIONS),
     "likeness": ("likeness", LIKENESS_EXTENSIONS),
+    "pulid": ("pulid", WEIGHT_EXTENSIONS),   # PuLID-FLUX weights, where the ComfyUI PuLID ports keep them
 }
 LORA_SUBFOLDER = "likeness"
 

@@ -52,6 +52,30 @@ def load_checkpoint_file(path: str) -> tuple[Any, Any, Any]:
     return model, clip, vae
 
 
+def load_diffusion_model_file(path: str) -> Any:
+    """A diffusion model file (e.g. FLUX.1's transformer), as Load Diffusion Model (UNETLoader) loads it."""
+    import comfy.sd
+
+    path = _existing(path, "diffusion model")
+    model = comfy.sd.load_diffusion_model(path)
+    if model is None:
+        raise ModelFileError(f"'{path}' is not a diffusion model ComfyUI recognises")
+    return model
+
+
+def load_text_encoder_files(paths: Sequence[str], clip_type: str = "flux") -> Any:
+    """Text encoder files as one CLIP, as DualCLIPLoader loads them (``clip_type``: its ``type``, e.g. flux)."""
+    import comfy.sd
+    import folder_paths
+
+    kind = getattr(comfy.sd.CLIPType, clip_type.upper(), None)
+    if kind is None:
+        raise ModelFileError(f"unknown text encoder type '{clip_type}' (DualCLIPLoader's types: flux, sdxl, ...)")
+    files = [_existing(path, "text encoder") for path in paths]
+    return comfy.sd.load_clip(ckpt_paths=files, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                              clip_type=kind)
+
+
 def load_vae_file(path: str) -> Any:
     """A VAE file, as VAELoader loads it."""
     import comfy.sd

@@ -23,8 +23,10 @@ class FusionAdapterLoader:
     NODE_ID = "LikenessFusionAdapterLoader"
     DISPLAY_NAME = "Fusion Adapter Loader"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Loads a Face Fusion adapter (the per-layer Linear_kf / Linear_vf weights, .safetensors) from "
-                   "models/likeness/fusion/. Train one with the Fusion trainer node; there are no official weights.")
+    DESCRIPTION = ("Loads a Face Fusion adapter (SD1.5/SDXL: the per-layer Linear_kf / Linear_vf weights; Flux: the "
+                   "per-block key/value projections; .safetensors) from models/likeness/fusion/. Train one with the "
+                   "Fusion trainer node; there are no official weights. Apply Face Fusion says so when an adapter "
+                   "was made for another model.")
     RETURN_TYPES = ("FUSION_ADAPTER",)
     RETURN_NAMES = ("fusion_adapter",)
     FUNCTION = "load"
@@ -163,7 +165,8 @@ class ApplyFaceFusion:
                                           "per layer: with more references each one's keys are averaged over small "
                                           "blocks (with matching attention weight), so 8 references cost about "
                                           "what 2 do. Up to this many references are exact. 0 = no limit."),
-            "reference_downsample": int_input(2, 1, 4, "The reference pass's highest-resolution self-attention uses "
+            "reference_downsample": int_input(2, 1, 4, "SD1.5/SDXL (not used on Flux): the reference pass's "
+                                              "highest-resolution self-attention uses "
                                               "keys averaged over NxN blocks (ToDo): 2 makes the reference pass "
                                               "~15% faster with every reference token kept; 1 = exact. Match the "
                                               "adapter's training (the trainer uses 2)."),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from ..trainers.precision import PRECISIONS
 from ..validation import check_images
 from ._common import (
     category,
@@ -26,8 +27,8 @@ class TrainFaceFusion:
     NODE_ID = "LikenessTrainFaceFusion"
     DISPLAY_NAME = "Train Face Fusion"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Trains a Face Fusion adapter (only the per-layer Linear_kf / Linear_vf; the model stays frozen) "
-                   "from face photos: each image's aligned face crop is the reference and the image the target, with "
+    DESCRIPTION = ("Trains a Face Fusion adapter (only the per-layer Linear_kf / Linear_vf, on Flux the per-block "
+                   "key/value projections; the model stays frozen) from face photos: each image's aligned face crop is the reference and the image the target, with "
                    "the model's own noise loss. Shows progress, honours cancel, writes a checkpoint every N steps "
                    "(resume continues exactly; changed settings start over or stop, as 'resume' says), saves the "
                    "adapter to models/likeness/fusion/<name>.safetensors and outputs it with a loss-curve image.")
@@ -40,7 +41,8 @@ class TrainFaceFusion:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SD1.5 or SDXL model to train for (frozen; only the adapter learns; SDXL: resolution 1024)."}),
+                "model": ("MODEL", {"tooltip": "The SD1.5, SDXL or Flux model to train for (frozen; only the adapter "
+                                    "learns; SDXL and Flux: resolution 1024 or 512)."}),
                 "vae": ("VAE", {"tooltip": "Encodes the training images and the reference crops."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the captions (same-stem .txt files, or the captions text)."}),
                 "name": ("STRING", {"default": "my_face", "tooltip": "File name of the adapter in "
@@ -73,9 +75,18 @@ class TrainFaceFusion:
                                            "loss; 2-3 focus training on the face). Needs the face analyzer."),
                 "reference_noise": (list(REFERENCE_NOISE_CHOICES), {"tooltip": "Noise the reference at the training "
                                     "step's level (as at per-step inference) or keep it clean (as cached inference)."}),
-                "reference_downsample": int_input(2, 1, 4, "Reference pass: the highest-resolution self-attention "
-                                                  "uses keys averaged over NxN blocks (ToDo; faster). Use the same "
-                                                  "value in Apply Face Fusion (its default is 2). 1 = exact."),
+                "reference_downsample": int_input(2, 1, 4, "SD1.5/SDXL: the reference pass's highest-resolution "
+                                                  "self-attention uses keys averaged over NxN blocks (ToDo; faster). "
+                                                  "Use the same value in Apply Face Fusion (its default is 2). 1 = "
+                                                  "exact. Not used on Flux."),
+                "guidance": float_input(3.5, 0.0, 100.0, 0.1, "Flux dev: the distilled guidance the adapter is "
+                                        "trained under (sample with the same; schnell ignores it)."),
+                "precision": (list(PRECISIONS), {"default": "auto", "tooltip": "Flux: bf16 mixed precision (fp32 "
+                              "adapter weights) or fp32; auto = bf16 where the hardware has it."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Flux: recompute each block in "
+                                           "the backward pass (much less memory, ~30% slower)."}),
+                "rank": int_input(16, 1, 256, "Flux: rank of a new adapter's per-block key/value projections "
+                                  "(a connected adapter keeps its own)."),
             },
         }
 
@@ -83,7 +94,7 @@ class TrainFaceFusion:
     def train(self, model, vae, clip, name, steps, learning_rate, batch_size, grad_accumulation, seed,
               checkpoint_every, resume, resolution, reference_size, images=None, captions="", folder="",
               face_analyzer=None, fusion_adapter=None, face_weight=1.0, reference_noise="same noise level (paper)",
-              reference_downsample=2):
+              reference_downsample=2, guidance=3.5, precision="auto", gradient_checkpointing=True, rank=16):
         from ..host.paths import INPUT, resolve_user_path
         from ..techniques.face_fusion import training
         from ..trainers.datasets import training_sources
@@ -94,11 +105,12 @@ class TrainFaceFusion:
             check_analyzer(face_analyzer, "face_analyzer")
         folder_path = resolve_user_path(folder, INPUT, "training folder") if folder and folder.strip() else None
         sources = training_sources(images, captions, folder_path)
-        settings = training.FusionTrainSettings(
-            steps=steps, lr=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed,
+        settings = training.make_settings(   # the model's settings class (Flux: + guidance, precision, ...)
+            model, steps=steps, lr=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed,
             checkpoint_every=checkpoint_every, resolution=resolution, reference_size=int(reference_size),
             face_weight=face_weight, reference_noise=REFERENCE_NOISE_CHOICES.get(reference_noise, reference_noise),
-            reference_downsample=reference_downsample)
+            reference_downsample=reference_downsample, guidance=guidance, precision=precision,
+            gradient_checkpointing=gradient_checkpointing, rank=rank)
         result_path, checkpoint = training.run_paths(stem)
         output = training.train_face_fusion(model, vae, clip, sources, settings, analyzer=face_analyzer,
                                             adapter=fusion_adapter, checkpoint_path=checkpoint, resume=resume,

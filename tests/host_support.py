@@ -216,7 +216,8 @@ def example_prompt(name: str) -> dict:
 
 
 def init_weights(module, seed: int = 0, std: float = 0.02, fan_in_gain: float | None = None):
-    """Norm weights 1, biases 0, every other parameter N(0, std); deterministic for a seed.
+    """Norm gains 1 (``weight``, RMSNorm's ``scale``), biases 0, every other parameter N(0, std); deterministic for a
+    seed.
 
     ``fan_in_gain`` switches matrices/kernels to N(0, gain/sqrt(fan_in)) (He init with gain sqrt(2)):
     deep ReLU stacks without norms (TAESD) otherwise decode to a constant.
@@ -232,8 +233,8 @@ def init_weights(module, seed: int = 0, std: float = 0.02, fan_in_gain: float | 
                 norm_params.add(id(p))
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if id(p) in norm_params:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            if id(p) in norm_params:   # gains 1 (FLUX's RMSNorm calls its gain "scale"), shifts 0
+                p.fill_(1.0 if name.endswith(("weight", "scale")) else 0.0)
             elif name.endswith("bias"):
                 p.zero_()
             else:

@@ -7,16 +7,19 @@ need it skip when no copy is present. Nothing of it is copied into the pack.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import subprocess
 import tempfile
+import types
 
 import torch
 
 from likeness.techniques.pulid_flux.checkpoint import build_pulid_flux, state_dict_of
 from likeness.techniques.pulid_flux.encoders import CrossAttentionConfig, IDFormerConfig
+from likeness.techniques.pulid_flux.eva_clip import EvaVisionConfig
 
 OFFICIAL_REPO = os.environ.get("PULID_OFFICIAL", "/work/.mirror/ToTheBeginning+PuLID/repo")
 SOURCE_FILE = "pulid/encoders_transformer.py"
@@ -81,3 +84,105 @@ def tiny_state_dict(seed: int = 0, count: int = 4, **kw) -> dict[str, torch.Tens
 def vit_hidden(config: IDFormerConfig, batch: int = 1, tokens: int = 7, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, tokens, config.vit_dim, generator=generator) for _ in range(5)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EVA02-CLIP: a tiny tower of the same class (21 blocks so that the states entering block 20 exist)
+
+TINY_EVA = EvaVisionConfig(image_size=28, patch_size=14, width=32, depth=21, heads=2, output_dim=24)
+# an IDFormer reading the tiny tower (width 32) and a 512-d ArcFace vector + the tower's 24-d projection
+EMBED_ENCODER = IDFormerConfig(dim=32, depth=5, dim_head=8, heads=4, num_id_tokens=2, num_queries=4, output_dim=24,
+                               ff_mult=2, vit_dim=32, id_dim=512 + 24, mapping_dim=16)
+EVA_FILES = ("eva_vit_model", "transformer", "rope", "utils")
+
+
+def _stand_in_modules() -> dict[str, types.ModuleType]:
+    """What the official files import from timm and torchvision, as small stand-ins: the tower only calls timm's
+    ``to_2tuple`` / ``trunc_normal_`` / ``drop_path`` (initialisation and training-time helpers; every parameter
+    is seeded afterwards) and ``utils.py`` imports ``FrozenBatchNorm2d`` for a function the tower never calls. So
+    the fidelity test needs neither package (torchvision cannot even be imported beside CI's CPU torch)."""
+    def to_2tuple(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+    def drop_path(x, drop_prob=0.0, training=False):
+        assert not training or not drop_prob, "the stand-in drop_path only runs in eval"
+        return x
+
+    layers = types.ModuleType("timm.layers")
+    layers.to_2tuple, layers.drop_path, layers.trunc_normal_ = to_2tuple, drop_path, torch.nn.init.trunc_normal_
+    misc = types.ModuleType("torchvision.ops.misc")
+    misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
+    return {"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),
+            "timm.models.layers": layers, "timm.layers": layers, "torchvision": types.ModuleType("torchvision"),
+            "torchvision.ops": types.ModuleType("torchvision.ops"), "torchvision.ops.misc": misc}
+
+
+@contextlib.contextmanager
+def _stand_ins():
+    """The stand-ins in ``sys.modules`` while the official files import, whatever was there put back after."""
+    import sys
+
+    stand_ins = _stand_in_modules()
+    before = {name: sys.modules.get(name, _ABSENT) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name, module in before.items():
+            if module is _ABSENT:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+_ABSENT = object()
+
+
+@functools.lru_cache(maxsize=1)
+def official_eva_vit():
+    """The official ``eva_clip.eva_vit_model`` module (its four files as a package in a temp folder), or None."""
+    import sys
+
+    folder = tempfile.mkdtemp(prefix="pulid_official_eva_")
+    package = os.path.join(folder, "pulid_official_eva")
+    os.makedirs(package)
+    for name in EVA_FILES:
+        try:
+            text = subprocess.run(["git", "-C", OFFICIAL_REPO, "show", f"HEAD:eva_clip/{name}.py"], check=True,
+                                  capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            plain = os.path.join(OFFICIAL_REPO, "eva_clip", f"{name}.py")
+            if not os.path.isfile(plain):
+                return None
+            with open(plain, encoding="utf-8") as handle:
+                text = handle.read()
+        with open(os.path.join(package, f"{name}.py"), "w", encoding="utf-8") as handle:
+            handle.write(text)
+    open(os.path.join(package, "__init__.py"), "w").close()
+    sys.path.insert(0, folder)
+    try:
+        with _stand_ins():
+            return importlib.import_module("pulid_official_eva.eva_vit_model")
+    except ImportError:   # einops missing
+        return None
+    finally:
+        sys.path.remove(folder)
+
+
+def official_eva(config: EvaVisionConfig = TINY_EVA):
+    """The official ``EVAVisionTransformer`` with EVA02-CLIP-L-14-336's switches (model.py's ``_build_vision_tower``
+    for EVA02-CLIP-L-14-336.json; apex's FusedLayerNorm and xformers are the same math) at ``config``'s size."""
+    from functools import partial
+
+    module = official_eva_vit()
+    return module.EVAVisionTransformer(
+        img_size=config.image_size, patch_size=config.patch_size, num_classes=config.output_dim,
+        use_mean_pooling=False, init_values=None, patch_dropout=0.0, embed_dim=config.width, depth=config.depth,
+        num_heads=config.heads, mlp_ratio=config.mlp_ratio, qkv_bias=True, drop_path_rate=0.0,
+        norm_layer=partial(torch.nn.LayerNorm, eps=config.eps), xattn=False, rope=True, postnorm=False,
+        pt_hw_seq_len=config.rope_grid, intp_freq=True, naiveswiglu=True, subln=True).eval()
+
+
+def official_tiny_eva(seed: int = 0, config: EvaVisionConfig = TINY_EVA):
+    """:func:`official_eva` at a tiny size, every parameter seeded."""
+    return seeded_(official_eva(config), seed, std=0.1)

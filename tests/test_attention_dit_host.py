@@ -391,3 +391,58 @@ def test_sigma_range_in_sampling_guidance_distilled_and_real_cfg(tiny_flux, cfg)
     sigmas = model.get_model_object("model_sampling").percent_to_sigma
     calls = len([s for s in injector.seen if s[0] == ("double_block", 0)])
     assert 0 < calls < 4, f"{calls} of 4 steps inside [{sigmas(0.5):.3f}, 0]"
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_reference_positions_are_kontexts_reference_index(tiny_flux, index):
+    """A capture with ``dit_position_index=1`` records at the first block exactly the keys FLUX.1 Kontext gives the same
+    latent as a reference image (its tokens at index 1, same rows and columns) in the same call; index 0 (the
+    generation's own positions) records other keys."""
+    from host_support import flux_conditioning
+    from likeness.attention_patches import CaptureRequest, JointInjector, ReferenceLatents, add_injector
+    from likeness.attention_patches.kernels import merge_heads
+    from likeness.host.attention import forward_transformer_options
+
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    model = tiny_flux.clone()
+    base = model.model
+
+    class Capturing(JointInjector):
+        needs_capture = True
+
+        def capture_request(self, t, sigma, layout, model_sampling):
+            return CaptureRequest(ReferenceLatents(base.process_latent_out(latent)), torch.zeros(1), key="clean",
+                                  cached=True, sites=frozenset({0}), dit_position_index=index)
+
+        def key_groups(self, call, weight):
+            return []
+
+    injector = Capturing("capture")
+    add_injector(model, injector)
+    keys = []
+
+    def spy(func, q, k, v, heads, *args, **kwargs):   # another override the engine chains: sees every block's keys
+        keys.append(k)
+        return func(q, k, v, heads, *args, **kwargs)
+
+    context, extra = flux_conditioning(0)[0]
+    options = forward_transformer_options(model)
+    options["optimized_attention_override"] = spy
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():   # sigma 0: the generation's timestep is the clean reference's
+        base.apply_model(x, torch.zeros(1), c_crossattn=context, y=extra["pooled_output"], guidance=torch.full((1,), 3.5),
+                         ref_latents=[latent], transformer_options=options)
+    captured_k = find_captured(model, injector)[0]
+    kontext_first_block = next(k for k in keys if k.shape[2] == 16 + 16 + 16)   # text, image, Kontext reference
+    kontext_k = merge_heads(kontext_first_block[:, :, 32:])
+    assert captured_k.shape == kontext_k.shape == (1, 16, 64)
+    if index == 1:
+        assert torch.allclose(captured_k, kontext_k, atol=1e-5)
+    else:
+        assert not torch.allclose(captured_k, kontext_k, atol=1e-3)
+
+
+def find_captured(model, injector):
+    from likeness.attention_patches import find_patch
+
+    return find_patch(model).captures[injector.uid].states[0]

@@ -235,3 +235,71 @@ def test_nodes_make_a_flux_adapter_and_refuse_one_made_for_the_other_model(tiny_
     other, = FusionAdapterNew().create(__import__("host_support").build_tiny_flux(depth=2, depth_single=3))
     with pytest.raises(CheckpointLayoutError, match="2 double \\+ 3 single blocks"):
         node.apply(tiny_flux, other, build_tiny_flux_vae(), **common)
+
+
+def test_a_bf16_flux_with_an_fp32_adapter(comfy_ready):
+    """ComfyUI runs FLUX in bf16: the fp32 adapter's weights are cast to the keys' dtype (cached), the reference pass
+    and the merged joint attention run in bf16, and the result stays close to the same model in fp32."""
+    from host_support import build_tiny_flux
+    from likeness.techniques.face_fusion import FusionIdentityLatents, new_fusion_adapter
+
+    fp32 = build_tiny_flux(seed=4, cached=False)
+    bf16 = build_tiny_flux(seed=4, cached=False)
+    bf16.model.to(torch.bfloat16)
+    bf16.model.diffusion_model.dtype = torch.bfloat16
+    bf16.model.manual_cast_dtype = None
+    people = [FusionIdentityLatents(_refs(1, 5))]
+    adapter = _trained_like(new_fusion_adapter(fp32), scale=0.2)
+    out_fp32 = _call(_fusion(fp32, people, adapter=adapter, capture_mode="cached_clean")[0])
+    model, patch, _ = _fusion(bf16, people, adapter=adapter, capture_mode="cached_clean")
+    out_bf16 = _call(model)
+    k, _ = patch.captures[patch.injectors[0].uid].derived[(0, "kv")]
+    assert k.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in adapter.parameters())
+    assert torch.isfinite(out_bf16).all()
+    assert float((out_bf16.float() - out_fp32).abs().max()) < 0.1 * float(out_fp32.abs().max())
+
+
+def test_an_untrained_adapter_joins_the_keys_kontext_gives_the_reference(tiny_flux):
+    """Plain reference-joining, FLUX.1 Kontext style: at the first block the keys an untrained adapter joins are the
+    keys Kontext gives the same (clean) latent as a reference image in the same call."""
+    from host_support import flux_conditioning
+    from likeness.attention_patches.kernels import merge_heads
+    from likeness.host.attention import forward_transformer_options
+    from likeness.techniques.face_fusion import FusionIdentityLatents
+
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    base = tiny_flux.model
+    model, patch, _ = _fusion(tiny_flux, [FusionIdentityLatents(base.process_latent_out(latent))],
+                              capture_mode="cached_clean")
+    spy = GroupSpy(patch.injectors[0], site_index=0)
+    context, extra = flux_conditioning(0)[0]
+    keys = []
+
+    def foreign_override(func, q, k, v, heads, *args, **kwargs):
+        keys.append(k)
+        return func(q, k, v, heads, *args, **kwargs)
+
+    options = forward_transformer_options(model)
+    options["optimized_attention_override"] = foreign_override
+    with torch.no_grad():
+        base.apply_model(torch.randn(1, 16, 8, 8), torch.zeros(1), c_crossattn=context, y=extra["pooled_output"],
+                         guidance=torch.full((1,), 3.5), ref_latents=[latent], transformer_options=options)
+    (call, groups), = spy.records
+    kontext = merge_heads(next(k for k in keys if k.shape[2] == 48)[:, :, 32:])
+    assert groups[0].k.shape == kontext.shape and torch.allclose(groups[0].k, kontext, atol=1e-5)
+
+
+def test_an_adapter_for_the_real_flux_dev_blocks_on_meta(comfy_ready):
+    """FLUX.1 dev's structure (19 double + 38 single blocks of width 3072, 24 heads) on the meta device: the adapter is
+    derived from it without touching a weight; rank 16 gives 11.2 M fp32 parameters (45 MB)."""
+    import comfy.supported_models
+
+    from likeness.techniques.face_fusion import new_fusion_adapter
+    from test_attention_dit_host import FLUX_DEV_CONFIG
+
+    config = comfy.supported_models.Flux(dict(FLUX_DEV_CONFIG))
+    config.set_inference_dtype(torch.bfloat16, None)
+    adapter = new_fusion_adapter(config.get_model({}, device=torch.device("meta")))
+    assert (len(adapter.double_blocks), len(adapter.single_blocks), adapter.hidden) == (19, 38, 3072)
+    assert adapter.metadata["heads"] == "24" and adapter.metadata["base"] == "flux"
+    assert sum(p.numel() for p in adapter.parameters()) == 57 * 4 * 3072 * 16

@@ -251,3 +251,27 @@ def test_truncated_and_missing_files(tmp_path):
         load_pulid_flux(str(path))
     with pytest.raises(ModelFileError, match="not found"):
         load_pulid_flux(str(tmp_path / "nothing.safetensors"))
+
+
+def test_residual_leaves_reference_tokens_after_the_grid_alone():
+    """A Kontext-style stream (generated grid + reference tokens): only the grid's tokens get the ID residual, and
+    the negative rows get the uncond tokens."""
+    from likeness.attention_patches import BlockCall, ChunkLayout, DitSite
+    from likeness.techniques.pulid_flux.embeds import PulidFluxEmbeds
+    from likeness.techniques.pulid_flux.injector import PulidFluxInjector
+
+    model = tiny_pulid(seed=8, count=1)
+    g = torch.Generator().manual_seed(6)
+    embeds = PulidFluxEmbeds(torch.randn(1, 4, TINY_CA.id_dim, generator=g), torch.randn(1, 4, TINY_CA.id_dim,
+                                                                                         generator=g), "tiny")
+    injector = PulidFluxInjector(model, embeds, {0: 0}, weight=0.5)
+    site = DitSite(0, "double", 0, TINY_CA.dim, 4, 16)
+    img = torch.randn(2, 16 + 6, TINY_CA.dim, generator=g)   # 4x4 grid + 6 reference tokens, rows [neg, pos]
+    call = BlockCall(img, site, ChunkLayout((1, 0), 1), 0.5, (4, 4), 8, {})
+    ((rows, delta),) = injector.residual(call, injector.weight_at(site))
+    ca = model.cross_attentions[0]
+    assert rows == [1, 0]   # positive rows first, then the negative ones
+    torch.testing.assert_close(delta[0, :16], 0.5 * ca(embeds.tokens, img[1:2, :16])[0])
+    torch.testing.assert_close(delta[1, :16], 0.5 * ca(embeds.uncond_tokens, img[0:1, :16])[0])
+    assert float(delta[:, 16:].abs().max()) == 0.0
+    assert injector.weight_at(DitSite(1, "double", 1, TINY_CA.dim, 4, 16)) == 0.0

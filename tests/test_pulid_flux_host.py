@@ -188,3 +188,35 @@ def test_refused_inputs(tiny_flux, tiny_sd15, pulid):
         apply_pulid_flux(tiny_flux, pulid, make_embeds(), start_at=0.8, end_at=0.2)
     with pytest.raises(InvalidInputError, match="PuLID-FLUX Loader"):
         apply_pulid_flux(tiny_flux, object(), make_embeds())
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_sampling_loads_the_cross_attentions_with_the_model(tiny_flux, pulid, cfg):
+    """Through ComfyUI's sampler: the cross-attentions' ModelPatcher is one of the patch's models (loaded with the
+    DiT), cfg 1 (one conditional pass) and real CFG (negative rows get the zero-ID tokens) both sample."""
+    from host_support import flux_conditioning, sample_tiny
+    from likeness.attention_patches import find_patch
+    from likeness.techniques.pulid_flux.injector import apply_pulid_flux
+
+    model = apply_pulid_flux(tiny_flux, pulid, make_embeds(6), weight=1.0)
+    assert find_patch(model).models() == [pulid.patcher] and pulid.patcher.model is pulid.cross_attentions
+    latent = torch.zeros(1, 16, 8, 8)
+    kwargs = dict(steps=2, cfg=cfg, positive=flux_conditioning(1), negative=flux_conditioning(2), latent=latent)
+    patched = sample_tiny(model, **kwargs)
+    import comfy.model_management
+
+    assert any(loaded.model is pulid.patcher for loaded in comfy.model_management.current_loaded_models)
+    plain = sample_tiny(tiny_flux, **kwargs)
+    assert torch.isfinite(patched).all() and not torch.allclose(patched, plain)
+
+
+def test_blocks_off_the_schedule_are_not_touched_by_the_engine(tiny_flux, pulid):
+    """Only the 4 scheduled blocks of the tiny Flux (of 12) go through the engine's residual path."""
+    from likeness.attention_patches import attach_stats
+    from likeness.techniques.pulid_flux.injector import apply_pulid_flux
+
+    model = apply_pulid_flux(tiny_flux, pulid, make_embeds(), weight=1.0)
+    stats = attach_stats(model)
+    _call(model)
+    touched = {index for index, calls in stats.site_calls.items() if calls}
+    assert touched == {0, 2, 4, 8}   # double 0, 2 and single 0, 4 (sites 4 + block id)

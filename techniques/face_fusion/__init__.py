@@ -21,6 +21,6 @@ from .adapter import (
 from .apply import UNCOND_MODES, FusionIdentityLatents, FusionInjector, apply_face_fusion, encode_reference_images
 from .flux_adapter import FluxFusionAdapter
 
-__all__ = ["FluxFusionAdapter", "FusionAdapter", "FusionAdapterBase", "new_fusion_adapter", "FusionIdentityLatents", "FusionInjector", "UNCOND_MODES", "apply_face_fusion",
-           "encode_reference_images", "fusion_adapter_path", "fusion_save_dir", "list_fusion_adapters",
-           "load_fusion_adapter", "save_fusion_adapter"]
+__all__ = ["FluxFusionAdapter", "FusionAdapter", "FusionAdapterBase", "FusionIdentityLatents", "FusionInjector",
+           "UNCOND_MODES", "apply_face_fusion", "encode_reference_images", "fusion_adapter_path", "fusion_save_dir",
+           "list_fusion_adapters", "load_fusion_adapter", "new_fusion_adapter", "save_fusion_adapter"]

@@ -8,9 +8,12 @@ Eq. 7 mask keeps identity i's keys away from queries inside another identity's f
 On a Flux-family DiT the same injector runs inside every block's joint attention (the engine's DiT path): the
 reference latents go through the same DiT with a one-token all-zero text, each block records the reference image
 tokens' keys/values, the :class:`~.flux_adapter.FluxFusionAdapter` maps them (identity when untrained) and they join
-the block's ``[text; image]`` keys. Masks apply on the image-token grid; text queries count as outside every mask
-(a masked identity is invisible to them, an unmasked one is seen by every query). ``reference_downsample`` is a
-UNet-only saving (the DiT reference pass keeps every key); the modes, uncond rows, budget and Eq. 7 are the same.
+the block's ``[text; image]`` keys. The reference's image tokens sit where FLUX.1 Kontext puts a reference image
+(index 1 on the first RoPE axis, the generation's rows and columns), so an untrained adapter joins exactly the keys
+Kontext would give that latent at the first block. Masks apply on the image-token grid; text queries count as
+outside every mask (a masked identity is invisible to them, an unmasked one is seen by every query).
+``reference_downsample`` is a UNet-only saving (the DiT reference pass keeps every key); the modes, uncond rows,
+budget and Eq. 7 are the same.
 
 Choices the paper leaves open (made here, used identically by the trainer):
 - ``weight`` multiplies the attention mass of the face keys (a logit bias ``log w``): 1 = the paper,
@@ -74,6 +77,7 @@ logger = logging.getLogger("likeness")
 UNCOND_MODES = ("none", "zeros", "same")
 DEFAULT_REFERENCE_BUDGET = 2.0
 DEFAULT_REFERENCE_DOWNSAMPLE = 2
+DIT_REFERENCE_INDEX = 1   # a DiT reference's image tokens at FLUX.1 Kontext's reference index (see the module doc)
 INJECTOR_NAME = "face_fusion"
 
 
@@ -204,7 +208,8 @@ class FusionInjector(JointInjector):
             key = ("sigma", self.capture_percent, value)
         return CaptureRequest(self.references, ref_sigma, (self._version,) + key, cached=self.capture_mode != "per_step",
                               context=self.reference_context, template_row=template,
-                              key_downsample=self.reference_downsample, template_rows=template_rows)
+                              key_downsample=self.reference_downsample, template_rows=template_rows,
+                              dit_position_index=DIT_REFERENCE_INDEX)
 
     def on_captured(self, states: CapturedStates, patch: Any) -> None:
         if not states.cached or self.training():

@@ -12,10 +12,11 @@ adapter is exactly plain reference-joining (the reference's own keys and values 
 Kontext-style reference tokens) and training starts from it; ``down`` starts from a seeded Kaiming-uniform draw
 (as ``nn.Linear`` does), so a new adapter is reproducible.
 
-File format (safetensors, ``format=likeness.face_fusion``, ``layout=dit``): ``fusion_dit.double_blocks.{i}.to_k_f.down.weight``
-``[r, C]``, ``...to_k_f.up.weight`` ``[C, r]`` and the same for ``to_v_f``, for every double block i and
-``fusion_dit.single_blocks.{i}...`` for every single block; metadata ``base`` (the DiT class: flux, chroma), ``rank``,
-``hidden``, ``heads``, ``double_blocks``, ``single_blocks``, plus what the trainer adds. The sites are derived from the
+File format (safetensors, ``format=likeness.face_fusion``, ``layout=dit``):
+``fusion_dit.double_blocks.{i}.to_k_f.down.weight`` ``[r, C]``, ``...to_k_f.up.weight`` ``[C, r]`` and the same for
+``to_v_f``, for every double block i and ``fusion_dit.single_blocks.{i}...`` for every single block; metadata ``base``
+(the DiT class: flux, chroma), ``rank``, ``hidden``, ``heads``, ``double_blocks``, ``single_blocks``,
+``reference_index`` (the RoPE index of the reference tokens it was made with), plus what the trainer adds. The sites are derived from the
 model (:func:`~...attention_patches.find_sites` → ``DitSite``), widths and heads from its blocks.
 """
 from __future__ import annotations
@@ -94,9 +95,11 @@ class FluxFusionAdapter(FusionAdapterBase):
         if len(widths) != 1:
             raise CheckpointLayoutError(f"the DiT's blocks have different widths {sorted(widths)}")
         double = sum(1 for s in sites if s.kind == "double")
+        from .apply import DIT_REFERENCE_INDEX
+
         adapter = cls(double, len(sites) - double, widths.pop(), rank,
                       {"base": type(dit).__name__.lower(), "heads": str(sites[0].heads), "init": "identity",
-                       "init_seed": str(seed)})
+                       "init_seed": str(seed), "reference_index": str(DIT_REFERENCE_INDEX)})
         adapter.reset(seed)
         return adapter
 
@@ -131,7 +134,8 @@ class FluxFusionAdapter(FusionAdapterBase):
         first = tensors.get("fusion_dit.double_blocks.0.to_k_f.down.weight",
                             tensors.get("fusion_dit.single_blocks.0.to_k_f.down.weight"))
         if first is None or first.ndim != 2:
-            raise CheckpointLayoutError("the adapter has no block 0 (fusion_dit.double_blocks.0 / single_blocks.0) down projection")
+            raise CheckpointLayoutError("the adapter has no block 0 (fusion_dit.double_blocks.0 / single_blocks.0) down "
+                                        "projection")
         rank, hidden = (int(n) for n in first.shape)
         adapter = cls(counts["double"], counts["single"], hidden, rank, metadata)
         expected = {DIT_KEY_PREFIX + k: tuple(v.shape) for k, v in adapter.state_dict().items()}
@@ -151,8 +155,8 @@ class FluxFusionAdapter(FusionAdapterBase):
         return len(self.double_blocks) + len(self.single_blocks)
 
     def made_for(self) -> str:
-        return (f"{self.metadata.get('base', 'a DiT')}, {len(self.double_blocks)} double + {len(self.single_blocks)} single blocks "
-                f"of width {self.hidden}")
+        return (f"{self.metadata.get('base', 'a DiT')}, {len(self.double_blocks)} double + "
+                f"{len(self.single_blocks)} single blocks of width {self.hidden}")
 
     # ------------------------------------------------------------------ use
     def check_layout_sites(self, sites: list[DitSite]) -> None:

@@ -20,6 +20,10 @@ reference pass copies row i's ``y``, as a reference at sampling copies its posit
 (:mod:`...trainers.loop`) runs it: AdamW, gradient accumulation, seeded per-row randomness, progress +
 cancel, atomic checkpoints, the resume policy, data-parallel ranks, the loss curve.
 
+On a Flux-family DiT the same step runs as :class:`~.flux_training.FluxFusionTask` (rectified-flow velocity loss,
+``y`` + ``guidance``, bf16, per-block checkpointing); :func:`make_settings` and :func:`task_for` pick settings and
+task from the model, so the node and the command line call the same functions for either kind of model.
+
 References come from the face-analysis chain (``analyze`` + ``align_faces``: the ArcFace-template
 crop, as at inference). Without an analyzer, or for an image without a detectable face, the middle of
 the image is used instead (logged), and that image gets no face weighting.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...attention_patches import ReferenceLatents, install
+from ...attention_patches import ReferenceLatents, dit_model_of, install
 from ...errors import InvalidInputError
 from ...host.adm import adm_vector, needs_pooled
 from ...host.attention import forward_transformer_options
@@ -48,7 +53,7 @@ from ...trainers.checkpoint import atomic_save
 from ...trainers.datasets import center_square, resize_center_crop
 from ...trainers.loop import LrGroup, StepContext, TrainConfig, TrainResult, check_run_settings, train
 from ...trainers.task import TrainingTask, run_field
-from .adapter import FusionAdapter, fusion_save_dir
+from .adapter import FusionAdapter, FusionAdapterBase, fusion_save_dir
 from .apply import DEFAULT_REFERENCE_DOWNSAMPLE, INJECTOR_NAME, FusionIdentityLatents, FusionInjector
 
 logger = logging.getLogger("likeness")
@@ -187,14 +192,14 @@ def prepare_examples(sources: Iterable[tuple[str, torch.Tensor, str]], settings:
 class FusionTrainingData:
     """What the loss needs per example, all on the CPU."""
 
-    latents: torch.Tensor            # [N, 4, h, w] model space (after process_latent_in)
-    references: torch.Tensor         # [N, 4, hr, wr] VAE space (the capture applies process_latent_in)
+    latents: torch.Tensor            # [N, C, h, w] model space (after process_latent_in; C = 4, Flux 16)
+    references: torch.Tensor         # [N, C, hr, wr] VAE space (the capture applies process_latent_in)
     contexts: torch.Tensor           # [N, L, ctx]
     empty_context: torch.Tensor      # [1, L, ctx] (caption dropout)
     weights: torch.Tensor | None     # [N, 1, h, w] loss weights, None = plain MSE
     fingerprint: str                 # names + captions + sizes (resume refuses another data set)
     aligned: int = 0                 # examples whose reference is an aligned face crop
-    pooled: torch.Tensor | None = None         # [N, P] pooled caption embeddings (SDXL-style models), else None
+    pooled: torch.Tensor | None = None         # [N, P] pooled caption embeddings (SDXL-style models, FLUX.1), else None
     empty_pooled: torch.Tensor | None = None   # [1, P] of the empty caption
 
     def __len__(self) -> int:
@@ -248,13 +253,21 @@ def encode_captions(clip, captions: list[str], pooled: bool = False) -> EncodedC
     return out
 
 
+def takes_pooled(model_patcher) -> bool:
+    """Whether the model takes the caption's pooled embedding (SDXL-style ``y``; FLUX.1's ``vector_in``)."""
+    dit = dit_model_of(model_patcher)
+    if dit is not None:
+        return getattr(dit, "vector_in", None) is not None
+    return needs_pooled(model_patcher.model)
+
+
 def encode_examples(model_patcher, vae, clip, examples: PreparedExamples,
                     settings: FusionTrainSettings) -> FusionTrainingData:
     """Encode targets and references with the VAE and the captions with CLIP (once, before training)."""
     base = model_patcher.model
     latents = base.process_latent_in(_vae_encode(vae, examples.targets)).float()
     references = _vae_encode(vae, examples.references)
-    captions = encode_captions(clip, examples.captions, pooled=needs_pooled(base))
+    captions = encode_captions(clip, examples.captions, pooled=takes_pooled(model_patcher))
     weights = None
     if settings.face_weight != 1.0 and any(examples.aligned):
         weights = losses.region_weight(examples.face_masks, latents.shape, inside=settings.face_weight)
@@ -270,7 +283,7 @@ def encode_examples(model_patcher, vae, clip, examples: PreparedExamples,
 
 @dataclass
 class FusionTrainOutput:
-    adapter: FusionAdapter
+    adapter: FusionAdapterBase
     result: TrainResult
     info: dict = field(default_factory=dict)
 
@@ -293,7 +306,7 @@ class FusionTask(TrainingTask):
     label = "Face Fusion training"
 
     def __init__(self, model_patcher, data: FusionTrainingData, settings: FusionTrainSettings,
-                 adapter: FusionAdapter | None = None):
+                 adapter: FusionAdapterBase | None = None):
         settings.check()
         check_model(model_patcher)
         self.model_patcher = model_patcher
@@ -307,7 +320,7 @@ class FusionTask(TrainingTask):
         clone = self.model_patcher.clone()
         self.device = load_for_training(clone)
         if self.adapter is None:
-            self.adapter = FusionAdapter.from_model(clone)
+            self.adapter = self.new_adapter(clone)
         self.adapter.to(self.device)
         self.patch = install(clone)
         self.adapter.check_sites(self.patch.sites)
@@ -320,6 +333,10 @@ class FusionTask(TrainingTask):
         finally:
             self.patch.remove(INJECTOR_NAME)
             self.adapter.to("cpu")
+
+    def new_adapter(self, model_patcher) -> FusionAdapterBase:
+        """The adapter a run without a starting adapter trains (a subclass makes its layout's)."""
+        return FusionAdapter.from_model(model_patcher)
 
     def trainables(self) -> dict[str, torch.Tensor]:
         return {f"fusion.{name}": p for name, p in self.adapter.named_parameters()}
@@ -349,15 +366,19 @@ class FusionTask(TrainingTask):
             context = torch.where(dropped.view(-1, 1, 1), self.data.empty_context, context)
             if pooled is not None:
                 pooled = torch.where(dropped.view(-1, 1), self.data.empty_pooled, pooled)
-        extra = self._extra_conds(pooled)
+        extra = self._extra_conds(pooled, count)
         self.patch.add(self._injector(batch["reference"], ctx))
         x_t = losses.noised(self.model_sampling, sigma, noise, clean)
-        denoised = self.clone.model.apply_model(x_t.to(self.dtype), sigma, c_crossattn=context.to(device, self.dtype),
-                                                transformer_options=self.options, **extra).float()
+        denoised = self.denoise(x_t, sigma, context.to(device, self.dtype), extra)
         weight = batch["weight"].to(device) if batch["weight"] is not None else None
         return losses.noise_prediction_loss(self.model_sampling, sigma, x_t, denoised, clean, weight)
 
-    def _extra_conds(self, pooled: torch.Tensor | None) -> dict:
+    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, extra: dict) -> torch.Tensor:
+        """The frozen model's denoised prediction (fp32) with the Fusion injector installed (reference pass included)."""
+        return self.clone.model.apply_model(x_t.to(self.dtype), sigma, c_crossattn=context,
+                                            transformer_options=self.options, **extra).float()
+
+    def _extra_conds(self, pooled: torch.Tensor | None, count: int) -> dict:
         """``{"y": ...}`` for an SDXL-style model (the training size as original and target size), else ``{}``."""
         size = self.settings.resolution
         if not needs_pooled(self.clone.model):
@@ -381,7 +402,7 @@ class FusionTask(TrainingTask):
         injector.references = ReferenceLatents(injector.references.latents, seed, noise=noise)
         return injector
 
-    def finish(self, result: TrainResult) -> FusionAdapter:
+    def finish(self, result: TrainResult) -> FusionAdapterBase:
         s, adapter = self.settings, self.adapter
         adapter.metadata.update({
             "trained_steps": str(result.step), "lr": str(s.lr), "batch_size": str(s.batch_size),
@@ -393,22 +414,56 @@ class FusionTask(TrainingTask):
         })
         return adapter
 
-    def write_result(self, artefact: FusionAdapter, path: str) -> list[str]:
+    def write_result(self, artefact: FusionAdapterBase, path: str) -> list[str]:
         return [save_trained_adapter(artefact, path)]
 
 
+def is_dit(model_patcher) -> bool:
+    return dit_model_of(model_patcher) is not None
+
+
+def settings_class(model_patcher) -> type[FusionTrainSettings]:
+    """The settings of a Fusion training run on this model (Flux-family DiTs have their own)."""
+    if is_dit(model_patcher):
+        from .flux_training import FluxFusionTrainSettings
+
+        return FluxFusionTrainSettings
+    return FusionTrainSettings
+
+
+def make_settings(model_patcher, **values) -> FusionTrainSettings:
+    """The settings for this model from a node's or the command line's values: the values its settings class has
+    (the Flux-only ones are dropped for a UNet), ``reference_downsample`` only on a UNet (a DiT's reference pass
+    keeps every key)."""
+    cls = settings_class(model_patcher)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if is_dit(model_patcher):
+        known.discard("reference_downsample")
+    return cls(**{name: value for name, value in values.items() if name in known and value is not None})
+
+
+def task_for(model_patcher, data: FusionTrainingData, settings: FusionTrainSettings,
+             adapter: FusionAdapterBase | None = None) -> FusionTask:
+    """:class:`FusionTask` on a UNet, :class:`~.flux_training.FluxFusionTask` on a Flux-family DiT."""
+    if is_dit(model_patcher):
+        from .flux_training import FluxFusionTask
+
+        return FluxFusionTask(model_patcher, data, settings, adapter)
+    return FusionTask(model_patcher, data, settings, adapter)
+
+
 def train_on_data(model_patcher, data: FusionTrainingData, settings: FusionTrainSettings,
-                  adapter: FusionAdapter | None = None, checkpoint_path: str | None = None, resume: str = "fresh",
-                  **loop_options) -> tuple[FusionAdapter, TrainResult]:
+                  adapter: FusionAdapterBase | None = None, checkpoint_path: str | None = None, resume: str = "fresh",
+                  **loop_options) -> tuple[FusionAdapterBase, TrainResult]:
     """Train a copy of ``adapter`` (or a new one from the model) on encoded data; see :func:`train_face_fusion`."""
-    task = FusionTask(model_patcher, data, settings, adapter)
+    task = task_for(model_patcher, data, settings, adapter)
     result = train(task, TrainConfig.from_settings(settings, checkpoint_path=checkpoint_path, resume=resume,
                                                    **loop_options))
     return result.artefact, result
 
 
 def train_face_fusion(model_patcher, vae, clip, sources: Iterable[tuple[str, torch.Tensor, str]],
-                      settings: FusionTrainSettings, analyzer=None, adapter: FusionAdapter | None = None,
+                      settings: FusionTrainSettings, analyzer=None, adapter: FusionAdapterBase | None = None,
                       checkpoint_path: str | None = None, resume: str = "fresh", **loop_options) -> FusionTrainOutput:
     """Train (or continue training a copy of) a Fusion adapter; the input model and adapter stay untouched.
 
@@ -424,11 +479,11 @@ def train_face_fusion(model_patcher, vae, clip, sources: Iterable[tuple[str, tor
     return FusionTrainOutput(trained, result, info)
 
 
-def evaluate_loss(model_patcher, adapter: FusionAdapter, data: FusionTrainingData, settings: FusionTrainSettings,
+def evaluate_loss(model_patcher, adapter: FusionAdapterBase, data: FusionTrainingData, settings: FusionTrainSettings,
                   seed: int = 1234, rounds: int = 2) -> float:
     """Mean noise loss of ``adapter`` over every example, ``rounds`` times, with fixed seeded sigmas and
     noise (the same draws for every adapter, so two adapters compare fairly)."""
-    task = FusionTask(model_patcher, data, settings, adapter)
+    task = task_for(model_patcher, data, settings, adapter)
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     with task.session(), torch.no_grad():
@@ -448,6 +503,6 @@ def run_paths(name: str) -> tuple[str, str]:
             os.path.join(save_dir("likeness", "training/fusion"), name + ".safetensors"))
 
 
-def save_trained_adapter(adapter: FusionAdapter, path: str) -> str:
+def save_trained_adapter(adapter: FusionAdapterBase, path: str) -> str:
     """Write the adapter file (the engine's key scheme and metadata) atomically, fsync'ed."""
     return atomic_save(adapter.file_state_dict(), path, adapter.file_metadata())

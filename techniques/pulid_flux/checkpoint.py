@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ class PulidFluxModel:
     encoder: IDFormer
     cross_attentions: nn.ModuleList
     source: str
+    patcher: Any = None   # ComfyUI's ModelPatcher of the cross-attentions (made by apply, host only)
 
     @property
     def encoder_config(self) -> IDFormerConfig:
@@ -163,15 +165,16 @@ def ca_config_from(keys: Mapping[str, torch.Tensor], source: str, heads: int = R
     return CrossAttentionConfig(dim=dim, dim_head=inner // heads, heads=heads, id_dim=id_dim)
 
 
-def _load_strict(module: nn.Module, keys: Mapping[str, torch.Tensor], prefix: str) -> list[str]:
-    """Copy ``keys`` into ``module``; the problems (missing / unexpected / mis-shaped keys) named in full."""
+def _load_strict(module: nn.Module, keys: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> list[str]:
+    """Put ``keys`` into ``module`` (built on the meta device: the file's tensors become its parameters, no copy);
+    the problems (missing / unexpected / mis-shaped keys) named in full."""
     expected = module.state_dict()
     problems = [f"'{prefix}.{k}' missing" for k in expected if k not in keys]
     problems += [f"unexpected key '{prefix}.{k}'" for k in keys if k not in expected]
     problems += [f"'{prefix}.{k}' has shape {list(keys[k].shape)}, expected {list(t.shape)}"
                  for k, t in expected.items() if k in keys and keys[k].shape != t.shape]
     if not problems:
-        module.load_state_dict({k: keys[k].to(t.dtype) for k, t in expected.items()}, strict=True)
+        module.load_state_dict({k: keys[k].to(dtype).contiguous() for k in expected}, strict=True, assign=True)
     return problems
 
 
@@ -184,12 +187,10 @@ def pulid_flux_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: s
     with torch.device("meta"):   # no random init of weights that are overwritten next
         encoder = IDFormer(encoder_config)
         cas = nn.ModuleList(ca_config.build() for _ in ca_keys)
-    stored = encoder_keys["latents"].dtype   # keep the file's dtype (no fp32 copy of a bf16 file)
-    encoder.to_empty(device="cpu").to(stored)
-    cas.to_empty(device="cpu").to(stored)
-    problems = _load_strict(encoder, encoder_keys, ENCODER_GROUP)
+    stored = encoder_keys["latents"].dtype   # the file's dtype (bf16 released; no fp32 copy)
+    problems = _load_strict(encoder, encoder_keys, ENCODER_GROUP, stored)
     for index in sorted(ca_keys):
-        problems += _load_strict(cas[index], ca_keys[index], f"{CA_GROUP}.{index}")
+        problems += _load_strict(cas[index], ca_keys[index], f"{CA_GROUP}.{index}", stored)
     _raise(problems, source)
     logger.info("PuLID-FLUX %s: ID encoder %d layers -> %d tokens x %d, %d ID cross-attentions (width %d)", source,
                 encoder_config.depth, encoder_config.num_queries, encoder_config.output_dim, len(cas), ca_config.dim)

@@ -25,7 +25,9 @@ from ...attention_patches import (
     install,
 )
 from ...attention_patches.injectors import row_index, stacking_name, take_rows
+from ...attention_patches.placement import place
 from ...errors import IncompatibleEmbedsError, InvalidInputError, UnsupportedModelError
+from ...host import comfy_available
 from .checkpoint import PulidFluxModel
 from .embeds import PulidFluxEmbeds
 
@@ -75,9 +77,17 @@ class PulidFluxInjector(ResidualInjector):
     def to(self, device) -> "PulidFluxInjector":
         super().to(device)
         if isinstance(device, torch.device | str):   # dtypes are followed per call (an fp8 model computes in bf16)
-            self.model.cross_attentions.to(device)
+            # the cross-attentions may serve other injectors (another Apply node, another model): one holder's
+            # offload must not pull them from under a holder still on the GPU
+            modules = self.model.cross_attentions
+            modules.to(place(modules, self, torch.device(device)))
             self._cast.clear()
         return self
+
+    def models(self) -> list:
+        """The cross-attentions' ModelPatcher (when running in ComfyUI), so they load and offload with the model
+        and count in ComfyUI's memory budget."""
+        return [self.model.patcher] if self.model.patcher is not None else []
 
     def _tokens(self, kind: int, like: torch.Tensor) -> torch.Tensor | None:
         master = self.tokens[kind]
@@ -97,6 +107,10 @@ class PulidFluxInjector(ResidualInjector):
         return modules[index]
 
     # ------------------------------------------------------------------ the residual
+    def weight_at(self, site) -> float:
+        """0 off the schedule: the engine then runs those blocks untouched, without a residual call."""
+        return super().weight_at(site) if site.index in self.schedule else 0.0
+
     def residual(self, call: BlockCall, weight: float) -> list[tuple[list[int], torch.Tensor]]:
         index = self.schedule.get(call.site.index)
         if index is None:
@@ -116,7 +130,9 @@ class PulidFluxInjector(ResidualInjector):
         extra = img.shape[1] - grid_tokens
         if extra > 0:   # Kontext reference tokens after the generated image keep their content
             img = img[:, :grid_tokens]
-        delta = ca(tokens, img) * weight
+        delta = ca(tokens, img)
+        if weight != 1.0:
+            delta = delta * weight
         if extra > 0:
             delta = torch.cat((delta, delta.new_zeros(delta.shape[0], extra, delta.shape[2])), dim=1)
         return [(rows, delta)]
@@ -138,6 +154,15 @@ def check_model(sites, pulid: PulidFluxModel, schedule: dict[int, int]) -> None:
     if needed < len(pulid.cross_attentions):
         logger.warning("PuLID-FLUX: this MODEL has fewer blocks than FLUX.1 (%d scheduled of %d); the first %d ID "
                        "cross-attentions are used", needed, len(pulid.cross_attentions), needed)
+
+
+def manage_cross_attentions(pulid: PulidFluxModel) -> None:
+    """Inside ComfyUI: one ModelPatcher around the file's cross-attentions (made once per loaded file)."""
+    if pulid.patcher is None and comfy_available():
+        from ...host.devices import offload_device, torch_device
+        from ...host.diffusers_models import managed_module
+
+        pulid.patcher = managed_module(pulid.cross_attentions, torch_device(), offload_device())
 
 
 def apply_pulid_flux(model: Any, pulid: PulidFluxModel, embeds: PulidFluxEmbeds, weight: float = 1.0,
@@ -164,6 +189,7 @@ def apply_pulid_flux(model: Any, pulid: PulidFluxModel, embeds: PulidFluxEmbeds,
                                     "UNet (SD1.5/SDXL): use the FaceID / InstantID nodes for it")
     schedule = ca_schedule(patch.sites)
     check_model(patch.sites, pulid, schedule)
+    manage_cross_attentions(pulid)
     patch.add(PulidFluxInjector(pulid, embeds, schedule, uncond=uncond, name=stacking_name(patch.injectors,
                                 INJECTOR_NAME), weight=weight, sigma_range=SigmaRange(start_at, end_at), region=mask))
     return clone

@@ -31,6 +31,27 @@ class LikenessTestTinySD15Loader:
                 host_support.build_tiny_vae(seed=seed))
 
 
+class LikenessTestTinyFluxLoader:
+    """MODEL + CLIP + VAE: the tiny FLUX.1-dev-shaped DiT (ComfyUI's Flux class), its T5 + CLIP-L text encoder
+    and a 16-channel VAE: what UNETLoader + DualCLIPLoader (flux) + VAELoader give a Flux example."""
+
+    DESCRIPTION = "Test only: tiny random FLUX.1-dev-shaped DiT, text encoders (T5 width 64, CLIP-L) and VAE."
+    CATEGORY = "Likeness/Tests"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31,
+                                              "tooltip": "Seed of the random weights."})}}
+
+    def load(self, seed):
+        import host_support
+
+        return (host_support.build_tiny_flux(seed=seed), host_support.build_tiny_flux_clip(seed=seed),
+                host_support.build_tiny_flux_vae(seed=seed))
+
+
 class LikenessTestImageStats:
     """Output node: per-image min/max/mean/std and finiteness, reported in the ui outputs."""
 
@@ -80,6 +101,7 @@ class LikenessTestNaNImage:
 
 NODE_CLASS_MAPPINGS = {
     "LikenessTestTinySD15Loader": LikenessTestTinySD15Loader,
+    "LikenessTestTinyFluxLoader": LikenessTestTinyFluxLoader,
     "LikenessTestImageStats": LikenessTestImageStats,
     "LikenessTestNaNImage": LikenessTestNaNImage,
 }
