@@ -127,13 +127,14 @@ def count_calls(modules, row: str, label: str = "calls") -> None:
     add_counter(row, label, lambda: calls["n"])
 
 
-def count_engine_work(model, row: str) -> None:
+def count_engine_work(model, row: str, reference_passes: bool = True) -> None:
     """The engine's own counters (``attach_stats``): blocks that did identity work, reference passes."""
     from likeness.attention_patches import attach_stats
 
     stats = attach_stats(model)
     add_counter(row, "calls", lambda: sum(stats.site_calls.values()))
-    add_counter(row, "reference passes", lambda: stats.capture_passes)
+    if reference_passes:
+        add_counter(row, "reference passes", lambda: stats.capture_passes)
 
 
 def _counts(name: str) -> dict[str, int]:
@@ -425,8 +426,8 @@ def run_benchmark(script: str, title: str, rows: dict, args, extra_flags: list[s
 
 
 def report(rows: dict, timing: dict, memory: dict) -> None:
-    print("wall/cpu s: median per sampling run; calls: identity work per timed sampling run (cross-attentions run, "
-          "or blocks that joined face keys)")
+    print("wall/cpu s: median per sampling run; calls: identity work per timed sampling run (blocks that got an ID "
+          "residual or joined face keys, as the engine counts them; lldacing: its cross-attention modules run)")
     print(f"== host: torch {timing['torch']}, {timing['threads']} threads, {timing['cpu']}, load {timing['load']:.1f}; "
           f"DiT {timing['params'] / 1e6:.1f} M params (built in {timing['build_s']:.1f} s)")
     for name, reason in timing["skipped"].items():

@@ -10,8 +10,9 @@ tokens; bf16). Rows, side by side in one timing process:
 - ``unpatched``: the model as loaded;
 - ``ours``: the pack's PuLID-FLUX (``techniques/pulid_flux``, ``apply_pulid_flux`` with the Apply node's defaults:
   weight 1, start 0, end 1, no mask, zero-ID uncond): the released file's layout and dtype (bf16; random values)
-  through the pack's loader, its ID cross-attentions as a ``ResidualInjector`` on the engine's DiT sites, a random
-  ID embedding [1, 32, 2048]; targets: <= 1.05 x unpatched, <= 1.0 x lldacing;
+  through the pack's loader, its ID cross-attentions as a ``ResidualInjector`` on the engine's DiT sites (sampling
+  folds the ID into each cross-attention's projections once: ``techniques/pulid_flux/folded.py``), a random ID
+  embedding [1, 32, 2048]; targets: <= 1.05 x unpatched, <= 1.0 x lldacing;
 - ``lldacing``: ``github:lldacing/ComfyUI_PuLID_Flux_ll`` (the most used ComfyUI port), extracted from the fetched
   mirror (``--lldacing-mirror``, a bare git repository) to a temporary folder at run time and imported there, run
   through its own ``PulidFluxModelLoader`` (the same random file as ours) and ``ApplyPulidFlux`` node functions
@@ -86,11 +87,12 @@ def build_ours(base, setting):
     import torch
 
     pulid = load_pulid_flux(random_release_file(setting))
-    flux_bench.count_calls(pulid.cross_attentions, "ours")
     generator = torch.Generator().manual_seed(8)
     embeds = PulidFluxEmbeds(tokens=torch.randn(1, EMBED_TOKENS, EMBED_DIM, generator=generator),
                              uncond_tokens=torch.zeros(1, EMBED_TOKENS, EMBED_DIM), encoder=pulid.source)
-    return apply_pulid_flux(base, pulid, embeds, weight=1.0, start_at=0.0, end_at=1.0)
+    model = apply_pulid_flux(base, pulid, embeds, weight=1.0, start_at=0.0, end_at=1.0)
+    flux_bench.count_engine_work(model, "ours", reference_passes=False)
+    return model
 
 
 # ------------------------------------------------------------------------------------------ lldacing's port
