@@ -30,6 +30,7 @@ from ...errors import IncompatibleEmbedsError, InvalidInputError, UnsupportedMod
 from ...host import comfy_available
 from .checkpoint import PulidFluxModel
 from .embeds import PulidFluxEmbeds
+from .folded import FoldedIDAttention, fold, folded_residual
 
 logger = logging.getLogger("likeness")
 
@@ -72,6 +73,7 @@ class PulidFluxInjector(ResidualInjector):
             tokens = {POSITIVE: embeds, NEGATIVE: None}
         self.tokens = tokens
         self._cast: dict[tuple, torch.Tensor] = {}
+        self._folded: dict[tuple, FoldedIDAttention] = {}
 
     # ------------------------------------------------------------------ devices
     def to(self, device) -> "PulidFluxInjector":
@@ -82,6 +84,7 @@ class PulidFluxInjector(ResidualInjector):
             modules = self.model.cross_attentions
             modules.to(place(modules, self, torch.device(device)))
             self._cast.clear()
+            self._folded.clear()
         return self
 
     def models(self) -> list:
@@ -116,26 +119,40 @@ class PulidFluxInjector(ResidualInjector):
         if index is None:
             return []
         layout = call.layout
-        per_kind = [(layout.rows_of_kind(kind), self._tokens(kind, call.img)) for kind in layout.kinds()]
-        per_kind = [(rows, tokens) for rows, tokens in per_kind if tokens is not None and rows]
+        per_kind = [(kind, layout.rows_of_kind(kind), self._tokens(kind, call.img)) for kind in layout.kinds()]
+        per_kind = [(kind, rows, tokens) for kind, rows, tokens in per_kind if tokens is not None and rows]
         if not per_kind:
             return []
         ca = self._cross_attention(index, call.img)
+        if not torch.is_grad_enabled():   # sampling: each ID folded into the projections once (folded.py)
+            return [(rows, self._folded_delta(index, kind, ca, call, rows, weight)) for kind, rows, _ in per_kind]
         # one call for every row that gets an ID (a CFG batch's positive and zero-ID negative rows together)
-        rows = [r for kind_rows, _ in per_kind for r in kind_rows]
-        tokens = torch.cat([t.expand(len(r), -1, -1) for r, t in per_kind]) if len(per_kind) > 1 \
-            else per_kind[0][1].expand(len(rows), -1, -1)
+        rows = [r for _, kind_rows, _ in per_kind for r in kind_rows]
+        tokens = torch.cat([t.expand(len(r), -1, -1) for _, r, t in per_kind]) if len(per_kind) > 1 \
+            else per_kind[0][2].expand(len(rows), -1, -1)
+        return [(rows, self._delta(call, rows, weight, lambda img: ca(tokens, img)))]
+
+    def _folded_delta(self, index: int, kind: int, ca, call: BlockCall, rows: list[int], weight: float):
+        key = (index, kind, call.img.dtype, call.img.device)
+        folded = self._folded.get(key)
+        if folded is None:
+            folded = self._folded[key] = fold(ca, self.tokens[kind], call.img.dtype)
+        return self._delta(call, rows, weight, lambda img: folded_residual(ca, folded, img))
+
+    @staticmethod
+    def _delta(call: BlockCall, rows: list[int], weight: float, attend) -> torch.Tensor:
+        """``weight * attend(image tokens of rows)``; Kontext reference tokens after the image get no residual."""
         grid_tokens = call.grid[0] * call.grid[1]
-        img = take_rows(call.img, row_index(rows, layout.batch, call.img.device))
+        img = take_rows(call.img, row_index(rows, call.layout.batch, call.img.device))
         extra = img.shape[1] - grid_tokens
         if extra > 0:   # Kontext reference tokens after the generated image keep their content
             img = img[:, :grid_tokens]
-        delta = ca(tokens, img)
+        delta = attend(img)
         if weight != 1.0:
             delta = delta * weight
         if extra > 0:
             delta = torch.cat((delta, delta.new_zeros(delta.shape[0], extra, delta.shape[2])), dim=1)
-        return [(rows, delta)]
+        return delta
 
 
 def check_model(sites, pulid: PulidFluxModel, schedule: dict[int, int]) -> None:
