@@ -91,24 +91,12 @@ def test_loss_falls(flux_setup):
 
 def test_interrupted_and_resumed_is_bit_identical_to_a_straight_run(flux_setup, tmp_path):
     from likeness.techniques.face_fusion import training as T
-    from likeness.trainers import TrainingCancelled
-    from likeness.trainers import checkpoint as ckpt
+    from trainer_support import straight_and_resumed
 
-    model, data = flux_setup["model"], flux_setup["data"]
     settings = _settings(steps=5, checkpoint_every=2, grad_accumulation=2, caption_dropout=0.3)
-
-    def cancel_at_3(step, loss):
-        if step == 3:
-            raise TrainingCancelled("user pressed cancel")
-
-    with torch.inference_mode():
-        straight, straight_result = T.train_on_data(model, data, settings, checkpoint_path=str(tmp_path / "a.safetensors"))
-        with pytest.raises(TrainingCancelled):
-            T.train_on_data(model, data, settings, checkpoint_path=str(tmp_path / "b.safetensors"),
-                            step_callback=cancel_at_3)
-        assert ckpt.load_training_state(str(tmp_path / "b.safetensors")).step == 2
-        resumed, resumed_result = T.train_on_data(model, data, settings, checkpoint_path=str(tmp_path / "b.safetensors"),
-                                                  resume="require")
+    straight, straight_result, resumed, resumed_result, checkpointed = straight_and_resumed(
+        T.train_on_data, flux_setup["model"], flux_setup["data"], settings, str(tmp_path), cancel_step=3)
+    assert checkpointed == 2
     assert resumed_result.start_step == 2 and resumed_result.step == 5
     assert resumed_result.losses == straight_result.losses
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):

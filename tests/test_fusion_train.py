@@ -115,28 +115,16 @@ def test_loss_falls_by_30_percent(fusion_setup):
 
 def test_interrupted_and_resumed_equals_uninterrupted(fusion_setup, tmp_path):
     from likeness.techniques.face_fusion import training as T
-    from likeness.trainers import TrainingCancelled
-    from likeness.trainers import checkpoint as ckpt
+    from trainer_support import straight_and_resumed
 
-    model, data = fusion_setup["model"], fusion_setup["data"]
     settings = _settings(steps=8, checkpoint_every=3, grad_accumulation=2, caption_dropout=0.3)
-
-    def cancel_at_5(step, loss):
-        if step == 5:
-            raise TrainingCancelled("user pressed cancel")
-
-    with torch.inference_mode():
-        full, full_result = T.train_on_data(model, data, settings, checkpoint_path=str(tmp_path / "a.safetensors"))
-        with pytest.raises(TrainingCancelled):
-            T.train_on_data(model, data, settings, checkpoint_path=str(tmp_path / "b.safetensors"),
-                            step_callback=cancel_at_5)
-        assert ckpt.load_training_state(str(tmp_path / "b.safetensors")).step == 3
-        resumed, resumed_result = T.train_on_data(model, data, settings, checkpoint_path=str(tmp_path / "b.safetensors"),
-                                                  resume="require")
+    full, full_result, resumed, resumed_result, checkpointed = straight_and_resumed(
+        T.train_on_data, fusion_setup["model"], fusion_setup["data"], settings, str(tmp_path), cancel_step=5)
+    assert checkpointed == 3
     assert resumed_result.start_step == 3 and resumed_result.step == 8
     assert resumed_result.losses == full_result.losses
-    diff = max(float((a - b).abs().max()) for a, b in zip(full.parameters(), resumed.parameters(), strict=True))
-    assert diff <= 1e-6
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)   # bit-exact: the same data order, noise and optimizer state after the resume
 
 
 def test_resume_policy_with_changed_settings(fusion_setup, tmp_path, caplog):
