@@ -171,18 +171,20 @@ def host_test_nodes(comfy_ready):
 
 @pytest.fixture
 def isolated_runner_state(monkeypatch):
-    """run_from_args changes ComfyUI's output/temp folders and the root log level: restore them."""
+    """The command line (``run``, ``train``) sets ComfyUI's output/temp folders and the log handlers and levels of its
+    process: restore them."""
     import logging
 
     import folder_paths
 
     for name in ("output_directory", "temp_directory"):
         monkeypatch.setattr(folder_paths, name, getattr(folder_paths, name))
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
+    root, pack = logging.getLogger(), logging.getLogger("likeness")
+    saved = root.level, list(root.handlers), pack.level
     yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    pack.setLevel(saved[2])
 
 
 @pytest.fixture

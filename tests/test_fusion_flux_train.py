@@ -171,25 +171,8 @@ def test_train_node_on_a_flux_model_saves_a_flux_adapter(flux_setup, host_env):
     assert saved.metadata["guidance"] == "2.5" and saved.metadata["trained_steps"] == "2"
 
 
-@pytest.fixture
-def isolated_cli_state(monkeypatch):
-    """The command sets ComfyUI's temp folder and the log handlers/levels of its process: restore them."""
-    import logging
-
-    import folder_paths
-
-    for name in ("output_directory", "temp_directory"):
-        monkeypatch.setattr(folder_paths, name, getattr(folder_paths, name))
-    root, pack = logging.getLogger(), logging.getLogger("likeness")
-    saved = root.level, list(root.handlers), pack.level
-    yield
-    root.setLevel(saved[0])
-    root.handlers[:] = saved[1]
-    pack.setLevel(saved[2])
-
-
 def test_cli_trains_a_flux_adapter_from_separate_model_files(flux_setup, host_env, tmp_path, monkeypatch,
-                                                             isolated_cli_state, capsys):
+                                                             isolated_runner_state, capsys):
     """``train fusion --diffusion-model --text-encoder x2 --vae`` with the Flux options. ComfyUI detects a Flux file's
     width as FLUX.1's (3072), so the tiny model cannot come from a file: the host loaders are replaced by ones that
     record the paths and return the tiny FLUX parts."""

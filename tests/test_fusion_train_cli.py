@@ -3,7 +3,6 @@ the adapter the Train Face Fusion node writes for the same photos and settings."
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 import numpy as np
@@ -47,21 +46,6 @@ def test_only_given_options_override_the_settings_defaults():
     assert settings.lr == FusionTrainSettings().lr and settings.resolution == FusionTrainSettings().resolution
 
 
-@pytest.fixture
-def isolated_cli_state(monkeypatch):
-    """The command sets ComfyUI's temp folder and the log handlers/levels of its process: restore them."""
-    import folder_paths
-
-    for name in ("output_directory", "temp_directory"):
-        monkeypatch.setattr(folder_paths, name, getattr(folder_paths, name))
-    root, pack = logging.getLogger(), logging.getLogger("likeness")
-    saved = root.level, list(root.handlers), pack.level
-    yield
-    root.setLevel(saved[0])
-    root.handlers[:] = saved[1]
-    pack.setLevel(saved[2])
-
-
 def _photo_folder(folder) -> str:
     from PIL import Image
 
@@ -78,7 +62,7 @@ def _photo_folder(folder) -> str:
 
 @pytest.mark.host
 @pytest.mark.slow
-def test_cli_writes_the_nodes_adapter(comfy_ready, host_env, tmp_path, isolated_cli_state, capsys):
+def test_cli_writes_the_nodes_adapter(comfy_ready, host_env, tmp_path, isolated_runner_state, capsys):
     from host_support import cached_tiny_sd15_checkpoint
     from likeness.host.training import load_checkpoint_file
     from likeness.nodes.face_fusion_train import TrainFaceFusion
