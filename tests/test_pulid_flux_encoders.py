@@ -268,10 +268,10 @@ def test_residual_leaves_reference_tokens_after_the_grid_alone():
     site = DitSite(0, "double", 0, TINY_CA.dim, 4, 16)
     img = torch.randn(2, 16 + 6, TINY_CA.dim, generator=g)   # 4x4 grid + 6 reference tokens, rows [neg, pos]
     call = BlockCall(img, site, ChunkLayout((1, 0), 1), 0.5, (4, 4), 8, {})
-    ((rows, delta),) = injector.residual(call, injector.weight_at(site))
+    ((positive_rows, positive), (negative_rows, negative)) = injector.residual(call, injector.weight_at(site))
     ca = model.cross_attentions[0]
-    assert rows == [1, 0]   # positive rows first, then the negative ones
-    torch.testing.assert_close(delta[0, :16], 0.5 * ca(embeds.tokens, img[1:2, :16])[0])
-    torch.testing.assert_close(delta[1, :16], 0.5 * ca(embeds.uncond_tokens, img[0:1, :16])[0])
-    assert float(delta[:, 16:].abs().max()) == 0.0
+    assert (positive_rows, negative_rows) == ([1], [0])   # positive rows first, then the negative ones
+    torch.testing.assert_close(positive[0, :16], 0.5 * ca(embeds.tokens, img[1:2, :16])[0])
+    torch.testing.assert_close(negative[0, :16], 0.5 * ca(embeds.uncond_tokens, img[0:1, :16])[0])
+    assert float(positive[:, 16:].abs().max()) == 0.0 and float(negative[:, 16:].abs().max()) == 0.0
     assert injector.weight_at(DitSite(1, "double", 1, TINY_CA.dim, 4, 16)) == 0.0
