@@ -202,6 +202,19 @@ def execute_prompt(pack_loaded):
     return run
 
 
+def saved_image(env: HostEnv, outputs: dict, prompt: dict, prefix: str | None = None):
+    """The one image the prompt's only SaveImage wrote (uint8 ``[H, W, 3]``), read from ``env``'s output folder;
+    ``prefix``: the file name prefix that node must have."""
+    import numpy as np
+    from PIL import Image
+
+    (save,) = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
+    if prefix is not None:
+        assert prompt[save]["inputs"]["filename_prefix"] == prefix
+    (item,) = outputs[save]["images"]
+    return np.asarray(Image.open(os.path.join(env.output, item["subfolder"], item["filename"])))
+
+
 def example_prompt(name: str) -> dict:
     """``example_workflows/<name>.json`` (UI format, as the frontend saves it) as an API prompt, converted
     the way ``python <pack> run`` converts it. Needs the pack's nodes registered (``pack_loaded``)."""

@@ -174,15 +174,12 @@ def workflow_env(host_env, host_test_nodes):
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_example_workflow_runs(name, workflow_env, execute_prompt):
     pytest.importorskip("insightface")
-    from PIL import Image
 
-    from host_support import example_prompt
+    from host_support import example_prompt, saved_image
 
     prompt = tiny_prompt(example_prompt(name))
     outputs = execute_prompt(prompt)
-    saves = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
-    (item,) = outputs[saves[0]]["images"]
-    image = np.asarray(Image.open(os.path.join(workflow_env.output, item["subfolder"], item["filename"])))
+    image = saved_image(workflow_env, outputs, prompt)
     assert image.ndim == 3 and np.isfinite(image).all()
     if name == "Likeness Metrics - measure a Face-MakeUp portrait":
         from likeness.evaluation.bindings import resolve_bindings

@@ -109,20 +109,11 @@ def flux_workflow_env(host_env, host_test_nodes, pack_loaded):
         hosted.EVA02_L_336 = release
 
 
-def saved_image(env, outputs: dict, prompt: dict, prefix: str) -> np.ndarray:
-    from PIL import Image
-
-    (save,) = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
-    assert prompt[save]["inputs"]["filename_prefix"] == prefix
-    (item,) = outputs[save]["images"]
-    return np.asarray(Image.open(os.path.join(env.output, item["subfolder"], item["filename"])))
-
-
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
 def test_flux_example_workflow_runs(name, flux_workflow_env, execute_prompt):
     pytest.importorskip("insightface")
     pytest.importorskip("dlib")
-    from host_support import example_prompt
+    from host_support import example_prompt, saved_image
 
     prefix, size = WORKFLOWS[name]
     full = example_prompt(name)
@@ -161,7 +152,7 @@ def test_flux_train_example_runs(flux_workflow_env, execute_prompt):
     pytest.importorskip("dlib")
     from PIL import Image
 
-    from host_support import example_prompt
+    from host_support import example_prompt, saved_image
     from likeness.techniques.face_fusion import FluxFusionAdapter, load_fusion_adapter
     from test_fusion_train import face_photos
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 from test_example_workflows_faceid import (
@@ -204,19 +203,14 @@ def sdxl_workflow_env(host_env, host_test_nodes):
 def test_sdxl_example_workflow_runs(name, sdxl_workflow_env, execute_prompt):
     pytest.importorskip("insightface")
     pytest.importorskip("dlib")
-    from PIL import Image
 
-    from host_support import example_prompt
+    from host_support import example_prompt, saved_image
 
     prefix, size = WORKFLOWS[name]
     full = example_prompt(name)
     (latent,) = [n["inputs"] for n in full.values() if n["class_type"] == "EmptyLatentImage"]
     assert (latent["width"], latent["height"]) == size
     prompt = tiny_prompt(full)
-    outputs = execute_prompt(prompt)
-    (save,) = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
-    assert prompt[save]["inputs"]["filename_prefix"] == prefix
-    (item,) = outputs[save]["images"]
-    image = np.asarray(Image.open(os.path.join(sdxl_workflow_env.output, item["subfolder"], item["filename"])))
+    image = saved_image(sdxl_workflow_env, execute_prompt(prompt), prompt, prefix)
     (tiny,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "EmptyLatentImage"]
     assert image.shape == (tiny["height"], tiny["width"], 3) and image.std() > 0

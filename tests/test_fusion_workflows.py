@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.host
@@ -44,13 +43,10 @@ def test_example_workflow_runs(name, execute_prompt, host_test_nodes, host_env):
     import skimage.data
     from PIL import Image
 
-    from host_support import example_prompt
+    from host_support import example_prompt, saved_image
 
     image_name = "likeness_fusion_astronaut.png"
     Image.fromarray(skimage.data.astronaut()).save(os.path.join(host_env.input, image_name))
     prompt = _tiny(example_prompt(name), image_name)
-    outputs = execute_prompt(prompt)
-    saves = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
-    (item,) = outputs[saves[0]]["images"]
-    image = np.asarray(Image.open(os.path.join(host_env.output, item["subfolder"], item["filename"])))
+    image = saved_image(host_env, execute_prompt(prompt), prompt)
     assert image.ndim == 3 and image.std() > 0
